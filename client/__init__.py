@@ -1,0 +1,1 @@
+"""fedvault's ClientApp and local trainer."""

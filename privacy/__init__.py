@@ -1,0 +1,1 @@
+"""Differential privacy, privacy ledger, accountants, budgets, audit and update sealing."""

@@ -1,0 +1,1 @@
+"""fedvault's ServerApp and its round loop."""

@@ -1,0 +1,1 @@
+"""Single-machine simulations over Flower's Simulation Engine."""

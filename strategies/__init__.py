@@ -1,0 +1,1 @@
+"""Aggregation strategies: registry, built-ins, plug-in loading and update validation."""
