@@ -1,0 +1,67 @@
+"""What a client node keeps for the life of its process: its data partition and its model.
+
+Flower starts one ClientApp process (deployment) or reuses one Ray actor (simulation) for
+many messages; everything here is cached per process so a node loads and partitions its data
+once, not once per round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from torch import nn
+
+from fedvault.config import RunConfig
+from fedvault.partition import partition, train_test_split
+from fedvault.tasks import ArrayDataset, Task, load_task, load_task_data
+
+
+@dataclass(frozen=True)
+class DataSelection:
+    """Which slice of a task's data this node holds (from Flower's node config)."""
+
+    task: str
+    seed: int
+    scheme: str
+    alpha: float
+    shards_per_client: int
+    num_partitions: int
+    partition_id: int
+    test_fraction: float
+
+    @classmethod
+    def from_run(cls, config: RunConfig, node_config: dict) -> DataSelection:
+        return cls(
+            task=config.task,
+            seed=config.seed,
+            scheme=config.partitioner,
+            alpha=config.dirichlet_alpha,
+            shards_per_client=config.shards_per_client,
+            num_partitions=int(node_config.get("num-partitions", config.num_clients)),
+            partition_id=int(node_config["partition-id"]),
+            test_fraction=config.test_fraction,
+        )
+
+
+@lru_cache(maxsize=8)
+def _partitions(task: str, seed: int, scheme: str, alpha: float, shards: int, num_partitions: int) -> tuple[np.ndarray, ...]:
+    labels = load_task_data(task, seed).train.y
+    return tuple(partition(labels, num_partitions, scheme, seed, alpha=alpha, shards_per_client=shards))
+
+
+@lru_cache(maxsize=None)
+def client_data(sel: DataSelection) -> tuple[ArrayDataset, ArrayDataset]:
+    """This node's (train, local test) datasets."""
+    parts = _partitions(sel.task, sel.seed, sel.scheme, sel.alpha, sel.shards_per_client, sel.num_partitions)
+    train_idx, test_idx = train_test_split(parts[sel.partition_id], sel.test_fraction, sel.seed, sel.partition_id)
+    pool = load_task_data(sel.task, sel.seed).train
+    return pool.subset(train_idx), pool.subset(test_idx)
+
+
+@lru_cache(maxsize=4)
+def task_and_model(task_name: str) -> tuple[Task, nn.Module]:
+    """The task and one model instance per process; each message loads its weights into it."""
+    task = load_task(task_name)
+    return task, task.build_model()

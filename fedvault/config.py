@@ -1,0 +1,232 @@
+"""Run configuration: one flat namespace of hyphenated keys, shared by every entry point.
+
+The same keys work in a TOML file, in ``fedvault simulate --set key=value``, and in Flower's
+``[tool.flwr.app.config]`` / ``flwr run --run-config``. A TOML table ``[privacy]`` with key
+``target-epsilon`` is the key ``privacy.target-epsilon``; dataclass sections below mirror that.
+Every key is declared once here with its type, default, constraint and help text; unknown keys
+and invalid values raise :class:`~fedvault.errors.ConfigError` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from fedvault.errors import ConfigError
+
+Check = tuple[Callable[[Any], bool], str]
+
+
+def option(default: Any, help: str, check: Check | None = None, choices: tuple = ()) -> Any:
+    """Declare a config key: default, help text, and an optional (predicate, rule) check."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices})
+
+
+POSITIVE: Check = (lambda v: v >= 1, "must be >= 1")
+NON_NEGATIVE: Check = (lambda v: v >= 0, "must be >= 0")
+FRACTION: Check = (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1")
+OPEN_FRACTION: Check = (lambda v: 0.0 <= v < 1.0, "must be >= 0 and < 1")
+GREATER_THAN_ZERO: Check = (lambda v: v > 0, "must be > 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; see README.md for the reference table."""
+
+    task: str = option(
+        "mnist1d",
+        "built-in task (mnist1d, digits), a 'module:attr' path, or a name in the entry point "
+        "group fedvault.tasks",
+    )
+    num_clients: int = option(10, "number of clients (simulated SuperNodes)", POSITIVE)
+    num_server_rounds: int = option(20, "federated rounds", POSITIVE)
+    fraction_train: float = option(
+        1.0, "fraction of clients sampled to train each round", (lambda v: 0 < v <= 1, "must be > 0 and <= 1")
+    )
+    fraction_evaluate: float = option(
+        0.5, "fraction of clients sampled to evaluate on their local test split (0 = none)", FRACTION
+    )
+    local_epochs: int = option(5, "local epochs per round", POSITIVE)
+    batch_size: int = option(32, "local batch size", POSITIVE)
+    learning_rate: float = option(0.05, "local SGD learning rate", GREATER_THAN_ZERO)
+    momentum: float = option(0.9, "local SGD momentum", OPEN_FRACTION)
+    seed: int = option(42, "seed for partitioning, model initialisation and client sampling", NON_NEGATIVE)
+    partitioner: str = option(
+        "iid", "how the training set is split across clients", choices=("iid", "dirichlet", "shards")
+    )
+    dirichlet_alpha: float = option(
+        0.5, "Dirichlet concentration for partitioner=dirichlet (smaller = more label skew)", GREATER_THAN_ZERO
+    )
+    shards_per_client: int = option(2, "label-sorted shards per client for partitioner=shards", POSITIVE)
+    test_fraction: float = option(0.2, "share of each client's partition held out for its local test split", OPEN_FRACTION)
+    client_cpus: float = option(2.0, "CPUs reserved per simulated client (Ray); concurrency = cores / this", GREATER_THAN_ZERO)
+    client_gpus: float = option(
+        -1.0, "GPUs per simulated client; -1 = auto (share the GPU when CUDA is present, else 0)",
+        (lambda v: v == -1.0 or v >= 0, "must be -1 (auto) or >= 0"),
+    )
+    device: str = option("auto", "where clients train: auto (CUDA when present), cpu, cuda", choices=("auto", "cpu", "cuda"))
+    amp: bool = option(True, "mixed precision (float16 autocast) when training on CUDA")
+    run_dir: str = option("", "run directory; empty = runs/<time>-<task>")
+    round_timeout: float = option(600.0, "seconds the server waits for replies in a round", GREATER_THAN_ZERO)
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_sources(
+        cls, file: str | Path | None = None, overrides: list[str] = (), run_config: Mapping[str, Any] | None = None
+    ) -> RunConfig:
+        """Defaults <- TOML file <- Flower run_config <- ``key=value`` overrides, then validate."""
+        values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        if file is not None:
+            from_file = _flatten(_read_toml(Path(file)))
+            values.update(from_file)
+            origins.update(dict.fromkeys(from_file, f"in {file}"))
+        if run_config:
+            values.update(run_config)
+            origins.update(dict.fromkeys(run_config, "in the Flower run config"))
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set expects key=value, got '{item}'")
+            values[key.strip()] = _parse_literal(raw.strip())
+            origins[key.strip()] = "from --set"
+        return cls.from_flat(values, origins)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> RunConfig:
+        """Build from a flat ``{"key": value}`` mapping (Flower's run_config shape)."""
+        known = dict(_schema(cls))
+        nested: dict[str, Any] = {}
+        for key, value in values.items():
+            where = f" ({origins[key]})" if origins and key in origins else ""
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+                raise ConfigError(f"unknown config key '{key}'{where}{suggestion}")
+            try:
+                nested[key] = _coerce(key, value, known[key])
+            except ConfigError as exc:
+                raise ConfigError(f"{exc}{where}") from None
+        config = _build(cls, nested, prefix="")
+        config.validate()
+        return config
+
+    # ---- output ---------------------------------------------------------------------------
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat ``{"key": value}`` form (usable as Flower run_config)."""
+        return dict(_items(self, prefix=""))
+
+    def validate(self) -> None:
+        """Cross-key checks that a single key's constraint cannot express."""
+        if self.fraction_train * self.num_clients < 1 - 1e-9:
+            raise ConfigError(
+                f"invalid value for 'fraction-train': {self.fraction_train} samples no client out of "
+                f"num-clients={self.num_clients}"
+            )
+
+
+def reference() -> Iterator[tuple[str, str, Any, str]]:
+    """(key, type name, default, help) for every key: the README's config reference."""
+    for key, spec in _schema(RunConfig):
+        yield key, spec.type.__name__, spec.default, spec.help
+
+
+# ---- schema plumbing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    type: type
+    default: Any
+    help: str
+    check: Check | None
+    choices: tuple
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _schema(cls: type, prefix: str = "") -> Iterator[tuple[str, _Spec]]:
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + _key(f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _schema(hints[f.name], prefix=key + ".")
+        else:
+            meta = f.metadata
+            yield key, _Spec(hints[f.name], f.default, meta["help"], meta["check"], meta["choices"])
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + _key(f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values, key + ".")
+        elif key in values:
+            kwargs[f.name] = values[key]
+    return cls(**kwargs)
+
+
+def _items(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + _key(f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _items(value, key + ".")
+        else:
+            yield key, value
+
+
+def _coerce(key: str, value: Any, spec: _Spec) -> Any:
+    expected = spec.type
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is str and not isinstance(value, str):
+        value = str(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"invalid value for '{key}': {value!r} (expected {expected.__name__})")
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(f"invalid value for '{key}': {value!r} (choose one of {', '.join(spec.choices)})")
+    if spec.check is not None:
+        predicate, rule = spec.check
+        if not predicate(value):
+            raise ConfigError(f"invalid value for '{key}': {value!r} ({rule})")
+    return value
+
+
+def _parse_literal(raw: str) -> Any:
+    """Parse ``--set`` values as TOML literals (1, 0.5, true, "x"); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix + key + "."))
+        else:
+            flat[prefix + key] = value
+    return flat

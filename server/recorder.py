@@ -1,0 +1,53 @@
+"""Records a run as it goes: one metrics line and one progress line per round, then a summary."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any, TextIO
+
+from fedvault.plots import plot_run
+from fedvault.rundir import RunDirectory
+
+
+class RunRecorder:
+    """``on_round`` target for the round loop; ``finish`` writes summary, model and plots."""
+
+    def __init__(self, run_dir: RunDirectory, num_rounds: int, title: str, out: TextIO = sys.stdout) -> None:
+        self.run_dir, self.num_rounds, self.title, self.out = run_dir, num_rounds, title, out
+        self.started = time.perf_counter()
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        self.run_dir.append_round(record)
+        central = record.get("central", {})
+        line = f"round {record['round']:>3}/{self.num_rounds}  accuracy {central.get('accuracy', float('nan')):.4f}  loss {central.get('loss', float('nan')):.4f}"
+        if "train" in record:
+            line += f"  train_loss {record['train'].get('train_loss', float('nan')):.4f}"
+            line += f"  clients {record['replies_ok']}/{record['clients_sampled']}"
+            if record["failed_nodes"]:
+                line += f"  failed {len(record['failed_nodes'])}"
+        line += f"  {record['seconds']:.2f}s"
+        print(line, file=self.out, flush=True)
+
+    def finish(self, state_dict: dict, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        rounds = self.run_dir.rounds()
+        trained = [r for r in rounds if r["round"] > 0]
+        steady = [r["seconds"] for r in trained[1:]]
+        summary = {
+            "rounds": len(trained),
+            "initial_accuracy": rounds[0]["central"].get("accuracy") if rounds else None,
+            "final_accuracy": trained[-1]["central"].get("accuracy") if trained else None,
+            "final_loss": trained[-1]["central"].get("loss") if trained else None,
+            "best_accuracy": max((r["central"].get("accuracy", 0.0) for r in trained), default=None),
+            "first_round_seconds": trained[0]["seconds"] if trained else None,
+            "steady_seconds_per_round": statistics.median(steady) if steady else None,
+            "total_seconds": time.perf_counter() - self.started,
+            "bytes_sent": sum(r.get("bytes_sent", 0) for r in rounds),
+            "bytes_received": sum(r.get("bytes_received", 0) for r in rounds),
+            **(extra or {}),
+        }
+        self.run_dir.write_summary(summary)
+        self.run_dir.save_model(state_dict)
+        plot_run(rounds, self.run_dir.path, self.title)
+        return summary
