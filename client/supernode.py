@@ -1,0 +1,197 @@
+"""Start a Flower SuperNode for fedvault and report whether it joined the SuperLink.
+
+The SuperNode dials the SuperLink over HTTPS, verifying its certificate against the fedvault CA
+(``--root-certificates``), and authenticates with its OpenSSH EC private key: every Fleet
+request is signed (ECDSA-SHA256 over a timestamp) and the SuperLink accepts only registered
+public keys. Runtime ``uv sync`` stays off (Flower's SuperNode default).
+
+Readiness has two stages, both verified on flwr 1.41:
+
+* health: Flower's gRPC health server (``--health-server-address``) starts *before* the SuperNode
+  contacts the SuperLink and always answers ``SERVING``; it means "process up", not "joined".
+* connected: after the SuperLink activates the node, the SuperNode logs ``SuperNode ID: <id>``;
+  from then on ``flwr supernode list`` on the server shows that id ``online``.
+
+Failures are read from the log and reported in one line (:data:`FAILURES`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedvault.errors import ConfigError
+from fedvault.processes import (
+    ManagedProcess,
+    ProcessError,
+    child_env,
+    executable,
+    format_config,
+    free_port,
+    join_host_port,
+    start_process,
+    stop,
+    wait_for_log,
+    wait_healthy,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECTED = r"SuperNode ID: (-?\d+)"
+FLWR_HOME_DIR = "flwr-home"
+# Regex on the SuperNode log -> what went wrong, in order (first match wins).
+FAILURES: dict[str, str] = {
+    r"\[code: 2004\]|Failed to activate SuperNode": (
+        "the SuperLink refused this SuperNode's key: register its .pub on the server "
+        "(fedvault server registers keys/clients/*.pub; or flwr supernode register)"
+    ),
+    r"Hostname mismatch|IP address mismatch": (
+        "the SuperLink's TLS certificate does not name the address dialled: use an address "
+        "given to 'fedvault keys' or re-issue the certificate with it"
+    ),
+    r"CERTIFICATE_VERIFY_FAILED|SSL/TLS handshake error": (
+        "TLS verification of the SuperLink failed: pass the fedvault CA certificate (ca.pem) "
+        "as root certificates"
+    ),
+    r"Server disconnected without sending a response": (
+        "the SuperLink closed the connection: this SuperNode speaks plain HTTP (insecure) "
+        "but the SuperLink expects TLS"
+    ),
+    r"Unable to parse the private key file": (
+        "the SuperNode private key is not an OpenSSH EC key (use clients/client-<i>.key)"
+    ),
+    r"SuperNode authentication requires a secure TLS connection": (
+        "SuperNode authentication needs TLS: give root certificates instead of insecure mode"
+    ),
+}
+
+
+@dataclass
+class SuperNode:
+    """A running SuperNode started by :func:`start_supernode`."""
+
+    process: ManagedProcess
+    node_id: int | None  # None when started with wait_connected=False
+    health_address: str
+    runtime_address: str
+
+    def stop(self) -> int:
+        """Stop the SuperNode (it deregisters from the SuperLink on a graceful exit)."""
+        return stop(self.process)
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    node_config: Mapping[str, bool | int | float | str],
+    root_certificates: Path | None,
+    private_key: Path | None,
+    insecure: bool,
+    health_address: str,
+    runtime_port: int,
+) -> list[str]:
+    """The ``flower-supernode`` argv. ``root_certificates=None`` (without ``insecure``) makes
+    Flower verify the SuperLink against the system trust store."""
+    argv = [
+        executable("flower-supernode"),
+        "--superlink", superlink,
+        "--node-config", format_config(node_config),
+        "--health-server-address", health_address,
+        "--host", "127.0.0.1",
+        "--port", str(runtime_port),
+    ]
+    if insecure:
+        return [*argv, "--insecure"]
+    if root_certificates is not None:
+        argv += ["--root-certificates", str(root_certificates)]
+    if private_key is not None:
+        argv += ["--auth-supernode-private-key", str(private_key)]
+    return argv
+
+
+def start_supernode(
+    superlink: str,
+    state_dir: str | Path,
+    *,
+    partition_id: int,
+    num_partitions: int,
+    root_certificates: str | Path | None,
+    private_key: str | Path | None,
+    insecure: bool = False,
+    node_config: Mapping[str, bool | int | float | str] | None = None,
+    runtime_port: int | None = None,
+    health_address: str | None = None,
+    timeout: float = 60.0,
+    wait_connected: bool = True,
+) -> SuperNode:
+    """Start ``flower-supernode`` against ``superlink`` (``host:port``) and wait until it joins.
+
+    ``partition_id``/``num_partitions`` (and ``node_config``) reach the ClientApp as
+    ``context.node_config``. ``root_certificates`` is the fedvault ``ca.pem`` (None: system trust
+    store); ``private_key`` is ``clients/client-<i>.key``. ``insecure=True`` drops TLS and
+    authentication and logs a warning. The local Runtime API port and the health address
+    default to free loopback ports. Output goes to ``state_dir/supernode.log``.
+
+    Raises :class:`~fedvault.processes.ProcessError` whose first line says what went wrong (see
+    :data:`FAILURES`) and which quotes the log tail; the process is then stopped.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"partition id {partition_id} must be in [0, {num_partitions}) (num-partitions)"
+        )
+    if insecure:
+        log.warning(
+            "INSECURE SuperNode: no TLS and no authentication towards %s; the connection can "
+            "be read and altered on the network. Local experiments only.",
+            superlink,
+        )
+    elif private_key is None:
+        raise ConfigError("a SuperNode private key is required unless the SuperNode is insecure")
+    state_dir = Path(state_dir).expanduser().resolve()
+    health_address = health_address or join_host_port("127.0.0.1", free_port())
+    runtime_port = runtime_port or free_port()
+    argv = supernode_command(
+        superlink=superlink,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions,
+                     **(node_config or {})},
+        root_certificates=None if root_certificates is None else Path(root_certificates).resolve(),
+        private_key=None if private_key is None else Path(private_key).resolve(),
+        insecure=insecure,
+        health_address=health_address,
+        runtime_port=runtime_port,
+    )
+    process = start_process(
+        argv,
+        name=f"SuperNode {partition_id}",
+        log_path=state_dir / "supernode.log",
+        env=child_env({"FLWR_HOME": str(state_dir / FLWR_HOME_DIR)}),
+    )
+    node = SuperNode(process, None, health_address, join_host_port("127.0.0.1", runtime_port))
+    try:
+        wait_healthy(health_address, timeout, process)
+        if wait_connected:
+            node.node_id = int(wait_for_log(process, CONNECTED, timeout).group(1))
+    except ProcessError as err:
+        stop(process)
+        raise ProcessError(_explain(process, superlink, err)) from None
+    except BaseException:
+        stop(process)
+        raise
+    return node
+
+
+def _explain(process: ManagedProcess, superlink: str, err: ProcessError) -> str:
+    """The one-line cause (first matching :data:`FAILURES` entry) followed by the log tail."""
+    text = process.log_text()
+    for regex, why in FAILURES.items():
+        if re.search(regex, text):
+            return f"SuperNode cannot join SuperLink {superlink}: {why}\n{process.log_tail()}"
+    if "Connection attempt failed" in text:
+        return (
+            f"SuperNode cannot reach SuperLink {superlink}: no connection (is it running, and "
+            f"is the address right?)\n{process.log_tail()}"
+        )
+    return str(err)

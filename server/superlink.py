@@ -1,0 +1,277 @@
+"""Start a Flower SuperLink for fedvault, register client keys, submit and track runs.
+
+Flower 1.41 serves the Fleet (SuperNodes), Control (``flwr`` CLI) and Runtime (ServerApp) APIs
+on one HTTPS port. fedvault starts ``flower-superlink`` with TLS (certificate from
+:mod:`fedvault.keys`), SuperNode authentication (only registered public keys may connect), a
+SQLite state database, no runtime ``uv sync``, and a gRPC health server used for readiness.
+
+The ``flwr`` CLI finds a SuperLink through a named connection in ``$FLWR_HOME/config.toml``.
+fedvault writes an isolated FLWR_HOME under the state directory naming one connection,
+``fedvault``, with the CA as ``root-certificates``; :func:`register_node`, :func:`list_nodes`,
+:func:`submit_run` and :func:`run_status` run ``flwr ... <connection> --format json`` in it.
+
+State directory layout::
+
+    state.db        SuperLink state (runs, logs, registered nodes); survives restarts
+    superlink.log   SuperLink output (stdout and stderr)
+    flwr-home/      FLWR_HOME of the SuperLink process and of the flwr CLI (config.toml)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedvault.errors import ConfigError, FedvaultError
+from fedvault.keys import KeyLayout, load_layout
+from fedvault.processes import (
+    ManagedProcess,
+    child_env,
+    executable,
+    format_config,
+    free_port,
+    join_host_port,
+    start_process,
+    stop,
+    wait_healthy,
+    wait_listening,
+)
+from fedvault.rundir import atomic_write
+
+log = logging.getLogger(__name__)
+
+CONNECTION_NAME = "fedvault"
+DEFAULT_PORT = 8000  # Flower's default SuperLink port
+STATE_DB = "state.db"
+LOG_FILE = "superlink.log"
+FLWR_HOME_DIR = "flwr-home"
+CLI_TIMEOUT_S = 120.0
+_ALREADY_REGISTERED = "[code: 23]"  # Flower: "Public key already in use."
+_ANY_HOST = {"0.0.0.0", "::", ""}
+
+
+class FlwrCliError(FedvaultError, RuntimeError):
+    """A ``flwr`` CLI call failed; the message quotes Flower's error."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A named SuperLink connection in an isolated FLWR_HOME, as the ``flwr`` CLI uses it."""
+
+    name: str
+    flwr_home: Path
+    address: str
+    root_certificates: Path | None  # None only with insecure=True
+
+    def env(self) -> dict[str, str]:
+        """Environment for ``flwr`` commands (and ``flwr run`` invoked by hand) against it."""
+        return child_env({"FLWR_HOME": str(self.flwr_home)})
+
+
+@dataclass
+class SuperLink:
+    """A running SuperLink started by :func:`start_superlink`."""
+
+    process: ManagedProcess
+    address: str  # host:port dialled on this machine; remote SuperNodes use a SAN of server.pem
+    connection: Connection
+    health_address: str
+    database: Path
+    node_ids: dict[Path, int | None] = field(default_factory=dict)  # public key -> registered id
+
+    def stop(self) -> int:
+        """Stop the SuperLink process (its state stays in ``database``)."""
+        return stop(self.process)
+
+
+def superlink_command(
+    *, state_dir: Path, keys: KeyLayout | None, host: str, port: int, health_address: str
+) -> list[str]:
+    """The ``flower-superlink`` argv for fedvault: TLS + node auth with ``keys``, else insecure."""
+    argv = [
+        executable("flower-superlink"),
+        "--database", str(state_dir / STATE_DB),
+        "--disable-runtime-dependency-installation",
+        "--health-server-address", health_address,
+        "--host", host,
+        "--port", str(port),
+    ]
+    if keys is None:
+        return [*argv, "--insecure"]
+    return [
+        *argv,
+        "--ssl-ca-certfile", str(keys.ca_cert),
+        "--ssl-certfile", str(keys.server_cert),
+        "--ssl-keyfile", str(keys.server_key),
+        "--enable-supernode-auth",
+    ]
+
+
+def start_superlink(
+    state_dir: str | Path,
+    keys_dir: str | Path | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    health_address: str | None = None,
+    insecure: bool = False,
+    register: bool = True,
+    timeout: float = 60.0,
+) -> SuperLink:
+    """Start ``flower-superlink``, wait until it serves, and register every client public key.
+
+    TLS and SuperNode authentication use ``keys_dir`` (a :mod:`fedvault.keys` layout); with
+    ``register=True`` each ``clients/client-<i>.pub`` is registered. ``insecure=True`` turns
+    off TLS and authentication (any SuperNode may join) and logs a warning: local experiments
+    only. ``health_address`` defaults to a free loopback port. On failure the process is
+    stopped and :class:`~fedvault.processes.ProcessError` carries its log tail.
+    """
+    state_dir = Path(state_dir).expanduser().resolve()
+    if insecure:
+        keys = None
+        log.warning(
+            "INSECURE SuperLink: no TLS and no SuperNode authentication; anything that reaches "
+            "%s can join as a SuperNode, submit runs and read results. Local experiments only.",
+            join_host_port(host, port),
+        )
+    elif keys_dir is None:
+        raise ConfigError("a keys directory is required unless the SuperLink is insecure")
+    else:
+        keys = load_layout(keys_dir, server=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    health_address = health_address or join_host_port("127.0.0.1", free_port())
+    argv = superlink_command(
+        state_dir=state_dir, keys=keys, host=host, port=port, health_address=health_address
+    )
+    local_host = "127.0.0.1" if host in _ANY_HOST else host
+    address = join_host_port(local_host, port)
+    connection = write_connection(
+        state_dir / FLWR_HOME_DIR, address, None if keys is None else keys.ca_cert
+    )
+    process = start_process(
+        argv, name="SuperLink", log_path=state_dir / LOG_FILE, env=connection.env()
+    )
+    superlink = SuperLink(process, address, connection, health_address, state_dir / STATE_DB)
+    try:
+        wait_healthy(health_address, timeout, process)
+        # Flower starts the health server in the API's startup hook, just before the port binds.
+        wait_listening(local_host, port, timeout, process)
+        if register and keys is not None:
+            for public_key in keys.client_public_keys():
+                superlink.node_ids[public_key] = register_node(connection, public_key)
+    except BaseException:
+        stop(process)
+        raise
+    return superlink
+
+
+def write_connection(
+    flwr_home: Path, address: str, root_certificates: Path | None, name: str = CONNECTION_NAME
+) -> Connection:
+    """Write ``flwr_home/config.toml`` naming one default connection; return it.
+
+    ``root_certificates=None`` writes ``insecure = true``. The file is replaced atomically.
+    """
+    entry: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(root_certificates)
+    document = {"superlink": {"default": name, name: entry}}
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    text = tomli_w.dumps(document).encode()
+    atomic_write(flwr_home / "config.toml", lambda handle: handle.write(text))
+    return Connection(name, flwr_home, address, root_certificates)
+
+
+def flwr_json(
+    connection: Connection, args: Sequence[str], timeout: float = CLI_TIMEOUT_S
+) -> dict[str, Any]:
+    """Run ``flwr <args> --format json`` against ``connection``; return the JSON on success.
+
+    Raises :class:`FlwrCliError` with Flower's error message when it reports failure.
+    """
+    command = [executable("flwr"), *args, "--format", "json"]
+    try:
+        done = subprocess.run(
+            command, env=connection.env(), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise FlwrCliError(
+            f"'flwr {' '.join(args)}' did not finish within {timeout:g} s"
+        ) from None
+    try:
+        reply = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        reply = {"success": False, "error-message": done.stderr or done.stdout}
+    if not reply.get("success"):
+        lines = [line.strip() for line in str(reply.get("error-message", "")).splitlines()]
+        why = " ".join(line for line in lines if line and not line.startswith("Using SuperLink"))
+        raise FlwrCliError(f"'flwr {' '.join(args)}' failed: {why or 'no error message'}")
+    return reply
+
+
+def register_node(connection: Connection, public_key: Path) -> int | None:
+    """Register a SuperNode public key; return its node id, or None if already registered."""
+    try:
+        reply = flwr_json(connection, ["supernode", "register", str(public_key), connection.name])
+    except FlwrCliError as err:
+        if _ALREADY_REGISTERED in str(err):
+            return None
+        raise
+    return int(reply["node-id"])
+
+
+def list_nodes(connection: Connection) -> list[dict[str, Any]]:
+    """``flwr supernode list``: dicts with ``node-id`` (int), ``status`` (registered, online,
+    offline, unregistered) and timestamps."""
+    nodes = flwr_json(connection, ["supernode", "list", connection.name])["nodes"]
+    return [{**node, "node-id": int(node["node-id"])} for node in nodes]
+
+
+def wait_node_online(connection: Connection, node_id: int, timeout: float) -> dict[str, Any]:
+    """Poll :func:`list_nodes` until ``node_id`` is ``online``; return its entry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node = next((n for n in list_nodes(connection) if n["node-id"] == node_id), None)
+        if node is not None and node["status"] == "online":
+            return node
+        if time.monotonic() > deadline:
+            state = "unknown" if node is None else node["status"]
+            raise FlwrCliError(
+                f"SuperNode {node_id} not online after {timeout:g} s (status {state})"
+            )
+        time.sleep(0.5)
+
+
+def submit_run(
+    connection: Connection, app_dir: str | Path, run_config: Mapping[str, Any] | None = None
+) -> int:
+    """``flwr run APP_DIR <connection>``: build the app's FAB, start a run, return its run id.
+
+    ``run_config`` overrides keys of ``[tool.flwr.app.config]`` (values are TOML-encoded).
+    Runtime dependency installation is off on fedvault's SuperLink and SuperNodes, so the
+    ServerApp and ClientApps import the app's packages from the environment they run in.
+    """
+    args = ["run", str(Path(app_dir).expanduser().resolve()), connection.name]
+    if run_config:
+        args += ["--run-config", format_config(run_config)]
+    return int(flwr_json(connection, args)["run-id"])
+
+
+def run_status(connection: Connection, run_id: int) -> str:
+    """Status of a run from ``flwr ls``: ``pending``, ``starting``, ``running``, or
+    ``finished:completed`` / ``finished:failed`` / ``finished:stopped``."""
+    runs = flwr_json(connection, ["ls", connection.name, "--run-id", str(run_id)])["runs"]
+    for run in runs:
+        if int(run["run-id"]) == run_id:
+            return str(run["status"])
+    raise FlwrCliError(f"run {run_id} not found on SuperLink {connection.address}")
