@@ -1,0 +1,148 @@
+"""Local step time of each built-in model: plain SGD vs Opacus DP-SGD (hooks, ghost) and "auto".
+
+One process, one run: the three modes are interleaved within every repetition (so machine load
+hits them alike) and the median seconds per step is reported, with ratios to plain SGD. A step
+is zero_grad + forward + loss + backward + optimizer step on a fixed batch of ``--batch-size``
+synthetic examples (for DP: per-example clipping and Gaussian noise, σ = C = 1). "auto" is
+:func:`fedvault.privacy.dp_sgd.auto_grad_sample_mode` run as a client would run it (its own,
+shorter measurement); the report says whether the mode it picked is within 5% of the faster
+mode in this benchmark's own measurement.
+
+    python benchmarks/dp_overhead.py [--batch-size 32] [--reps 15] [--steps 20] [--device cpu]
+
+Writes benchmarks/results/dp_overhead.json and .md (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import warnings
+from pathlib import Path
+
+import opacus
+import torch
+from torch import nn
+
+from fedvault.privacy.dp_sgd import auto_grad_sample_mode, dp_compatible, measure_step_times
+from fedvault.tasks.digits import DigitsTask
+from fedvault.tasks.mnist1d import Mnist1dTask
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MODEL = "mnist1d"  # the default task in fedvault's config
+MODELS = {  # name -> (model factory, input shape of one example)
+    "mnist1d": (lambda: Mnist1dTask().build_model(), (1, 40)),
+    "digits": (lambda: DigitsTask().build_model(), (64,)),
+}
+MODES = ("plain", "hooks", "ghost")
+
+
+def bench_model(name: str, batch_size: int, reps: int, steps: int, device: torch.device) -> dict:
+    factory, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = dp_compatible(factory())
+    batch = (torch.randn(batch_size, *shape, device=device), torch.randint(0, 10, (batch_size,), device=device))
+    criterion = nn.CrossEntropyLoss()
+    times = measure_step_times(model, batch, criterion, device, MODES, reps=reps, steps=steps, warmup=3)
+    median = {mode: statistics.median(values) for mode, values in times.items()}
+    choice = auto_grad_sample_mode(model, batch, criterion, device)
+    fastest = min(median["hooks"], median["ghost"])
+    return {
+        "model": name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "ms_per_step": {mode: 1000 * t for mode, t in median.items()},
+        "ms_per_step_min_max": {mode: [1000 * min(v), 1000 * max(v)] for mode, v in times.items()},
+        "ratio_vs_plain": {mode: median[mode] / median["plain"] for mode in MODES},
+        "auto_choice": choice.mode,
+        "auto_measured_ms": {mode: 1000 * t for mode, t in choice.seconds_per_step.items()},
+        "auto_vs_fastest": median[choice.mode] / fastest,
+        "auto_within_5pct": median[choice.mode] <= 1.05 * fastest,
+    }
+
+
+def to_markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        "# DP-SGD step overhead",
+        "",
+        f"Device {env['device']}, {env['threads']} torch threads, torch {env['torch']}, opacus {env['opacus']}; "
+        f"batch {report['batch_size']}, median of {report['reps']} interleaved repetitions x {report['steps']} steps.",
+        "",
+        "| model | params | plain ms | hooks ms (x plain) | ghost ms (x plain) | auto picks | auto / fastest |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["models"]:
+        ms, ratio = r["ms_per_step"], r["ratio_vs_plain"]
+        lines.append(
+            f"| {r['model']} | {r['parameters']:,} | {ms['plain']:.2f} | {ms['hooks']:.2f} ({ratio['hooks']:.2f}x) | "
+            f"{ms['ghost']:.2f} ({ratio['ghost']:.2f}x) | {r['auto_choice']} | {r['auto_vs_fastest']:.3f} "
+            f"({'within' if r['auto_within_5pct'] else 'NOT within'} 5%) |"
+        )
+    s = report["summary"]
+    lines += [
+        "",
+        f"Default model ({s['default_model']}): DP cost with the auto-picked mode = "
+        f"{s['default_dp_cost_vs_plain']:.2f}x plain (target <= 2x: {'met' if s['default_within_2x'] else 'NOT met'}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per step (fedvault's default batch-size)")
+    parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions per mode")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per repetition")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dp_overhead.json and .md")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    device = torch.device(args.device)
+
+    results = [bench_model(name, args.batch_size, args.reps, args.steps, device) for name in MODELS]
+    default = next(r for r in results if r["model"] == DEFAULT_MODEL)
+    dp_cost = default["ms_per_step"][default["auto_choice"]] / default["ms_per_step"]["plain"]
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    report = {
+        "environment": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "opacus": opacus.__version__,
+        },
+        "batch_size": args.batch_size,
+        "reps": args.reps,
+        "steps": args.steps,
+        "models": results,
+        "summary": {
+            "default_model": DEFAULT_MODEL,
+            "default_dp_cost_vs_plain": dp_cost,
+            "default_within_2x": dp_cost <= 2.0,
+            "auto_within_5pct_all": all(r["auto_within_5pct"] for r in results),
+        },
+    }
+    markdown = to_markdown(report)
+    write_atomic(args.out / "dp_overhead.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(args.out / "dp_overhead.md", markdown)
+    print(markdown)
+    return report
+
+
+if __name__ == "__main__":
+    main()

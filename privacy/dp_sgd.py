@@ -1,0 +1,461 @@
+"""Sample-level DP-SGD for one client process, through Opacus, built once and reused every round.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy", arXiv 1607.00133): each
+logical batch is a Poisson sample (every local example independently with rate
+``q = 1/ceil(N/B)``, as Opacus' ``DPDataLoader`` does); every per-example gradient is clipped
+to L2 norm ``C``; the clipped gradients are summed, ``N(0, (σ·C)²)`` noise is added to every
+coordinate, and the sum is divided by the fixed expected batch size ``floor(N·q)``. Each step
+is a sampled Gaussian mechanism (σ, q); the client's accountant composes them. Empty Poisson
+batches still take a noise-only step, and that step is accounted (skipping it would reveal
+that the batch was empty).
+
+:class:`PrivateTrainer` wires model, optimizer and loader through
+``opacus.PrivacyEngine(accountant="prv").make_private`` once. Every round it copies the global
+weights *in place* into the wrapped module's parameters (so the ``GradSampleModule``, its
+hooks, the ``DPOptimizer`` and the accountant are reused and memory stays flat), clears the
+local optimizer state, trains, and returns the plain state dict and the steps taken.
+
+Per-example gradients come from Opacus' ``"hooks"`` (materialised per-sample gradients) or
+``"ghost"`` mode (ghost clipping, Li et al. 2022, arXiv 2110.05679; Bu et al. 2023,
+arXiv 2205.10683: norms without materialising Linear-layer per-sample gradients, at the cost
+of a second backward pass); ``"auto"`` times both once per process on the actual model and
+batch size and keeps the faster.
+
+Randomness: ``secure_mode=False`` (``torchcsprng`` is not available). The Poisson sampler and
+the noise use torch generators seeded from :mod:`secrets`, so neither the sample nor the noise
+is predictable from the run's seed; they are not cryptographic generators and the noise is not
+hardened against floating-point attacks (Jin et al. 2021, arXiv 2107.10138).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import secrets
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.validators import ModuleValidator
+from opacus.validators.errors import UnsupportedModuleError
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedvault.errors import FedvaultError
+
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+
+
+class DPSGDError(FedvaultError, ValueError):
+    """Invalid DP-SGD setup: an incompatible model, bad parameters, or weights that do not fit."""
+
+
+# ---- planning (before anything is built) ---------------------------------------------------
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Logical Poisson batches per epoch: ``ceil(N / B)`` (Opacus: ``len(data_loader)``)."""
+    if num_examples < 1 or batch_size < 1:
+        raise DPSGDError(f"DP-SGD: need num_examples >= 1 and batch_size >= 1, got {num_examples} and {batch_size}")
+    return math.ceil(num_examples / batch_size)
+
+
+def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
+    """Per-step Poisson sampling rate ``q = 1 / ceil(N / B)``, the rate the accountant records."""
+    return 1 / steps_per_epoch(num_examples, batch_size)
+
+
+def planned_steps(num_examples: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps that ``epochs`` local epochs take: calibrate the noise multiplier on these."""
+    return epochs * steps_per_epoch(num_examples, batch_size)
+
+
+# ---- building blocks shared by the trainer, "auto" and the benchmark ------------------------
+
+
+def dp_compatible(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` fixed for DP (BatchNorm -> GroupNorm, LSTM -> DPLSTM, ...), validated strictly.
+
+    Build the *global* model with this too, so server and client state dicts have the same keys.
+    """
+    fixed = ModuleValidator.fix(model)
+    try:
+        ModuleValidator.validate(fixed, strict=True)
+    except UnsupportedModuleError as exc:
+        problems = "; ".join(str(e) for e in exc.args[0]) if exc.args and isinstance(exc.args[0], list) else str(exc)
+        raise DPSGDError(f"DP-SGD: model {type(model).__name__} cannot be made DP-compatible: {problems}") from None
+    return fixed
+
+
+@dataclass
+class PrivateParts:
+    """The objects ``make_private`` returns, the same shape for hooks and ghost mode."""
+
+    engine: PrivacyEngine
+    module: nn.Module  # an Opacus GradSampleModule
+    optimizer: torch.optim.Optimizer  # an Opacus DPOptimizer
+    criterion: Callable[..., Any]  # the ghost-mode loss wrapper, or the criterion itself
+    loader: DataLoader
+
+
+def make_private_parts(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    criterion: nn.Module,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    grad_sample_mode: str,
+    noise_generator: torch.Generator | None = None,
+    poisson_sampling: bool = True,
+) -> PrivateParts:
+    """``PrivacyEngine(accountant="prv", secure_mode=False).make_private`` for ``"hooks"`` or ``"ghost"``."""
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise DPSGDError(f"DP-SGD: grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+    reduction = getattr(criterion, "reduction", None)
+    if reduction not in ("mean", "sum"):
+        raise DPSGDError(
+            f"DP-SGD: the criterion {type(criterion).__name__} needs reduction 'mean' or 'sum', got {reduction!r}"
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # documented in this module
+        engine = PrivacyEngine(accountant="prv", secure_mode=False)
+    made = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        criterion=copy.deepcopy(criterion),  # ghost mode mutates the criterion it wraps
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        loss_reduction=reduction,
+        poisson_sampling=poisson_sampling,
+        grad_sample_mode=grad_sample_mode,
+        noise_generator=noise_generator,
+    )
+    if grad_sample_mode == "ghost":
+        module, dp_optimizer, dp_criterion, dp_loader = made
+    else:
+        (module, dp_optimizer, dp_loader), dp_criterion = made, criterion
+    return PrivateParts(engine, module, dp_optimizer, dp_criterion, dp_loader)
+
+
+def train_step(
+    module: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable[..., Any], x: Any, y: Any
+) -> Any:
+    """One optimizer step on batch (x, y); returns the (possibly wrapped) loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = criterion(module(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _secure_generator(device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63))
+    return generator
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_step_times(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    criterion: nn.Module,
+    device: torch.device,
+    modes: Sequence[str] = GRAD_SAMPLE_MODES,
+    *,
+    reps: int = 3,
+    steps: int = 3,
+    warmup: int = 2,
+) -> dict[str, list[float]]:
+    """Seconds per step for each mode (``"plain"``, ``"hooks"``, ``"ghost"``), ``reps`` values each.
+
+    Each mode trains its own copy of ``model`` on ``batch`` (already on ``device``); modes are
+    interleaved within every repetition so machine load affects them alike. σ = C = 1.
+    """
+    x, y = batch
+    runners: dict[str, tuple[nn.Module, torch.optim.Optimizer, Callable[..., Any]]] = {}
+    for mode in modes:
+        copy_ = copy.deepcopy(model).to(device)
+        optimizer = torch.optim.SGD(copy_.parameters(), lr=0.0)
+        if mode == "plain":
+            runners[mode] = (copy_, optimizer, criterion)
+        else:
+            loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=len(y))
+            parts = make_private_parts(
+                copy_, optimizer, loader, criterion=criterion, noise_multiplier=1.0, max_grad_norm=1.0,
+                grad_sample_mode=mode, poisson_sampling=False,
+            )
+            runners[mode] = (parts.module, parts.optimizer, parts.criterion)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    try:
+        for mode, runner in runners.items():
+            for _ in range(warmup):
+                train_step(*runner, x, y)
+        for _ in range(reps):
+            for mode, runner in runners.items():
+                _synchronize(device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    train_step(*runner, x, y)
+                _synchronize(device)
+                times[mode].append((time.perf_counter() - start) / steps)
+    finally:
+        for module, _, _ in runners.values():
+            if hasattr(module, "cleanup"):
+                module.cleanup()
+    return times
+
+
+def choose_grad_sample_mode(seconds_per_step: Mapping[str, float]) -> str:
+    """The mode with the lowest time per step; a tie goes to ``"hooks"`` (one backward pass)."""
+    if not seconds_per_step:
+        raise DPSGDError("DP-SGD: no grad-sample mode timings to choose from")
+    return min(seconds_per_step, key=lambda mode: (seconds_per_step[mode], mode != "hooks"))
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """The mode "auto" picked and the median seconds per step it measured."""
+
+    mode: str
+    seconds_per_step: Mapping[str, float]
+
+
+_MODE_CHOICES: dict[tuple[str, int, str], ModeChoice] = {}
+
+
+def auto_grad_sample_mode(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], criterion: nn.Module, device: torch.device
+) -> ModeChoice:
+    """Measure hooks vs ghost once per process per (architecture, batch size, device); cached."""
+    key = (repr(model), len(batch[1]), device.type)
+    if key not in _MODE_CHOICES:
+        times = measure_step_times(model, batch, criterion, device)
+        medians = {mode: statistics.median(values) for mode, values in times.items()}
+        _MODE_CHOICES[key] = ModeChoice(choose_grad_sample_mode(medians), medians)
+    return _MODE_CHOICES[key]
+
+
+def _synthetic_batch(loader: DataLoader, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch shaped like the loader's, holding no training data (random features, label 0)."""
+    x, y = loader.collate_fn([loader.dataset[0]] * batch_size)
+    x = torch.randn_like(x) if x.is_floating_point() else torch.zeros_like(x)
+    return x.to(device), torch.zeros_like(y).to(device)
+
+
+# ---- the trainer --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalTrainResult:
+    """One round of local DP-SGD: weights to send and the DP event to record.
+
+    The event is (``noise_multiplier``, ``sample_rate``, ``steps``): ``steps`` Poisson-sampled
+    Gaussian steps, counted by the accountant (empty batches included).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    num_examples: int
+    loss: float
+
+
+class PrivateTrainer:
+    """Opacus DP-SGD wired once per client process; call :meth:`train_round` every round.
+
+    ``optimizer_factory`` builds the local optimizer from the (DP-fixed) model's parameters,
+    e.g. ``lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)``. ``train_loader``
+    supplies the dataset, batch size and collate function; sampling is re-done by Opacus
+    (Poisson, rate ``1/ceil(N/B)``) with a secrets-seeded generator. ``grad_sample_mode`` is
+    ``"hooks"``, ``"ghost"`` or ``"auto"``. ``max_physical_batch_size`` splits large Poisson
+    batches with Opacus' ``BatchMemoryManager`` (same privacy, bounded memory). The loss
+    ``criterion`` must reduce with ``"mean"`` or ``"sum"``; batches are ``(x, y)`` pairs.
+    Local optimizer state (e.g. momentum) starts fresh each round, as in a freshly built client.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer_factory: OptimizerFactory,
+        train_loader: DataLoader,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        criterion: nn.Module,
+        device: torch.device | str = "cpu",
+        grad_sample_mode: str = "hooks",
+        max_physical_batch_size: int | None = None,
+    ) -> None:
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise DPSGDError(f"DP-SGD: noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise DPSGDError(f"DP-SGD: max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+        if train_loader.batch_size is None:
+            raise DPSGDError(
+                "DP-SGD: train_loader must be built with batch_size (Poisson sampling replaces its batch sampler)"
+            )
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise DPSGDError(f"DP-SGD: max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+        self.device = torch.device(device)
+        self.max_physical_batch_size = max_physical_batch_size
+        self.num_examples = len(train_loader.dataset)
+        fixed = dp_compatible(model).to(self.device)
+
+        self.mode_choice: ModeChoice | None = None
+        if grad_sample_mode == "auto":
+            expected = self.num_examples // steps_per_epoch(self.num_examples, train_loader.batch_size)
+            physical = min(expected, max_physical_batch_size or expected)
+            batch = _synthetic_batch(train_loader, max(1, physical), self.device)
+            self.mode_choice = auto_grad_sample_mode(fixed, batch, criterion, self.device)
+            grad_sample_mode = self.mode_choice.mode
+        self.grad_sample_mode = grad_sample_mode
+
+        loader = DataLoader(
+            train_loader.dataset,
+            batch_size=train_loader.batch_size,
+            collate_fn=train_loader.collate_fn,
+            num_workers=train_loader.num_workers,
+            pin_memory=train_loader.pin_memory,
+            generator=_secure_generator(torch.device("cpu")),  # inherited by Opacus' Poisson sampler
+        )
+        self._parts: PrivateParts | None = make_private_parts(
+            fixed,
+            optimizer_factory(fixed.parameters()),
+            loader,
+            criterion=criterion,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            grad_sample_mode=grad_sample_mode,
+            noise_generator=_secure_generator(self.device),
+        )
+        self._model = fixed  # the wrapped nn.Module: plain state-dict keys, same Parameter objects
+
+    # -- what the caller needs to record a DP event ----------------------------------------
+
+    @property
+    def parts(self) -> PrivateParts:
+        if self._parts is None:
+            raise DPSGDError("DP-SGD: this PrivateTrainer was closed")
+        return self._parts
+
+    @property
+    def module(self) -> nn.Module:
+        """The Opacus GradSampleModule (the same object every round)."""
+        return self.parts.module
+
+    @property
+    def accountant(self) -> Any:
+        """Opacus' PRV accountant: history of (noise_multiplier, sample_rate, steps)."""
+        return self.parts.engine.accountant
+
+    @property
+    def noise_multiplier(self) -> float:
+        return float(self.parts.optimizer.noise_multiplier)
+
+    @property
+    def max_grad_norm(self) -> float:
+        return float(self.parts.optimizer.max_grad_norm)
+
+    @property
+    def sample_rate(self) -> float:
+        return float(self.parts.loader.sample_rate)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.parts.loader)
+
+    @property
+    def expected_batch_size(self) -> int:
+        """The fixed denominator of the noisy mean: ``floor(N·q)``."""
+        return int(self.parts.optimizer.expected_batch_size)
+
+    def accounted_steps(self) -> int:
+        """Steps recorded by the accountant since this trainer was built."""
+        return sum(steps for _, _, steps in self.accountant.history)
+
+    # -- per round ---------------------------------------------------------------------------
+
+    def load_global(self, state_dict: Mapping[str, Any]) -> None:
+        """Copy global weights in place; keys may carry Opacus' ``_module.`` prefix."""
+        state = {
+            key.removeprefix("_module."): value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+            for key, value in state_dict.items()
+        }
+        expected = set(self._model.state_dict())
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise DPSGDError(
+                f"DP-SGD: global weights do not fit the DP model (missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}); build the global model with fedvault.privacy.dp_sgd.dp_compatible"
+            )
+        try:
+            self._model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise DPSGDError(f"DP-SGD: global weights do not fit the DP model: {first}") from None
+
+    def train_round(self, global_state: Mapping[str, Any], epochs: int) -> LocalTrainResult:
+        """Load ``global_state``, train ``epochs`` local epochs with DP-SGD, return weights and steps."""
+        if epochs < 1:
+            raise DPSGDError(f"DP-SGD: epochs must be >= 1, got {epochs}")
+        parts = self.parts
+        self.load_global(global_state)
+        parts.optimizer.original_optimizer.state.clear()
+        before = self.accounted_steps()
+        parts.module.train()
+        total_loss, seen = 0.0, 0
+        for _ in range(epochs):
+            manager = (
+                BatchMemoryManager(
+                    data_loader=parts.loader,
+                    max_physical_batch_size=self.max_physical_batch_size,
+                    optimizer=parts.optimizer,
+                )
+                if self.max_physical_batch_size
+                else nullcontext(parts.loader)
+            )
+            with manager as batches:
+                for x, y in batches:
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    loss = train_step(parts.module, parts.optimizer, parts.criterion, x, y)
+                    if len(y):
+                        total_loss += float(loss.item()) * len(y)
+                        seen += len(y)
+        parts.optimizer.zero_grad(set_to_none=True)  # drop per-sample gradients between rounds
+        state = {key: value.detach().to("cpu", copy=True) for key, value in self._model.state_dict().items()}
+        return LocalTrainResult(
+            state_dict=state,
+            steps=self.accounted_steps() - before,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            num_examples=self.num_examples,
+            loss=total_loss / seen if seen else math.nan,
+        )
+
+    def close(self) -> None:
+        """Remove Opacus' hooks and per-sample attributes; the trainer is unusable afterwards."""
+        if self._parts is not None:
+            self._parts.module.cleanup()
+            self._parts = None
+
+    def __enter__(self) -> PrivateTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,234 @@
+"""Sample-level DP-SGD (fedvault.privacy.dp_sgd): clipping, noise, reuse across rounds, auto mode."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedvault.privacy.dp_sgd import (
+    DPSGDError,
+    PrivateTrainer,
+    choose_grad_sample_mode,
+    dp_compatible,
+    measure_step_times,
+    planned_steps,
+    poisson_sample_rate,
+    steps_per_epoch,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+CE = nn.CrossEntropyLoss()
+
+
+def sgd(lr: float, momentum: float = 0.0):
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+def trainer_for(model, dataset, batch_size, *, lr=1.0, sigma=0.0, clip=1.0, mode="hooks", **kw) -> PrivateTrainer:
+    return PrivateTrainer(
+        model, sgd(lr), DataLoader(dataset, batch_size=batch_size),
+        noise_multiplier=sigma, max_grad_norm=clip, criterion=CE, grad_sample_mode=mode, **kw,
+    )
+
+
+def start_state(trainer: PrivateTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.module._module.state_dict().items()}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_planning_helpers_match_what_opacus_builds():
+    dataset = TensorDataset(torch.randn(100, 4), torch.randint(0, 3, (100,)))
+    trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=32)
+    assert trainer.steps_per_epoch == steps_per_epoch(100, 32) == 4
+    assert trainer.sample_rate == poisson_sample_rate(100, 32) == 0.25
+    assert trainer.expected_batch_size == 25
+    assert planned_steps(100, 32, epochs=3) == 12
+    result = trainer.train_round(start_state(trainer), epochs=3)
+    assert result.steps == 12 and result.sample_rate == 0.25
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_each_example_gradient_is_clipped_to_the_bound(mode):
+    torch.manual_seed(0)
+    n, clip = 8, 0.05
+    x, y = torch.randn(n, 6) * 3, torch.randint(0, 3, (n,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    # batch_size = n gives q = 1: every example is in every (single) step
+    trainer = trainer_for(model, TensorDataset(x, y), batch_size=n, clip=clip, mode=mode)
+    start = start_state(trainer)
+
+    reference = dp_compatible(model)  # a hook-free twin of the trainer's model
+    reference.load_state_dict(start)
+    clipped_sum = [torch.zeros_like(p) for p in reference.parameters()]
+    unclipped_sum = [torch.zeros_like(p) for p in reference.parameters()]
+    norms = []
+    for i in range(n):
+        grads = torch.autograd.grad(CE(reference(x[i : i + 1]), y[i : i + 1]), list(reference.parameters()))
+        norm = torch.sqrt(sum((g**2).sum() for g in grads)).item()
+        norms.append(norm)
+        for acc, raw, g in zip(clipped_sum, unclipped_sum, grads):
+            acc += g * min(1.0, clip / norm)
+            raw += g
+    assert min(norms) > 2 * clip  # clipping is active for every example
+
+    result = trainer.train_round(start, epochs=1)
+    assert result.steps == 1
+    update = [result.state_dict[k] - start[k] for k in start]
+    for got, acc, raw in zip(update, clipped_sum, unclipped_sum):
+        torch.testing.assert_close(got, -acc / n, atol=1e-6, rtol=1e-4)
+        assert not torch.allclose(got, -raw / n, atol=1e-4)
+    assert math.sqrt(sum((u**2).sum().item() for u in update)) <= clip + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_noise_std_is_sigma_times_clip_over_expected_batch_size(mode):
+    # x = 0 and no bias: every gradient is exactly zero, so the update is the noise alone.
+    n, batch, sigma, clip = 64, 16, 2.0, 0.5
+    dataset = TensorDataset(torch.zeros(n, 200), torch.randint(0, 100, (n,)))
+    trainer = trainer_for(nn.Linear(200, 100, bias=False), dataset, batch, sigma=sigma, clip=clip, mode=mode)
+    assert trainer.expected_batch_size == int(n * poisson_sample_rate(n, batch)) == 16
+    start = start_state(trainer)
+    deltas = []
+    for _ in range(2):
+        result = trainer.train_round(start, epochs=1)
+        deltas.append((result.state_dict["weight"] - start["weight"]).flatten() / math.sqrt(result.steps))
+    noise = torch.cat(deltas).double()
+    expected = sigma * clip / trainer.expected_batch_size
+    assert abs(noise.std().item() / expected - 1) < 0.03
+    assert abs(noise.mean().item()) < 4 * expected / math.sqrt(noise.numel())
+
+
+def test_engine_is_built_once_and_memory_stays_flat_across_rounds():
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv1d(1, 8, 5, stride=2), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 18, 10)
+    )
+    dataset = TensorDataset(torch.randn(256, 1, 40), torch.randint(0, 10, (256,)))
+    trainer = PrivateTrainer(
+        model, sgd(0.05, momentum=0.9), DataLoader(dataset, batch_size=32),
+        noise_multiplier=1.0, max_grad_norm=1.0, criterion=CE,
+    )
+    global_model = dp_compatible(model)  # BatchNorm -> GroupNorm, same keys as the trainer's model
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in global_model.modules())
+    state = global_model.state_dict()
+    module, optimizer = trainer.module, trainer.parts.optimizer
+    hooks = len(module.autograd_grad_sample_hooks)
+
+    total_steps, rss = 0, []
+    for round_ in range(8):
+        result = trainer.train_round(state, epochs=1)
+        state, total_steps = result.state_dict, total_steps + result.steps
+        assert set(state) == set(global_model.state_dict())
+        rss.append(rss_bytes())
+    assert trainer.module is module and trainer.parts.optimizer is optimizer
+    assert len(module.autograd_grad_sample_hooks) == hooks
+    assert total_steps == trainer.accounted_steps() == 8 * trainer.steps_per_epoch
+    assert all(m == 1.0 and q == trainer.sample_rate for m, q, _ in trainer.accountant.history)
+    assert rss[-1] - rss[1] < 8 * 2**20, f"RSS grew {(rss[-1] - rss[1]) / 2**20:.1f} MiB over 6 rounds"
+
+    trainer.close()
+    assert not any(hasattr(p, "grad_sample") for p in trainer._model.parameters())
+    with pytest.raises(DPSGDError, match="closed"):
+        trainer.train_round(state, epochs=1)
+
+
+def test_global_weights_load_in_place_with_or_without_module_prefix():
+    dataset = TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=5, lr=0.0, sigma=1.0)
+    global_state = {"weight": torch.randn(3, 4), "bias": torch.randn(3)}
+    for keys in (global_state, {"_module." + k: v for k, v in global_state.items()}):
+        result = trainer.train_round(keys, epochs=1)  # lr = 0: the weights stay what was loaded
+        assert set(result.state_dict) == {"weight", "bias"}
+        for k, v in global_state.items():
+            torch.testing.assert_close(result.state_dict[k], v, rtol=0, atol=0)
+    with pytest.raises(DPSGDError, match="missing"):
+        trainer.train_round({"weight": global_state["weight"]}, epochs=1)
+    with pytest.raises(DPSGDError, match="do not fit"):
+        trainer.train_round({"weight": torch.zeros(2, 4), "bias": torch.zeros(3)}, epochs=1)
+
+
+def test_empty_poisson_batches_still_take_an_accounted_noise_step():
+    dataset = TensorDataset(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    trainer = trainer_for(nn.Linear(3, 2, bias=False), dataset, batch_size=1, sigma=1.0)  # q = 0.5
+    start = start_state(trainer)
+    sizes = []
+    trainer.module.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+    result = trainer.train_round(start, epochs=20)
+    assert 0 in sizes  # P(no empty batch in 40 draws) = 0.75**40
+    assert result.steps == trainer.accounted_steps() == 40
+    assert not torch.equal(result.state_dict["weight"], start["weight"])
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_batch_memory_manager_splits_physical_batches_but_accounts_logical_steps(mode):
+    dataset = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+    trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=32, sigma=1.0, mode=mode, max_physical_batch_size=8)
+    sizes = []
+    trainer.module.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+    result = trainer.train_round(start_state(trainer), epochs=3)
+    assert max(sizes) <= 8 and len(sizes) > result.steps
+    assert result.steps == trainer.accounted_steps() == 3 * 2
+
+
+def test_poisson_samples_and_noise_do_not_follow_the_global_torch_seed():
+    dataset = TensorDataset(torch.zeros(200, 3), torch.zeros(200, dtype=torch.long))
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)  # what a seeded run does; the DP randomness must not depend on it
+        trainer = trainer_for(nn.Linear(3, 2, bias=False), dataset, batch_size=20, sigma=1.0)
+        batches = list(trainer.parts.loader.batch_sampler)
+        start = start_state(trainer)
+        noise = trainer.train_round(start, epochs=1).state_dict["weight"] - start["weight"]
+        draws.append((batches, noise))
+    assert draws[0][0] != draws[1][0]
+    assert not torch.equal(draws[0][1], draws[1][1])
+
+
+def test_invalid_setup_is_refused_with_a_named_reason():
+    dataset = TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    with pytest.raises(DPSGDError, match="reduction"):
+        PrivateTrainer(nn.Linear(4, 3), sgd(0.1), DataLoader(dataset, batch_size=4), noise_multiplier=1.0,
+                       max_grad_norm=1.0, criterion=nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(DPSGDError, match="grad_sample_mode"):
+        trainer_for(nn.Linear(4, 3), dataset, 4, mode="functorch")
+    with pytest.raises(DPSGDError, match="max_grad_norm"):
+        trainer_for(nn.Linear(4, 3), dataset, 4, clip=0.0)
+
+
+def test_choose_grad_sample_mode_picks_the_lowest_time():
+    assert choose_grad_sample_mode({"hooks": 2.0, "ghost": 1.0}) == "ghost"
+    assert choose_grad_sample_mode({"hooks": 1.0, "ghost": 2.0}) == "hooks"
+    assert choose_grad_sample_mode({"ghost": 1.0, "hooks": 1.0}) == "hooks"
+    with pytest.raises(DPSGDError):
+        choose_grad_sample_mode({})
+
+
+def test_auto_mode_picks_the_measured_faster_mode_and_caches_it():
+    # A Linear-heavy MLP: hooks materialises 64 copies of each weight matrix, ghost does not.
+    def build():
+        return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    dataset = TensorDataset(torch.randn(256, 256), torch.randint(0, 10, (256,)))
+    trainer = trainer_for(build(), dataset, batch_size=64, mode="auto", sigma=1.0)
+    choice = trainer.mode_choice
+    assert trainer.grad_sample_mode == choice.mode == choose_grad_sample_mode(choice.seconds_per_step)
+
+    batch = (torch.randn(64, 256), torch.zeros(64, dtype=torch.long))
+    times = measure_step_times(build(), batch, CE, torch.device("cpu"), reps=5)
+    medians = {mode: statistics.median(v) for mode, v in times.items()}
+    other = "hooks" if choice.mode == "ghost" else "ghost"
+    assert medians[choice.mode] <= 1.25 * medians[other], (choice, medians)
+
+    again = trainer_for(build(), dataset, batch_size=64, mode="auto", sigma=1.0)
+    assert again.mode_choice is choice  # measured once per process for this architecture and batch size
+    assert again.train_round(start_state(again), epochs=1).steps == again.steps_per_epoch
