@@ -1,7 +1,10 @@
 """fedvault's ClientApp: ``train`` and ``evaluate`` handlers on Flower's Message API.
 
 Replies use Flower's usual keys (``"arrays"``; ``"metrics"`` with ``"num-examples"``) so stock
-Flower strategies and ServerApps interoperate with fedvault clients.
+Flower strategies and ServerApps interoperate with fedvault clients. fedvault extras travel in
+further records: ``"dp-event"`` (the DP spend of this reply, already in the node's ledger),
+``"status"`` (``budget-exhausted`` when the client refused to train), and strategy records
+such as SCAFFOLD's control-variate delta.
 """
 
 from __future__ import annotations
@@ -9,16 +12,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
-from fedvault.client.node import DataSelection, client_data, task_and_model
+from fedvault.client.attacks import attack_update
+from fedvault.client.node import DataSelection, client_data, is_update_attacker, task_and_model, training_data
+from fedvault.client.private_training import BudgetExhausted, node_ledger_path, run_key, train_private
+from fedvault.client.strategy_hooks import build_hooks, finish_hooks
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
+from fedvault.privacy.node_ledger import NodeLedger
 from fedvault.tasks import TrainSettings, make_loader
+from flwr.clientapp import ClientApp
 
 ConfigSource = Callable[[Context], RunConfig]
+BUDGET_EXHAUSTED = "budget-exhausted"
 
 
 def config_from_context(context: Context) -> RunConfig:
@@ -34,35 +43,44 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = get_config(context)
+        sel = DataSelection.from_run(cfg, context.node_config)
         round_config = msg.content.config_records.get("config", ConfigRecord())
+        server_round = int(round_config.get("server-round", 0))
         device = resolve_device(cfg.device)
-        train_data, _ = client_data(DataSelection.from_run(cfg, context.node_config))
-        task, model = _model_with_weights(cfg, msg.content["arrays"], device)
-
+        global_state = msg.content["arrays"].to_torch_state_dict()
         start = time.perf_counter()
-        loader = make_loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed + int(round_config.get("server-round", 0)))
-        optimizer = torch.optim.SGD(model.parameters(), lr=float(round_config.get("lr", cfg.learning_rate)), momentum=cfg.momentum)
-        settings = TrainSettings(epochs=int(round_config.get("local-epochs", cfg.local_epochs)), device=device, amp=cfg.amp)
-        result = task.train(model, loader, optimizer, settings)
+        records: dict = {}
+        if cfg.privacy.sample_level:
+            ledger = NodeLedger(node_ledger_path(cfg, context.node_config))
+            try:
+                done = train_private(cfg, sel, global_state, server_round, device, ledger, run_key(cfg, context.run_id))
+            except BudgetExhausted as exc:
+                status = ConfigRecord({"status": BUDGET_EXHAUSTED, "reason": str(exc)})
+                return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0}), "status": status}), reply_to=msg)
+            state, loss, steps = done.result.state_dict, done.result.loss, done.result.steps
+            records["dp-event"] = ConfigRecord(done.event.to_dict())
+            extra_metrics = {"dp_epsilon": done.epsilon}
+        else:
+            state, loss, steps, hook_records, extra_metrics = _train_plain(cfg, sel, msg, context, global_state, device)
+            records.update(hook_records)
+        if is_update_attacker(cfg, sel):
+            state = _attacked(cfg, sel, global_state, state, server_round)
 
-        metrics = MetricRecord(
-            {
-                "train_loss": float(result["loss"]),
-                "train_steps": int(result["steps"]),
-                "train_seconds": time.perf_counter() - start,
-                "num-examples": len(train_data),
-            }
-        )
-        arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        metrics = MetricRecord({
+            "train_loss": float(loss), "train_steps": int(steps), "train_seconds": time.perf_counter() - start,
+            "num-examples": len(training_data(cfg, sel)), **extra_metrics,
+        })
+        arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics, **records}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = get_config(context)
         device = resolve_device(cfg.device)
         _, test_data = client_data(DataSelection.from_run(cfg, context.node_config))
-        task, model = _model_with_weights(cfg, msg.content["arrays"], device)
-        result = task.evaluate(model, make_loader(test_data, 256, shuffle=False), device)
+        task, model = task_and_model(cfg.task, cfg.privacy.sample_level)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        result = task.evaluate(model.to(device), make_loader(test_data, 256, shuffle=False), device)
         metrics = MetricRecord(
             {"eval_loss": result["loss"], "eval_accuracy": result["accuracy"], "num-examples": len(test_data)}
         )
@@ -71,10 +89,30 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
     return app
 
 
-def _model_with_weights(cfg: RunConfig, arrays: ArrayRecord, device: torch.device):
+def _train_plain(cfg: RunConfig, sel: DataSelection, msg: Message, context: Context, global_state: dict, device):
+    """Non-private local training through the task, with the strategy's client-side hooks."""
+    round_config = msg.content.config_records.get("config", ConfigRecord())
     task, model = task_and_model(cfg.task)
-    model.load_state_dict(arrays.to_torch_state_dict())
-    return task, model.to(device)
+    model.load_state_dict(global_state)
+    model.to(device)
+    lr = float(round_config.get("lr", cfg.learning_rate))
+    hooks = build_hooks(msg.content, context.state, model)
+    loader = make_loader(training_data(cfg, sel), cfg.batch_size, shuffle=True,
+                         seed=cfg.seed + int(round_config.get("server-round", 0)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
+    settings = TrainSettings(epochs=int(round_config.get("local-epochs", cfg.local_epochs)), device=device,
+                             amp=cfg.amp, hooks=hooks)
+    result = task.train(model, loader, optimizer, settings)
+    hook_records, hook_metrics = finish_hooks(hooks, model, int(result["steps"]), lr)
+    return model.state_dict(), result["loss"], result["steps"], hook_records, hook_metrics
+
+
+def _attacked(cfg: RunConfig, sel: DataSelection, global_state: dict, state: dict, server_round: int) -> dict:
+    """A malicious client's reply (robustness experiments only)."""
+    to_np = lambda d: {k: v.detach().cpu().numpy() for k, v in d.items()}  # noqa: E731
+    seed = int(np.random.SeedSequence([cfg.seed, sel.partition_id, server_round]).generate_state(1)[0])
+    tampered = attack_update(cfg.attack.kind, to_np(global_state), to_np(state), cfg.attack.scale, seed)
+    return {k: torch.as_tensor(v) for k, v in tampered.items()}
 
 
 app = build_client_app()

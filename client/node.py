@@ -13,7 +13,9 @@ from functools import lru_cache
 import numpy as np
 from torch import nn
 
+from fedvault.client.attacks import UPDATE_ATTACKS, flip_labels, pick_attackers
 from fedvault.config import RunConfig
+from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.partition import partition, train_test_split
 from fedvault.tasks import ArrayDataset, Task, load_task, load_task_data
 
@@ -60,8 +62,27 @@ def client_data(sel: DataSelection) -> tuple[ArrayDataset, ArrayDataset]:
     return pool.subset(train_idx), pool.subset(test_idx)
 
 
+@lru_cache(maxsize=None)
+def training_data(config: RunConfig, sel: DataSelection) -> ArrayDataset:
+    """The node's training split, with labels flipped when the run makes it a label-flip attacker."""
+    train, _ = client_data(sel)
+    attack = config.attack
+    if attack.kind == "label-flip" and sel.partition_id in pick_attackers(sel.num_partitions, attack.fraction, config.seed):
+        num_classes = load_task_data(sel.task, sel.seed).num_classes
+        return ArrayDataset(train.x, flip_labels(train.y, num_classes))
+    return train
+
+
+def is_update_attacker(config: RunConfig, sel: DataSelection) -> bool:
+    """Whether this node tampers with its update (sign-flip, scale, gaussian)."""
+    attack = config.attack
+    return attack.kind in UPDATE_ATTACKS and sel.partition_id in pick_attackers(sel.num_partitions, attack.fraction, config.seed)
+
+
 @lru_cache(maxsize=4)
-def task_and_model(task_name: str) -> tuple[Task, nn.Module]:
-    """The task and one model instance per process; each message loads its weights into it."""
+def task_and_model(task_name: str, dp: bool = False) -> tuple[Task, nn.Module]:
+    """The task and one model instance per process; each message loads its weights into it.
+    With ``dp`` the model is repaired for Opacus exactly as the server's global model is."""
     task = load_task(task_name)
-    return task, task.build_model()
+    model = task.build_model()
+    return task, dp_compatible(model) if dp else model

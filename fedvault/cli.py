@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from fedvault import __version__
 from fedvault.config import RunConfig, reference
-from fedvault.errors import FedvaultError
+from fedvault.errors import ConfigError, FedvaultError
 
 EXIT_USAGE = 2
 
@@ -38,10 +38,43 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedvault.rundir import RunDirectory
 
     s = RunDirectory(run_dir).summary()
+    final = f"{s['final_accuracy']:.4f}" if s["final_accuracy"] is not None else "n/a"
     print(
         f"done: {s['rounds']} rounds in {s['wall_seconds']:.1f}s; centralized accuracy "
-        f"{s['initial_accuracy']:.4f} -> {s['final_accuracy']:.4f}; run directory: {run_dir}"
+        f"{s['initial_accuracy']:.4f} -> {final}; run directory: {run_dir}"
     )
+    return 1 if s.get("stopped") and s["rounds"] == 0 else 0
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from fedvault.strategies.registry import format_strategies, list_strategies
+
+    print(format_strategies(list_strategies()))
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedvault.privacy.audit import render_table, to_csv, to_json
+    from fedvault.server.privacy_report import EPSILON_PLOT, audit_for_config
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.toml").exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
+    report = audit_for_config(run_dir, RunConfig.from_sources(run_dir / "config.toml"))
+    if args.json:
+        print(to_json(report))
+    elif args.csv:
+        print(to_csv(report), end="")
+    else:
+        from fedvault.privacy.audit import plot_epsilon
+
+        print(render_table(report))
+        print(f"plot: {plot_epsilon(report, run_dir / EPSILON_PLOT)}")
+    if report.exceeded:
+        print(f"fedvault audit: cap exceeded by {', '.join(report.exceeded)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -65,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--out", metavar="DIR", help="run directory (default runs/<time>-<task>)")
     simulate.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     simulate.set_defaults(func=_cmd_simulate)
+
+    strategies = sub.add_parser("strategies", help="list the strategies a config can name, with parameters",
+                                description="Strategies for strategy.name, with their strategy.<param> keys and defaults.")
+    strategies.set_defaults(func=_cmd_strategies)
+
+    audit = sub.add_parser(
+        "audit", help="privacy budget report of a run; verifies the ledger's hash chain",
+        description="Verify RUN_DIR/privacy_ledger.jsonl (exit 2 naming the first bad entry if it was altered) and "
+        "report per client: rounds, epsilon by PLD (the claim), PRV and RDP (cross-checks), delta, cap, remaining; "
+        "the run's client-level epsilon; a plot of epsilon per round. Exit 1 if any cap was exceeded.",
+    )
+    audit.add_argument("run_dir", metavar="RUN_DIR")
+    fmt = audit.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fmt.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    audit.set_defaults(func=_cmd_audit)
     return parser
 
 

@@ -20,6 +20,8 @@ from typing import Any, get_type_hints
 from fedvault.errors import ConfigError
 
 Check = tuple[Callable[[Any], bool], str]
+STRATEGY_PREFIX = "strategy."
+CLIENT_HOOK_STRATEGIES = ("fedprox", "scaffold", "fednova")  # strategies with a client-side training step
 
 
 def option(default: Any, help: str, check: Check | None = None, choices: tuple = ()) -> Any:
@@ -32,6 +34,48 @@ NON_NEGATIVE: Check = (lambda v: v >= 0, "must be >= 0")
 FRACTION: Check = (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1")
 OPEN_FRACTION: Check = (lambda v: 0.0 <= v < 1.0, "must be >= 0 and < 1")
 GREATER_THAN_ZERO: Check = (lambda v: v > 0, "must be > 0")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """``strategy.name`` plus free ``strategy.<param>`` keys checked by the strategy registry."""
+
+    name: str = option("fedavg", "aggregation strategy: see `fedvault strategies` (built-ins, module:Class, plug-ins)")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD in clients and client-level DP-FedAvg on the server."""
+
+    sample_level: bool = option(True, "clients train with Opacus DP-SGD (per-client (epsilon, delta) for the whole run)")
+    target_epsilon: float = option(8.0, "per-client epsilon cap for the whole run; the noise is calibrated to it", GREATER_THAN_ZERO)
+    target_delta: float = option(1e-5, "delta for every (epsilon, delta) claim", (lambda v: 0 < v < 1, "must be > 0 and < 1"))
+    max_grad_norm: float = option(1.0, "per-sample clipping norm for DP-SGD", GREATER_THAN_ZERO)
+    grad_sample_mode: str = option("auto", "Opacus per-sample gradients: auto (measured), hooks, ghost", choices=("auto", "hooks", "ghost"))
+    client_level: bool = option(False, "server-side DP-FedAvg: clip each update, noise the sum, Poisson-sample clients with q = fraction-train")
+    client_noise_multiplier: float = option(1.0, "noise multiplier z for client-level DP (std z*C on the sum)", GREATER_THAN_ZERO)
+    client_clip_norm: float = option(1.0, "update clipping norm C for client-level DP (initial norm when adaptive)", GREATER_THAN_ZERO)
+    adaptive_clipping: bool = option(False, "adapt C to the target quantile of update norms (Andrew et al. 2021)")
+    target_quantile: float = option(0.5, "quantile of update norms adaptive clipping tracks", (lambda v: 0 < v < 1, "must be > 0 and < 1"))
+    client_level_target_epsilon: float = option(10.0, "the server's epsilon cap for client-level DP", GREATER_THAN_ZERO)
+    node_ledger: str = option("", "client ledger SQLite file; empty = <run-dir>/node-ledger.sqlite (or ~/.fedvault/)")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Checks every update passes before aggregation."""
+
+    max_update_norm: float = option(0.0, "drop updates whose L2 norm (reply - global) exceeds this; 0 = off", NON_NEGATIVE)
+    max_payload_mb: float = option(512.0, "drop replies whose arrays exceed this many MiB; 0 = off", NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Simulated malicious clients (robustness experiments)."""
+
+    kind: str = option("none", "what attackers do", choices=("none", "sign-flip", "scale", "gaussian", "label-flip"))
+    fraction: float = option(0.0, "fraction of clients that attack", FRACTION)
+    scale: float = option(10.0, "strength of sign-flip / scale / gaussian attacks", GREATER_THAN_ZERO)
 
 
 @dataclass(frozen=True)
@@ -73,6 +117,13 @@ class RunConfig:
     amp: bool = option(True, "mixed precision (float16 autocast) when training on CUDA")
     run_dir: str = option("", "run directory; empty = runs/<time>-<task>")
     round_timeout: float = option(600.0, "seconds the server waits for replies in a round", GREATER_THAN_ZERO)
+    min_replies: int = option(1, "a round with fewer successful train replies fails", POSITIVE)
+    resume: bool = option(False, "continue the run in run-dir from its latest checkpoint")
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    strategy_params: tuple = field(default=(), metadata={"free": STRATEGY_PREFIX})  # ((param, value), ...)
 
     # ---- construction -------------------------------------------------------------------
 
@@ -103,8 +154,12 @@ class RunConfig:
         """Build from a flat ``{"key": value}`` mapping (Flower's run_config shape)."""
         known = dict(_schema(cls))
         nested: dict[str, Any] = {}
+        free: dict[str, Any] = {}
         for key, value in values.items():
             where = f" ({origins[key]})" if origins and key in origins else ""
+            if key.startswith(STRATEGY_PREFIX) and key not in known:
+                free[key[len(STRATEGY_PREFIX):]] = value  # checked against the strategy by its registry
+                continue
             if key not in known:
                 hint = difflib.get_close_matches(key, known, n=1)
                 suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
@@ -113,7 +168,7 @@ class RunConfig:
                 nested[key] = _coerce(key, value, known[key])
             except ConfigError as exc:
                 raise ConfigError(f"{exc}{where}") from None
-        config = _build(cls, nested, prefix="")
+        config = dataclasses.replace(_build(cls, nested, prefix=""), strategy_params=tuple(sorted(free.items())))
         config.validate()
         return config
 
@@ -121,7 +176,9 @@ class RunConfig:
 
     def to_flat(self) -> dict[str, Any]:
         """The flat ``{"key": value}`` form (usable as Flower run_config)."""
-        return dict(_items(self, prefix=""))
+        flat = dict(_items(self, prefix=""))
+        flat.update({STRATEGY_PREFIX + k: v for k, v in self.strategy_params})
+        return flat
 
     def validate(self) -> None:
         """Cross-key checks that a single key's constraint cannot express."""
@@ -129,6 +186,16 @@ class RunConfig:
             raise ConfigError(
                 f"invalid value for 'fraction-train': {self.fraction_train} samples no client out of "
                 f"num-clients={self.num_clients}"
+            )
+        if self.privacy.sample_level and self.strategy.name.lower() in CLIENT_HOOK_STRATEGIES:
+            raise ConfigError(
+                f"invalid value for 'strategy.name': '{self.strategy.name}' (its client-side step is not applied "
+                "under Opacus DP-SGD yet; set privacy.sample-level = false or choose another strategy)"
+            )
+        if self.privacy.client_level and self.strategy.name.lower() != "fedavg":
+            raise ConfigError(
+                f"invalid value for 'strategy.name': '{self.strategy.name}' (client-level DP aggregates with "
+                "DP-FedAvg; use strategy.name = \"fedavg\" or privacy.client-level = false)"
             )
 
 
@@ -158,6 +225,8 @@ def _schema(cls: type, prefix: str = "") -> Iterator[tuple[str, _Spec]]:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = prefix + _key(f.name)
+        if "free" in f.metadata:
+            continue
         if dataclasses.is_dataclass(hints[f.name]):
             yield from _schema(hints[f.name], prefix=key + ".")
         else:
@@ -170,6 +239,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = prefix + _key(f.name)
+        if "free" in f.metadata:
+            continue
         if dataclasses.is_dataclass(hints[f.name]):
             kwargs[f.name] = _build(hints[f.name], values, key + ".")
         elif key in values:
@@ -179,6 +250,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 def _items(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
     for f in dataclasses.fields(obj):
+        if "free" in f.metadata:
+            continue
         value = getattr(obj, f.name)
         key = prefix + _key(f.name)
         if dataclasses.is_dataclass(value):

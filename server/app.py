@@ -1,4 +1,4 @@
-"""fedvault's ServerApp: FedAvg from ``flwr.serverapp.strategy`` with centralized evaluation."""
+"""fedvault's ServerApp: a configured strategy, privacy ledger and centralized evaluation."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
+from fedvault.privacy.dp_sgd import dp_compatible
+from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger
 from fedvault.rundir import RunDirectory, default_run_dir
+from fedvault.server.client_level_dp import ClientLevelDP
+from fedvault.server.privacy_report import privacy_summary
 from fedvault.server.recorder import RunRecorder
-from fedvault.server.rounds import RoundLoop
+from fedvault.server.rounds import RoundLoop, RunStopped
+from fedvault.strategies.registry import build_strategy
+from fedvault.strategies.validation import ValidationRules
 from fedvault.tasks import Task, load_task, load_task_data, make_loader
 
 
@@ -30,23 +36,45 @@ def build_server_app(config: RunConfig | None = None) -> ServerApp:
     return app
 
 
+def make_strategy(cfg: RunConfig) -> Strategy:
+    """The configured strategy, with fedvault's run-wide settings where it accepts them."""
+    common = {
+        "fraction-train": cfg.fraction_train,
+        "fraction-evaluate": cfg.fraction_evaluate,
+        "min-train-nodes": max(1, int(cfg.fraction_train * cfg.num_clients)),
+        "min-evaluate-nodes": max(1, int(cfg.fraction_evaluate * cfg.num_clients)),
+        "min-available-nodes": cfg.num_clients,
+        "num-clients": cfg.num_clients,
+        "client-learning-rate": cfg.learning_rate,
+    }
+    return build_strategy(cfg.strategy.name, dict(cfg.strategy_params), common)
+
+
+def validation_rules(cfg: RunConfig, strategy: Strategy) -> ValidationRules:
+    v = cfg.validation
+    return ValidationRules.for_strategy(
+        strategy,
+        max_update_norm=v.max_update_norm or None,
+        max_payload_bytes=int(v.max_payload_mb * 2**20) or None,
+    )
+
+
+def initial_model(task: Task, cfg: RunConfig) -> torch.nn.Module:
+    """The seeded initial global model (repaired for Opacus when clients run DP-SGD)."""
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
+    return dp_compatible(model) if cfg.privacy.sample_level else model
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> dict:
     """Run all rounds on ``grid`` and write the run directory; returns the summary."""
     run_dir = RunDirectory(cfg.run_dir or default_run_dir(cfg.task))
     if not (run_dir.path / "config.toml").exists():
         run_dir.create(cfg.to_flat())
     task = load_task(cfg.task)
-    torch.manual_seed(cfg.seed)
-    model = task.build_model()
-    arrays = ArrayRecord(model.state_dict())
-
-    strategy = FedAvg(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=max(1, int(cfg.fraction_train * cfg.num_clients)),
-        min_evaluate_nodes=max(1, int(cfg.fraction_evaluate * cfg.num_clients)),
-        min_available_nodes=cfg.num_clients,
-    )
+    model = initial_model(task, cfg)
+    strategy = make_strategy(cfg)
+    private = cfg.privacy.sample_level or cfg.privacy.client_level
     recorder = RunRecorder(run_dir, cfg.num_server_rounds, title=cfg.task, out=sys.stdout)
     loop = RoundLoop(
         strategy=strategy,
@@ -54,18 +82,33 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         central_evaluate=central_evaluator(task, cfg),
         on_round=recorder.on_round,
         timeout=cfg.round_timeout,
+        rules=validation_rules(cfg, strategy),
+        min_replies=cfg.min_replies,
         client_evaluate=cfg.fraction_evaluate > 0 and cfg.test_fraction > 0,
+        ledger=Ledger(run_dir.path / LEDGER_FILENAME, recover_truncated_tail=True) if private else None,
+        client_dp=ClientLevelDP(cfg) if cfg.privacy.client_level else None,
     )
-    train_config = ConfigRecord({"lr": cfg.learning_rate, "local-epochs": cfg.local_epochs})
-    final = loop.run(arrays, cfg.num_server_rounds, train_config)
-    summary = recorder.finish(final.to_torch_state_dict(), extra={"task": cfg.task, "run_dir": str(Path(run_dir.path))})
-    return summary
+    train_config = ConfigRecord({"lr": cfg.learning_rate, "local-epochs": cfg.local_epochs, "momentum": cfg.momentum})
+    arrays = ArrayRecord(model.state_dict())
+    stopped = None
+    try:
+        arrays = loop.run(arrays, cfg.num_server_rounds, train_config)
+    except RunStopped as exc:
+        stopped = str(exc)
+        print(f"run stopped: {stopped}", file=sys.stdout, flush=True)
+        arrays = recorder.last_arrays or arrays
+    extra = {"task": cfg.task, "run_dir": str(Path(run_dir.path)), "stopped": stopped}
+    if private:
+        report, text = privacy_summary(run_dir.path, cfg)
+        print(text, file=sys.stdout, flush=True)
+        extra["privacy"] = report
+    return recorder.finish(arrays.to_torch_state_dict(), extra=extra)
 
 
 def central_evaluator(task: Task, cfg: RunConfig):
     """Evaluate the global model on the task's held-out test set (once per round)."""
     device = resolve_device(cfg.device)
-    model = task.build_model().to(device)
+    model = initial_model(task, cfg).to(device)
     loader = make_loader(load_task_data(cfg.task, cfg.seed).test, 512, shuffle=False)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

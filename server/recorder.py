@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from flwr.app import ArrayRecord
+
 from fedvault.plots import plot_run
 from fedvault.rundir import RunDirectory
 
@@ -17,16 +19,23 @@ class RunRecorder:
     def __init__(self, run_dir: RunDirectory, num_rounds: int, title: str, out: TextIO = sys.stdout) -> None:
         self.run_dir, self.num_rounds, self.title, self.out = run_dir, num_rounds, title, out
         self.started = time.perf_counter()
+        self.last_arrays: ArrayRecord | None = None
 
-    def on_round(self, record: dict[str, Any]) -> None:
+    def on_round(self, record: dict[str, Any], arrays: ArrayRecord) -> None:
         self.run_dir.append_round(record)
+        self.last_arrays = arrays
         central = record.get("central", {})
         line = f"round {record['round']:>3}/{self.num_rounds}  accuracy {central.get('accuracy', float('nan')):.4f}  loss {central.get('loss', float('nan')):.4f}"
         if "train" in record:
             line += f"  train_loss {record['train'].get('train_loss', float('nan')):.4f}"
             line += f"  clients {record['replies_ok']}/{record['clients_sampled']}"
-            if record["failed_nodes"]:
-                line += f"  failed {len(record['failed_nodes'])}"
+            for key, label in (("failed_nodes", "failed"), ("dropped", "dropped")):
+                if record.get(key):
+                    line += f"  {label} {len(record[key])}"
+            if record.get("budget_exhausted"):
+                line += f"  budget-exhausted {record['budget_exhausted']}"
+            if "dp_epsilon" in record["train"]:
+                line += f"  client_eps {record['train']['dp_epsilon']:.2f}"
         line += f"  {record['seconds']:.2f}s"
         print(line, file=self.out, flush=True)
 

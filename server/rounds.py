@@ -1,72 +1,170 @@
-"""The server's round loop: Flower's ``Strategy.start`` made observable round by round.
+"""The server's round loop: Flower's ``Strategy.start`` made observable, private and robust.
 
 It calls the strategy's own hooks (``configure_train``, ``aggregate_train``,
-``configure_evaluate``, ``aggregate_evaluate``) exactly as ``Strategy.start`` does, and after
-every round hands a record (metrics, timing, payload bytes, failures) to ``on_round`` so the run
-directory and progress output are written as the run goes, not only at the end.
+``configure_evaluate``, ``aggregate_evaluate``) as ``Strategy.start`` does, and around them:
+
+1. samples only clients with privacy budget left (an exhausted client is never sampled again);
+   with client-level DP the server samples by Poisson itself and aggregates with DP-FedAvg;
+2. sets aside ``budget-exhausted`` replies, then validates every update before aggregation
+   (bad ones are dropped with a logged reason and counted);
+3. appends every DP event (clients' and the server's) to the run's hash-chained ledger before
+   the aggregate that paid for it is released;
+4. fails a round with one clear line when fewer than ``min_replies`` updates survive;
+5. hands ``on_round`` a record (metrics, timing, bytes, failures, drops) after every round.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedvault.errors import FedvaultError
+from fedvault.privacy.events import DPEvent
+from fedvault.privacy.ledger import Ledger, events_by_party
+from fedvault.server.client_level_dp import SERVER_PARTY, ClientLevelDP
+from fedvault.strategies.validation import ValidationRules, filter_replies
+
 CentralEvaluate = Callable[[int, ArrayRecord], MetricRecord]
 RoundRecord = dict[str, Any]
+BUDGET_EXHAUSTED = "budget-exhausted"
+log = logging.getLogger("fedvault")
+
+
+class RunStopped(FedvaultError, RuntimeError):
+    """The run cannot go on (budgets spent, too few replies); finished rounds are kept."""
+
+
+class EligibleGrid:
+    """A Grid whose ``get_node_ids`` hides excluded nodes, so any strategy samples only the rest."""
+
+    def __init__(self, grid: Grid, excluded: set[int]) -> None:
+        self._grid, self._excluded = grid, excluded
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 @dataclass
 class RoundLoop:
-    """Runs ``num_rounds`` of train (+ client evaluate) + centralized evaluate."""
+    """Runs rounds of train (+ client evaluate) + centralized evaluate."""
 
     strategy: Strategy
     grid: Grid
     central_evaluate: CentralEvaluate
-    on_round: Callable[[RoundRecord], None]
+    on_round: Callable[[RoundRecord, ArrayRecord], None]
     timeout: float
+    rules: ValidationRules
+    min_replies: int = 1
     client_evaluate: bool = True
+    ledger: Ledger | None = None
+    client_dp: ClientLevelDP | None = None
+    exhausted: set[int] = field(default_factory=set)
 
-    def run(self, arrays: ArrayRecord, num_rounds: int, train_config: ConfigRecord) -> ArrayRecord:
-        start = time.perf_counter()
-        central = self.central_evaluate(0, arrays)
-        self.on_round({"round": 0, "central": dict(central), "seconds": time.perf_counter() - start})
-        for server_round in range(1, num_rounds + 1):
+    def run(self, arrays: ArrayRecord, num_rounds: int, train_config: ConfigRecord, first_round: int = 1) -> ArrayRecord:
+        if first_round == 1:
+            start = time.perf_counter()
+            self.on_round({"round": 0, "central": dict(self.central_evaluate(0, arrays)),
+                           "seconds": time.perf_counter() - start}, arrays)
+        for server_round in range(first_round, num_rounds + 1):
             arrays = self._round(server_round, arrays, ConfigRecord(dict(train_config)))
         return arrays
+
+    # ---- one round -------------------------------------------------------------------------
 
     def _round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
         start = time.perf_counter()
         record: RoundRecord = {"round": server_round}
-
-        sent = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
+        sent = self._configure_train(server_round, arrays, config)
         replies = list(self.grid.send_and_receive(sent, timeout=self.timeout))
-        new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-        record["train"] = dict(train_metrics or {})
-        record["clients_sampled"] = len(sent)
-        record["replies_ok"] = sum(1 for r in replies if not r.has_error())
-        record["failed_nodes"] = sorted(_failed(sent, replies))
-        bytes_sent, bytes_received = _payload_bytes(sent), _payload_bytes(replies)
 
+        exhausted = [r for r in replies if _status(r) == BUDGET_EXHAUSTED]
+        self.exhausted.update(r.metadata.src_node_id for r in exhausted)
+        others = [r for r in replies if _status(r) != BUDGET_EXHAUSTED]
+        kept, dropped = filter_replies(others, arrays, self.rules)
+        self._record_client_events(kept)
+        if len(kept) < self.min_replies:
+            raise RunStopped(
+                f"round {server_round}: {len(kept)} usable updates < min-replies={self.min_replies} "
+                f"({len(sent)} sampled, {len(exhausted)} budget-exhausted, {len(dropped)} dropped)"
+            )
+        arrays, train_metrics = self._aggregate(server_round, arrays, kept)
+
+        record.update(
+            train=train_metrics, clients_sampled=len(sent), replies_ok=len(kept),
+            failed_nodes=sorted(_failed(sent, replies)), budget_exhausted=len(exhausted),
+            dropped=[{"node": node, "reason": reason} for node, reason in dropped],
+        )
+        bytes_sent, bytes_received = _payload_bytes(sent), _payload_bytes(replies)
         if self.client_evaluate:
             sent_eval = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
             eval_replies = list(self.grid.send_and_receive(sent_eval, timeout=self.timeout))
             record["evaluate"] = dict(self.strategy.aggregate_evaluate(server_round, eval_replies) or {})
             bytes_sent += _payload_bytes(sent_eval)
             bytes_received += _payload_bytes(eval_replies)
-
         record["central"] = dict(self.central_evaluate(server_round, arrays))
         record["bytes_sent"], record["bytes_received"] = bytes_sent, bytes_received
         record["seconds"] = time.perf_counter() - start
-        self.on_round(record)
+        self.on_round(record, arrays)
         return arrays
+
+    def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        eligible = EligibleGrid(self.grid, self.exhausted)
+        available = len(eligible.get_node_ids())
+        needed = max(self.min_replies, getattr(self.strategy, "min_available_nodes", 1) if self.client_dp is None else 1)
+        if available < needed:
+            raise RunStopped(
+                f"round {server_round}: only {available} clients have privacy budget left "
+                f"(need {needed}); stopping after round {server_round - 1}"
+            )
+        if self.client_dp is None:
+            return list(self.strategy.configure_train(server_round, arrays, config, eligible))
+        refusal = self.client_dp.refusal(self._events().get(SERVER_PARTY, []), server_round)
+        if refusal:
+            raise RunStopped(f"{refusal}; stopping after round {server_round - 1}")
+        config["server-round"] = server_round
+        content = RecordDict({"arrays": arrays, "config": config})
+        return [Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
+                for node in self.client_dp.sample(eligible.get_node_ids())]
+
+    def _aggregate(self, server_round: int, arrays: ArrayRecord, kept: list[Message]) -> tuple[ArrayRecord, dict]:
+        if self.client_dp is not None:
+            new_arrays, event = self.client_dp.aggregate(arrays, kept, server_round)
+            self._append(event)  # before the noised model leaves this function
+            losses = [float(r.content["metrics"]["train_loss"]) for r in kept]
+            return new_arrays, {"train_loss": sum(losses) / len(losses)} if losses else {}
+        new_arrays, metrics = self.strategy.aggregate_train(server_round, kept)
+        return (new_arrays if new_arrays is not None else arrays), dict(metrics or {})
+
+    # ---- privacy ledger --------------------------------------------------------------------
+
+    def _record_client_events(self, replies: Iterable[Message]) -> None:
+        for reply in replies:
+            if "dp-event" in reply.content.config_records:
+                self._append(DPEvent.from_dict(dict(reply.content.config_records["dp-event"])))
+
+    def _append(self, event: DPEvent) -> None:
+        if self.ledger is None:
+            raise RunStopped("a DP event arrived but this run has no privacy ledger")
+        self.ledger.append(event)
+
+    def _events(self) -> dict[str, list[DPEvent]]:
+        return events_by_party(self.ledger.entries()) if self.ledger is not None else {}
+
+
+def _status(reply: Message) -> str | None:
+    if reply.has_error() or "status" not in reply.content.config_records:
+        return None
+    return str(reply.content.config_records["status"].get("status"))
 
 
 def _payload_bytes(messages: Iterable[Message]) -> int:

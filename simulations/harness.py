@@ -20,7 +20,7 @@ from fedvault.client.app import build_client_app
 from fedvault.config import RunConfig
 from fedvault.partition import partition
 from fedvault.rundir import RunDirectory, default_run_dir
-from fedvault.server.app import build_server_app
+from fedvault.server.app import build_server_app, make_strategy
 from fedvault.tasks import load_task_data
 
 log = logging.getLogger("fedvault")
@@ -28,6 +28,7 @@ log = logging.getLogger("fedvault")
 
 def preflight(cfg: RunConfig) -> None:
     """Fail fast, before Ray starts: the task loads and its data splits as configured."""
+    make_strategy(cfg)  # unknown strategy or bad strategy.<param> fails here, not in a Ray worker
     data = load_task_data(cfg.task, cfg.seed)
     partition(data.train.y, cfg.num_clients, cfg.partitioner, cfg.seed,
               alpha=cfg.dirichlet_alpha, shards_per_client=cfg.shards_per_client)

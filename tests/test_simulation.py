@@ -1,4 +1,5 @@
-"""`fedvault simulate` end to end on Flower's real Simulation Engine (Ray), digits, 5 clients."""
+"""`fedvault simulate` end to end on Flower's real Simulation Engine (Ray), digits, 5 clients,
+with the defaults' sample-level DP on."""
 
 import json
 import subprocess
@@ -32,7 +33,8 @@ def test_progress_is_printed_each_round(run_dir):
 
 def test_run_directory_is_complete(run_dir):
     out, _ = run_dir
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "accuracy.png", "loss.png"):
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "accuracy.png", "loss.png",
+                 "privacy_ledger.jsonl", "privacy_epsilon.png", "node-ledger.sqlite"):
         assert (out / name).stat().st_size > 0, name
     for png in ("accuracy.png", "loss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -61,3 +63,24 @@ def test_final_centralized_accuracy_clearly_beats_round_zero(run_dir):
 
     state = torch.load(out / "model.pt")
     assert state.keys() == load_task("digits").build_model().state_dict().keys()
+
+
+def test_private_run_ends_with_budget_summary_and_no_client_over_its_cap(run_dir):
+    out, stdout = run_dir
+    assert "privacy budget:" in stdout and "integrity ok" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    parties = summary["privacy"]["parties"]
+    assert sorted(p["party"] for p in parties) == [f"client-{i}" for i in range(5)]
+    for party in parties:
+        assert party["rounds"] == [1, 2, 3]
+        assert party["epsilon_pld"] <= party["cap"] == 8.0
+        assert party["epsilon_pld"] > 0.9 * party["cap"]  # calibrated to spend the budget over the planned rounds
+
+
+def test_audit_cli_reads_the_run(run_dir):
+    out, _ = run_dir
+    proc = subprocess.run([sys.executable, "-m", "fedvault.cli", "audit", str(out), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["entries"] == 15 and not report["exceeded"]

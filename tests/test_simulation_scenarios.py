@@ -1,0 +1,52 @@
+"""Scenarios on the real Simulation Engine: robust run with attackers, client-level DP to its cap."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def simulate(out, *settings):
+    cmd = [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(out), "--set", "task=digits"]
+    for item in settings:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return proc.stdout, rounds, json.loads((out / "summary.json").read_text())
+
+
+def test_gaussian_attackers_are_dropped_by_validation_and_fedavgm_still_learns(tmp_path):
+    stdout, rounds, summary = simulate(
+        tmp_path / "run", "num-clients=5", "num-server-rounds=3", "privacy.sample-level=false",
+        "strategy.name=fedavgm", "strategy.server-momentum=0.5", "attack.kind=gaussian", "attack.fraction=0.4",
+        "attack.scale=100", "validation.max-update-norm=50",
+    )
+    for r in rounds[1:]:
+        assert r["clients_sampled"] == 5 and r["replies_ok"] == 3
+        assert len(r["dropped"]) == 2 and all("norm" in d["reason"] for d in r["dropped"])
+    assert "dropped 2" in stdout
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
+
+
+def test_client_level_dp_stops_at_the_server_budget(tmp_path):
+    out = tmp_path / "run"
+    stdout, rounds, summary = simulate(
+        out, "num-clients=8", "num-server-rounds=20", "fraction-train=0.5", "fraction-evaluate=0.0",
+        "privacy.sample-level=false", "privacy.client-level=true", "privacy.client-noise-multiplier=1.0",
+        "privacy.client-level-target-epsilon=8.0",
+    )
+    done = len(rounds) - 1
+    assert 1 <= done < 20
+    assert summary["stopped"].startswith(f"client-level privacy budget: round {done + 1} would spend epsilon")
+    assert "run stopped: client-level privacy budget" in stdout
+    server = [p for p in summary["privacy"]["parties"] if p["party"] == "server"]
+    assert server and len(server[0]["rounds"]) == done and server[0]["epsilon_pld"] <= 8.0
+    ledger = [json.loads(line) for line in (out / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert [e["event"]["round"] for e in ledger] == list(range(1, done + 1))
+    assert all(e["event"]["sample_rate"] == 0.5 and e["event"]["sampling"] == "poisson" for e in ledger)
+    # Poisson sampling: the number of clients varies from round to round around q*N = 4
+    assert all(0 <= r["clients_sampled"] <= 8 for r in rounds[1:])
