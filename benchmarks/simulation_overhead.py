@@ -72,7 +72,7 @@ class TreeRssSampler:
 def settings(args: argparse.Namespace) -> list[str]:
     return [
         f'task="{args.task}"', f"num-clients={args.clients}", f"num-server-rounds={args.rounds}",
-        f"local-epochs={args.epochs}", "fraction-train=1.0", "fraction-evaluate=0.0", f"seed={args.seed}",
+        f"local-epochs={args.epochs}", "fraction-train=1.0", "fraction-evaluate=0.0", f"seed={args.seed}", "privacy.sample-level=false",
     ]
 
 
