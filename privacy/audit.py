@@ -14,9 +14,7 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from fedvault.errors import FedvaultError
 from fedvault.privacy.accountants import METHODS, cumulative_epsilons, epsilon
 from fedvault.privacy.ledger import GENESIS_HASH, LEDGER_FILENAME, events_by_party, read_ledger
+from fedvault.rundir import atomic_write
 
 SERVER_PARTY = "server"
 
@@ -240,14 +239,5 @@ def plot_epsilon(report: AuditReport, path: str | Path) -> Path:
         axes.legend(fontsize="small", ncol=2 if len(report.curves) > 12 else 1,
                     loc="upper left", bbox_to_anchor=(1.01, 1.0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", bbox_inches="tight")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", bbox_inches="tight"))
     return path
