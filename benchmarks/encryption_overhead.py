@@ -1,0 +1,234 @@
+"""Cost of sealing client updates: seal+open throughput of 1, 10 and 100 MB updates.
+
+Section "sealing" (this file's only section so far; add one as a ``measure_*`` function that
+returns a JSON-able dict plus a ``*_markdown`` renderer, and list both in ``SECTIONS``):
+
+* ``cipher``: AES-128-GCM alone on 1 MiB records, ``encrypt_into``/``decrypt_into`` preallocated
+  buffers: the ceiling sealing can approach.
+* ``arrays``: :func:`fedvault.privacy.sealing.seal_arrays` + ``open_arrays`` (HPKE key wrap,
+  framing, chunked AEAD, fresh output buffers: what a message really costs).
+* ``flower``: :func:`fedvault.privacy.envelope.seal_reply` + ``open_reply`` on a ``RecordDict``
+  (adds building Flower ``Array`` objects from the opened bytes).
+
+Each update is a model-like dict of float32 arrays (4 weight matrices + 4 biases). Every
+repetition runs every (suite, level) on every size, interleaved, so load hits them alike;
+reported: median seconds to seal and to open, and MB/s = size / (seal + open), MB = 10**6 bytes.
+
+    python benchmarks/encryption_overhead.py [--sizes 1 10 100] [--reps 7]
+
+Writes benchmarks/results/encryption_overhead.json and .md (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cryptography
+import numpy as np
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from fedvault.privacy.envelope import open_reply, seal_reply
+from fedvault.privacy.sealing import (
+    CHUNK_SIZE,
+    DEFAULT_SUITE,
+    HYBRID_SUITE,
+    SealContext,
+    generate_run_key,
+    open_arrays,
+    seal_arrays,
+)
+from fedvault.rundir import atomic_write
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MB = 10**6
+TARGET_MB_S = 1000.0  # seal+open of a 100 MB update with the default suite
+CONTEXT = SealContext(run_id=1, round=1, node_id=1, kind="train")
+LEVELS = ("cipher", "arrays", "flower")
+
+Timer = Callable[[], tuple[float, float]]  # one repetition -> (seal seconds, open seconds)
+
+
+def model_update(size_mb: int) -> dict[str, np.ndarray]:
+    """~``size_mb`` MB of random float32 in 4 weight matrices and 4 small biases."""
+    rng = np.random.default_rng(size_mb)
+    per_layer = size_mb * MB // 4 // 4
+    update = {}
+    for layer in range(4):
+        update[f"layer{layer}.weight"] = rng.standard_normal(per_layer, dtype=np.float32)
+        update[f"layer{layer}.bias"] = rng.standard_normal(256, dtype=np.float32)
+    return update
+
+
+def cipher_timer(update: dict[str, np.ndarray]) -> Timer:
+    """AES-128-GCM on 1 MiB records of the concatenated update, preallocated in/out buffers."""
+    plain = np.concatenate([a.reshape(-1).view(np.uint8) for a in update.values()])
+    records = range(0, len(plain), CHUNK_SIZE)
+    sealed = np.empty(len(plain) + 16 * len(records), dtype=np.uint8)
+    opened = np.empty_like(plain)
+    aead = AESGCM(os.urandom(16))
+
+    def run() -> tuple[float, float]:
+        start = time.perf_counter()
+        for i, offset in enumerate(records):
+            size = min(CHUNK_SIZE, len(plain) - offset)
+            out = sealed[offset + 16 * i : offset + 16 * i + size + 16]
+            aead.encrypt_into(i.to_bytes(12, "big"), plain[offset : offset + size], None, out)
+        middle = time.perf_counter()
+        for i, offset in enumerate(records):
+            size = min(CHUNK_SIZE, len(plain) - offset)
+            record = sealed[offset + 16 * i : offset + 16 * i + size + 16]
+            aead.decrypt_into(i.to_bytes(12, "big"), record, None, opened[offset : offset + size])
+        return middle - start, time.perf_counter() - middle
+
+    return run
+
+
+def arrays_timer(update: dict[str, np.ndarray], suite: str) -> Timer:
+    run_key = generate_run_key(suite)
+
+    def run() -> tuple[float, float]:
+        start = time.perf_counter()
+        sealed = seal_arrays(update, run_key.public, CONTEXT)
+        middle = time.perf_counter()
+        open_arrays(sealed, run_key, CONTEXT)
+        return middle - start, time.perf_counter() - middle
+
+    return run
+
+
+def flower_timer(update: dict[str, np.ndarray], suite: str) -> Timer:
+    run_key = generate_run_key(suite)
+    arrays = ArrayRecord()
+    for name, value in update.items():
+        arrays[name] = Array(value)
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1000})})
+    binding = dataclasses.asdict(CONTEXT)  # run_id, round, node_id, kind
+
+    def run() -> tuple[float, float]:
+        start = time.perf_counter()
+        sealed = seal_reply(content, run_key.public, **binding)
+        middle = time.perf_counter()
+        open_reply(sealed, run_key, **binding)
+        return middle - start, time.perf_counter() - middle
+
+    return run
+
+
+def measure_sealing(sizes: list[int], reps: int) -> dict:
+    """Section "sealing": one row per (size, suite, level), medians over interleaved reps."""
+    cases: dict[tuple[int, str, str], Timer] = {}
+    update_bytes = {}
+    for size in sizes:
+        update = model_update(size)
+        update_bytes[size] = sum(a.nbytes for a in update.values())
+        cases[(size, "aes-128-gcm", "cipher")] = cipher_timer(update)
+        for suite in (DEFAULT_SUITE, HYBRID_SUITE):
+            cases[(size, suite, "arrays")] = arrays_timer(update, suite)
+            cases[(size, suite, "flower")] = flower_timer(update, suite)
+    for timer in cases.values():  # warm-up: first-touch page faults, imports, key schedules
+        timer()
+    times: dict[tuple[int, str, str], list[tuple[float, float]]] = {key: [] for key in cases}
+    for _ in range(reps):
+        for key, timer in cases.items():
+            times[key].append(timer())
+    rows = []
+    for (size, suite, level), samples in times.items():
+        seal_s = statistics.median(s for s, _ in samples)
+        open_s = statistics.median(o for _, o in samples)
+        total = [s + o for s, o in samples]
+        nbytes = update_bytes[size]
+        rows.append({
+            "size_mb": size, "bytes": nbytes, "suite": suite, "level": level,
+            "seal_ms": 1000 * seal_s, "open_ms": 1000 * open_s,
+            "seal_open_mb_s": nbytes / MB / statistics.median(total),
+            "seal_open_mb_s_min_max": [nbytes / MB / max(total), nbytes / MB / min(total)],
+        })
+    largest = max(sizes)
+    row = {(r["size_mb"], r["suite"], r["level"]): r for r in rows}
+    headline = row[(largest, DEFAULT_SUITE, "arrays")]
+    cipher = row[(largest, "aes-128-gcm", "cipher")]
+    return {
+        "reps": reps,
+        "chunk_bytes": CHUNK_SIZE,
+        "rows": rows,
+        "summary": {
+            "size_mb": largest,
+            "default_suite_seal_open_mb_s": headline["seal_open_mb_s"],
+            "fraction_of_cipher": headline["seal_open_mb_s"] / cipher["seal_open_mb_s"],
+            "target_mb_s": TARGET_MB_S,
+            "target_met": headline["seal_open_mb_s"] >= TARGET_MB_S,
+        },
+    }
+
+
+def sealing_markdown(section: dict) -> list[str]:
+    s = section["summary"]
+    lines = [
+        "## Seal + open throughput",
+        "",
+        f"Median of {section['reps']} interleaved repetitions; {section['chunk_bytes'] // 2**20} MiB records; "
+        "MB/s = update size / (seal + open), MB = 10^6 bytes (min-max over repetitions in brackets).",
+        "",
+        "| update | suite | level | seal ms | open ms | seal+open MB/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in section["rows"]:
+        low, high = r["seal_open_mb_s_min_max"]
+        lines.append(
+            f"| {r['size_mb']} MB | {r['suite']} | {r['level']} | {r['seal_ms']:.2f} | {r['open_ms']:.2f} | "
+            f"{r['seal_open_mb_s']:,.0f} [{low:,.0f}-{high:,.0f}] |"
+        )
+    lines += [
+        "",
+        f"{s['size_mb']} MB with the default suite ({DEFAULT_SUITE}, arrays level): "
+        f"{s['default_suite_seal_open_mb_s']:,.0f} MB/s seal+open, {s['fraction_of_cipher']:.0%} of the bare cipher "
+        f"(target >= {s['target_mb_s']:,.0f} MB/s: {'met' if s['target_met'] else 'NOT met'}).",
+        "",
+    ]
+    return lines
+
+
+# Each section: (name, measure(args) -> dict, markdown(dict) -> lines). Add new ones here.
+SECTIONS = [("sealing", lambda args: measure_sealing(args.sizes, args.reps), sealing_markdown)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100], help="update sizes in MB")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per case")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="folder for encryption_overhead.json and .md"
+    )
+    args = parser.parse_args(argv)
+    report = {
+        "environment": {
+            "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "cryptography": cryptography.__version__,
+            "numpy": np.__version__,
+        },
+        **{name: measure(args) for name, measure, _ in SECTIONS},
+    }
+    env = report["environment"]
+    lines = ["# Encryption overhead", "", f"CPU {env['cpu']}; cryptography {env['cryptography']}.", ""]
+    for name, _, markdown in SECTIONS:
+        lines += markdown(report[name])
+    text = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps(report, indent=2).encode() + b"\n"
+    atomic_write(args.out / "encryption_overhead.json", lambda fh: fh.write(payload))
+    atomic_write(args.out / "encryption_overhead.md", lambda fh: fh.write(text.encode() + b"\n"))
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
