@@ -23,8 +23,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    parser.add_argument("--local-epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=0.05)
     args = parser.parse_args()
     base = ["task=mnist1d", "num-clients=20", f"num-server-rounds={args.rounds}", "partitioner=dirichlet",
+            f"local-epochs={args.local_epochs}", f"batch-size={args.batch_size}", f"learning-rate={args.learning_rate}",
             "dirichlet-alpha=0.5", "fraction-evaluate=0.0", "privacy.target-delta=1e-5"]
     runs = {"non-private": simulate(base + ["privacy.sample-level=false"])}
     for eps in args.epsilons:
@@ -39,7 +43,8 @@ def main() -> None:
     verdict = "" if eps8 is None else (
         f"\nAt epsilon 8: {100 * (baseline - eps8['final_accuracy']):.1f} points below non-private "
         f"(target <= 10: {'met' if baseline - eps8['final_accuracy'] <= 0.10 else 'NOT met'}).\n")
-    text = (f"## Privacy vs utility: mnist1d, 20 clients, Dirichlet(0.5), {args.rounds} rounds, delta 1e-5\n\n"
+    text = (f"## Privacy vs utility: mnist1d, 20 clients, Dirichlet(0.5), {args.rounds} rounds, "
+            f"{args.local_epochs} local epochs, batch {args.batch_size}, lr {args.learning_rate}, delta 1e-5\n\n"
             + "\n".join(lines) + "\n" + verdict)
     print(text)
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedvault.client.attacks import attack_update
 from fedvault.client.node import DataSelection, client_data, is_update_attacker, task_and_model, training_data
-from fedvault.client.private_training import BudgetExhausted, node_ledger_path, run_key, train_private
+from fedvault.client.private_training import BudgetExhausted, RoundAlreadySpent, node_ledger_path, run_key, train_private
+from fedvault.client.sealing import ClientSealing
 from fedvault.client.strategy_hooks import build_hooks, finish_hooks
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
@@ -28,6 +29,7 @@ from flwr.clientapp import ClientApp
 
 ConfigSource = Callable[[Context], RunConfig]
 BUDGET_EXHAUSTED = "budget-exhausted"
+ROUND_ALREADY_SPENT = "round-already-spent"  # the server drops it for this round only
 
 
 def config_from_context(context: Context) -> RunConfig:
@@ -38,11 +40,20 @@ def config_from_context(context: Context) -> RunConfig:
 def build_client_app(config: RunConfig | None = None) -> ClientApp:
     """A ClientApp using ``config``, or the Flower run config when ``config`` is None."""
     get_config: ConfigSource = (lambda _ctx: config) if config is not None else config_from_context
+    deployed = config is None
     app = ClientApp()
+
+    def sealer(cfg: RunConfig, msg: Message, context: Context) -> ClientSealing | None:
+        """Verifies the server's signature first: nothing is trained for an unsigned or forged instruction."""
+        return ClientSealing(cfg, msg, context) if cfg.sealing.enabled(deployed) else None
+
+    def reply(msg: Message, content: RecordDict, sealing: ClientSealing | None, kind: str) -> Message:
+        return Message(sealing.seal(content, kind) if sealing else content, reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = get_config(context)
+        sealing = sealer(cfg, msg, context)
         sel = DataSelection.from_run(cfg, context.node_config)
         round_config = msg.content.config_records.get("config", ConfigRecord())
         server_round = int(round_config.get("server-round", 0))
@@ -54,9 +65,10 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
             ledger = NodeLedger(node_ledger_path(cfg, context.node_config))
             try:
                 done = train_private(cfg, sel, global_state, server_round, device, ledger, run_key(cfg, context.run_id))
-            except BudgetExhausted as exc:
-                status = ConfigRecord({"status": BUDGET_EXHAUSTED, "reason": str(exc)})
-                return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0}), "status": status}), reply_to=msg)
+            except (BudgetExhausted, RoundAlreadySpent) as exc:
+                kind = BUDGET_EXHAUSTED if isinstance(exc, BudgetExhausted) else ROUND_ALREADY_SPENT
+                status = ConfigRecord({"status": kind, "reason": str(exc)})
+                return reply(msg, RecordDict({"metrics": MetricRecord({"num-examples": 0}), "status": status}), sealing, "train")
             state, loss, steps = done.result.state_dict, done.result.loss, done.result.steps
             records["dp-event"] = ConfigRecord(done.event.to_dict())
             extra_metrics = {"dp_epsilon": done.epsilon}
@@ -71,11 +83,12 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
             "num-examples": len(training_data(cfg, sel)), **extra_metrics,
         })
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics, **records}), reply_to=msg)
+        return reply(msg, RecordDict({"arrays": arrays, "metrics": metrics, **records}), sealing, "train")
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = get_config(context)
+        sealing = sealer(cfg, msg, context)
         device = resolve_device(cfg.device)
         _, test_data = client_data(DataSelection.from_run(cfg, context.node_config))
         task, model = task_and_model(cfg.task, cfg.privacy.sample_level)
@@ -84,7 +97,7 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         metrics = MetricRecord(
             {"eval_loss": result["loss"], "eval_accuracy": result["accuracy"], "num-examples": len(test_data)}
         )
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        return reply(msg, RecordDict({"metrics": metrics}), sealing, "evaluate")
 
     return app
 

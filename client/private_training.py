@@ -41,6 +41,10 @@ class BudgetExhausted(Exception):
         self.projected, self.cap = projected, cap
 
 
+class RoundAlreadySpent(Exception):
+    """This round was trained (and recorded) before; releasing a second update would spend twice."""
+
+
 def node_ledger_path(cfg: RunConfig, node_config: dict) -> Path:
     """Node config ``ledger-path``, else ``privacy.node-ledger``, else beside the run, else ~/.fedvault."""
     chosen = node_config.get("ledger-path") or cfg.privacy.node_ledger
@@ -91,7 +95,8 @@ def train_private(
     budget = Budget(cfg.privacy.target_epsilon, cfg.privacy.target_delta)
     history = ledger.events(key, party)
     if any(e.round == server_round for e in history):
-        raise BudgetExhausted(party, float("inf"), budget.epsilon)  # never release a second update for a paid round
+        raise RoundAlreadySpent(f"{party}: round {server_round} was already trained and paid for (a re-run after a "
+                                "server restart); a second update for it is never released")
     projected = projected_epsilon(history, planned, budget)
     if projected > budget.epsilon:
         raise BudgetExhausted(party, projected, budget.epsilon)

@@ -79,6 +79,23 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class SealingConfig:
+    """End-to-end sealed replies and signed instructions (see docs/threat_model.md)."""
+
+    mode: str = option("auto", "auto = on under flwr run / fedvault server, off in fedvault simulate; on; off",
+                       choices=("auto", "on", "off"))
+    suite: str = option("x25519", "HPKE suite: x25519 (X25519+HKDF-SHA256+AES-128-GCM) or the mlkem768-x25519 hybrid",
+                        choices=("x25519", "mlkem768-x25519"))
+    identity_key: str = option("", "server: Ed25519 identity key (fedvault keys init); empty = a fresh one in the run dir")
+    server_identity: str = option("", "client: pinned server identity (fingerprint or identity.pub path); node config "
+                                      "'server-identity' overrides")
+
+    def enabled(self, deployed: bool) -> bool:
+        """``auto`` seals in deployment (``flwr run``, ``fedvault server``) and not in ``fedvault simulate``."""
+        return self.mode == "on" or (self.mode == "auto" and deployed)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; see README.md for the reference table."""
 
@@ -123,6 +140,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    sealing: SealingConfig = field(default_factory=SealingConfig)
     strategy_params: tuple = field(default=(), metadata={"free": STRATEGY_PREFIX})  # ((param, value), ...)
 
     # ---- construction -------------------------------------------------------------------

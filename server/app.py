@@ -18,6 +18,8 @@ from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.server.client_level_dp import ClientLevelDP
 from fedvault.server.privacy_report import privacy_summary
 from fedvault.server.recorder import RunRecorder
+from fedvault.server.resume import checkpoint_round, restore
+from fedvault.server.sealing import ServerSealing, server_identity_path
 from fedvault.server.rounds import RoundLoop, RunStopped
 from fedvault.strategies.registry import build_strategy
 from fedvault.strategies.validation import ValidationRules
@@ -31,7 +33,7 @@ def build_server_app(config: RunConfig | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else RunConfig.from_flat(dict(context.run_config))
-        run_server(grid, cfg)
+        run_server(grid, cfg, deployed=config is None)
 
     return app
 
@@ -66,7 +68,7 @@ def initial_model(task: Task, cfg: RunConfig) -> torch.nn.Module:
     return dp_compatible(model) if cfg.privacy.sample_level else model
 
 
-def run_server(grid: Grid, cfg: RunConfig) -> dict:
+def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     """Run all rounds on ``grid`` and write the run directory; returns the summary."""
     run_dir = RunDirectory(cfg.run_dir or default_run_dir(cfg.task))
     if not (run_dir.path / "config.toml").exists():
@@ -80,19 +82,24 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         strategy=strategy,
         grid=grid,
         central_evaluate=central_evaluator(task, cfg),
-        on_round=recorder.on_round,
+        on_round=lambda record, arrays: _finish_round(run_dir, loop, recorder, record, arrays),
         timeout=cfg.round_timeout,
         rules=validation_rules(cfg, strategy),
         min_replies=cfg.min_replies,
         client_evaluate=cfg.fraction_evaluate > 0 and cfg.test_fraction > 0,
         ledger=Ledger(run_dir.path / LEDGER_FILENAME, recover_truncated_tail=True) if private else None,
         client_dp=ClientLevelDP(cfg) if cfg.privacy.client_level else None,
+        sealing=(ServerSealing(server_identity_path(cfg, run_dir.path), grid.run.run_id, cfg.sealing.suite)
+                 if cfg.sealing.enabled(deployed) else None),
     )
     train_config = ConfigRecord({"lr": cfg.learning_rate, "local-epochs": cfg.local_epochs, "momentum": cfg.momentum})
-    arrays = ArrayRecord(model.state_dict())
+    arrays, first_round = ArrayRecord(model.state_dict()), 1
+    if cfg.resume:
+        arrays, first_round = restore(run_dir, loop, arrays)
+        print(f"resuming {run_dir.path} at round {first_round}", file=sys.stdout, flush=True)
     stopped = None
     try:
-        arrays = loop.run(arrays, cfg.num_server_rounds, train_config)
+        arrays = loop.run(arrays, cfg.num_server_rounds, train_config, first_round)
     except RunStopped as exc:
         stopped = str(exc)
         print(f"run stopped: {stopped}", file=sys.stdout, flush=True)
@@ -103,6 +110,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         print(text, file=sys.stdout, flush=True)
         extra["privacy"] = report
     return recorder.finish(arrays.to_torch_state_dict(), extra=extra)
+
+
+def _finish_round(run_dir: RunDirectory, loop: RoundLoop, recorder: RunRecorder, record: dict, arrays: ArrayRecord) -> None:
+    recorder.on_round(record, arrays)
+    checkpoint_round(run_dir.path, loop, record["round"], arrays)
 
 
 def central_evaluator(task: Task, cfg: RunConfig):

@@ -29,6 +29,8 @@ from fedvault.errors import FedvaultError
 from fedvault.privacy.events import DPEvent
 from fedvault.privacy.ledger import Ledger, events_by_party
 from fedvault.server.client_level_dp import SERVER_PARTY, ClientLevelDP
+from fedvault.server.sealing import ServerSealing
+from fedvault.strategies.arrays import to_ndarrays, to_record
 from fedvault.strategies.validation import ValidationRules, filter_replies
 
 CentralEvaluate = Callable[[int, ArrayRecord], MetricRecord]
@@ -68,6 +70,7 @@ class RoundLoop:
     client_evaluate: bool = True
     ledger: Ledger | None = None
     client_dp: ClientLevelDP | None = None
+    sealing: ServerSealing | None = None
     exhausted: set[int] = field(default_factory=set)
 
     def run(self, arrays: ArrayRecord, num_rounds: int, train_config: ConfigRecord, first_round: int = 1) -> ArrayRecord:
@@ -84,18 +87,20 @@ class RoundLoop:
     def _round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
         start = time.perf_counter()
         record: RoundRecord = {"round": server_round}
-        sent = self._configure_train(server_round, arrays, config)
-        replies = list(self.grid.send_and_receive(sent, timeout=self.timeout))
+        sent = self._seal(self._configure_train(server_round, arrays, config), server_round)
+        replies, unopened = self._exchange(sent, server_round, "train")
 
         exhausted = [r for r in replies if _status(r) == BUDGET_EXHAUSTED]
         self.exhausted.update(r.metadata.src_node_id for r in exhausted)
         others = [r for r in replies if _status(r) != BUDGET_EXHAUSTED]
         kept, dropped = filter_replies(others, arrays, self.rules)
+        dropped = unopened + dropped
         self._record_client_events(kept)
         if len(kept) < self.min_replies:
             raise RunStopped(
                 f"round {server_round}: {len(kept)} usable updates < min-replies={self.min_replies} "
-                f"({len(sent)} sampled, {len(exhausted)} budget-exhausted, {len(dropped)} dropped)"
+                f"({len(sent)} sampled, {len(exhausted)} budget-exhausted, {len(dropped)} dropped"
+                + (f"; first drop: node {dropped[0][0]}: {dropped[0][1]}" if dropped else "") + ")"
             )
         arrays, train_metrics = self._aggregate(server_round, arrays, kept)
 
@@ -106,8 +111,9 @@ class RoundLoop:
         )
         bytes_sent, bytes_received = _payload_bytes(sent), _payload_bytes(replies)
         if self.client_evaluate:
-            sent_eval = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
-            eval_replies = list(self.grid.send_and_receive(sent_eval, timeout=self.timeout))
+            sent_eval = self._seal(list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)),
+                                   server_round)
+            eval_replies, _ = self._exchange(sent_eval, server_round, "evaluate")
             record["evaluate"] = dict(self.strategy.aggregate_evaluate(server_round, eval_replies) or {})
             bytes_sent += _payload_bytes(sent_eval)
             bytes_received += _payload_bytes(eval_replies)
@@ -116,6 +122,16 @@ class RoundLoop:
         record["seconds"] = time.perf_counter() - start
         self.on_round(record, arrays)
         return arrays
+
+    def _seal(self, messages: list[Message], server_round: int) -> list[Message]:
+        return self.sealing.sign(messages, server_round) if self.sealing is not None else messages
+
+    def _exchange(self, sent: list[Message], server_round: int, kind: str) -> tuple[list[Message], list[tuple[int, str]]]:
+        """Send, wait (up to the timeout) and open the replies that came back."""
+        replies = list(self.grid.send_and_receive(sent, timeout=self.timeout))
+        if self.sealing is None:
+            return replies, []
+        return self.sealing.open(replies, server_round, kind)
 
     def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
         eligible = EligibleGrid(self.grid, self.exhausted)
@@ -143,7 +159,10 @@ class RoundLoop:
             losses = [float(r.content["metrics"]["train_loss"]) for r in kept]
             return new_arrays, {"train_loss": sum(losses) / len(losses)} if losses else {}
         new_arrays, metrics = self.strategy.aggregate_train(server_round, kept)
-        return (new_arrays if new_arrays is not None else arrays), dict(metrics or {})
+        if new_arrays is None:
+            return arrays, dict(metrics or {})
+        # Keep the model's dtypes: some strategies (FedOpt family) compute in float64.
+        return to_record(to_ndarrays(new_arrays), like=to_ndarrays(arrays)), dict(metrics or {})
 
     # ---- privacy ledger --------------------------------------------------------------------
 

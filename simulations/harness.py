@@ -20,7 +20,9 @@ from fedvault.client.app import build_client_app
 from fedvault.config import RunConfig
 from fedvault.partition import partition
 from fedvault.rundir import RunDirectory, default_run_dir
+from fedvault.privacy.identity import fingerprint, load_identity_public_key
 from fedvault.server.app import build_server_app, make_strategy
+from fedvault.server.sealing import server_identity_path
 from fedvault.tasks import load_task_data
 
 log = logging.getLogger("fedvault")
@@ -44,6 +46,14 @@ def client_gpus(cfg: RunConfig) -> float:
     return round(1.0 / concurrent, 3)
 
 
+def with_simulation_identity(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """``sealing.mode = "on"`` in a simulation: a server identity in the run dir, pinned by every client."""
+    path = server_identity_path(cfg, run_dir)
+    pin = fingerprint(load_identity_public_key(path.with_suffix(".pub")))
+    sealing = dataclasses.replace(cfg.sealing, identity_key=str(path), server_identity=cfg.sealing.server_identity or pin)
+    return dataclasses.replace(cfg, sealing=sealing)
+
+
 def backend_config(cfg: RunConfig, verbose: bool) -> dict:
     return {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": client_gpus(cfg)},
@@ -58,6 +68,8 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
     preflight(cfg)
     run_dir = RunDirectory(cfg.run_dir or default_run_dir(cfg.task))
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir.path))
+    if cfg.sealing.enabled(deployed=False):
+        cfg = with_simulation_identity(cfg, run_dir.path)
     run_dir.create(cfg.to_flat())
     _quiet_flower(verbose)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

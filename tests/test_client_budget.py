@@ -5,7 +5,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedvault.client import private_training
-from fedvault.client.app import BUDGET_EXHAUSTED, build_client_app
+from fedvault.client.app import BUDGET_EXHAUSTED, ROUND_ALREADY_SPENT, build_client_app
 from fedvault.config import RunConfig
 from fedvault.privacy.accountants import epsilon
 from fedvault.privacy.dp_sgd import dp_compatible
@@ -55,6 +55,6 @@ def test_no_client_passes_its_cap_even_across_a_restart(tmp_path, flower_task_id
     assert refused.content["status"]["status"] == BUDGET_EXHAUSTED
     assert "arrays" not in refused.content and "dp-event" not in refused.content
     replayed = _train(build_client_app(cfg), 2)  # a round already paid for is never trained twice
-    assert replayed.content["status"]["status"] == BUDGET_EXHAUSTED
+    assert replayed.content["status"]["status"] == ROUND_ALREADY_SPENT
     assert len(ledger.events("run", "client-1")) == 2
     assert epsilon(ledger.events("run", "client-1"), 1e-5) == spent
