@@ -19,16 +19,18 @@ def simulate(out, *settings):
     return proc.stdout, rounds, json.loads((out / "summary.json").read_text())
 
 
-def test_gaussian_attackers_are_dropped_by_validation_and_fedavgm_still_learns(tmp_path):
+def test_sealed_run_where_gaussian_attackers_are_dropped_and_fedavgm_still_learns(tmp_path):
+    """Replies are sealed end to end; the server opens them, then validation drops the attackers."""
     stdout, rounds, summary = simulate(
         tmp_path / "run", "num-clients=5", "num-server-rounds=3", "privacy.sample-level=false",
         "strategy.name=fedavgm", "strategy.server-momentum=0.5", "attack.kind=gaussian", "attack.fraction=0.4",
-        "attack.scale=100", "validation.max-update-norm=50",
+        "attack.scale=100", "validation.max-update-norm=50", "sealing.mode=on",
     )
     for r in rounds[1:]:
         assert r["clients_sampled"] == 5 and r["replies_ok"] == 3
         assert len(r["dropped"]) == 2 and all("norm" in d["reason"] for d in r["dropped"])
     assert "dropped 2" in stdout
+    assert (tmp_path / "run" / "identity" / "identity.key").stat().st_mode & 0o077 == 0
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
 
 
