@@ -197,14 +197,49 @@ def sealing_markdown(section: dict) -> list[str]:
     return lines
 
 
+def measure_round_time(rounds: int, pairs: int) -> dict:
+    """Steady seconds per round of ``fedvault simulate`` with sealing off and on, runs interleaved."""
+    from sweep import simulate
+
+    base = ["task=mnist1d", "num-clients=10", f"num-server-rounds={rounds}", "fraction-evaluate=0.0",
+            "privacy.sample-level=false"]
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(pairs):
+        for mode in ("off", "on"):
+            runs[mode].append(simulate(base + [f"sealing.mode={mode}"])["steady_seconds_per_round"])
+    off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+    return {"setup": " ".join(base), "runs": runs, "off": off, "on": on, "added_percent": 100 * (on / off - 1)}
+
+
+def round_time_markdown(section: dict) -> list[str]:
+    return [
+        "## Round time in simulation, sealing off vs on",
+        "",
+        f"`{section['setup']}`; median steady seconds per round over interleaved runs.",
+        "",
+        "| sealing | s/round |",
+        "|---|---|",
+        f"| off | {section['off']:.3f} |",
+        f"| on | {section['on']:.3f} |",
+        "",
+        f"Added by sealing: **{section['added_percent']:+.1f} %** (target <= 3 %).",
+        "",
+    ]
+
+
 # Each section: (name, measure(args) -> dict, markdown(dict) -> lines). Add new ones here.
-SECTIONS = [("sealing", lambda args: measure_sealing(args.sizes, args.reps), sealing_markdown)]
+SECTIONS = [
+    ("sealing", lambda args: measure_sealing(args.sizes, args.reps), sealing_markdown),
+    ("round_time", lambda args: measure_round_time(args.rounds, args.pairs), round_time_markdown),
+]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100], help="update sizes in MB")
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per case")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per simulation (round-time section)")
+    parser.add_argument("--pairs", type=int, default=2, help="off/on simulation pairs (round-time section)")
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="folder for encryption_overhead.json and .md"
     )

@@ -35,7 +35,8 @@ def test_flwr_run_dot_trains_with_fedvault_apps(tmp_path):
     try:
         proc = subprocess.run(
             ["flwr", "run", ".", "--stream", "--run-config",
-             f'task="digits" num-clients=2 num-server-rounds=2 fraction-evaluate=0.0 run-dir="{run_dir}"'],
+             f'task="digits" num-clients=2 num-server-rounds=2 fraction-evaluate=0.0 run-dir="{run_dir}" '
+             'sealing.mode="off"'],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
         )
     finally:
