@@ -57,7 +57,7 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         sel = DataSelection.from_run(cfg, context.node_config)
         round_config = msg.content.config_records.get("config", ConfigRecord())
         server_round = int(round_config.get("server-round", 0))
-        device = resolve_device(cfg.device)
+        device = resolve_device(str(context.node_config.get("device", cfg.device)))
         global_state = msg.content["arrays"].to_torch_state_dict()
         start = time.perf_counter()
         records: dict = {}
@@ -89,7 +89,7 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = get_config(context)
         sealing = sealer(cfg, msg, context)
-        device = resolve_device(cfg.device)
+        device = resolve_device(str(context.node_config.get("device", cfg.device)))
         _, test_data = client_data(DataSelection.from_run(cfg, context.node_config))
         task, model = task_and_model(cfg.task, cfg.privacy.sample_level)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

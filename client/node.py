@@ -15,6 +15,7 @@ from torch import nn
 
 from fedvault.client.attacks import UPDATE_ATTACKS, flip_labels, pick_attackers
 from fedvault.config import RunConfig
+from fedvault.errors import PartitionError
 from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.partition import partition, train_test_split
 from fedvault.tasks import ArrayDataset, Task, load_task, load_task_data
@@ -32,6 +33,7 @@ class DataSelection:
     num_partitions: int
     partition_id: int
     test_fraction: float
+    data_path: str = ""
 
     @classmethod
     def from_run(cls, config: RunConfig, node_config: dict) -> DataSelection:
@@ -44,6 +46,7 @@ class DataSelection:
             num_partitions=int(node_config.get("num-partitions", config.num_clients)),
             partition_id=int(node_config["partition-id"]),
             test_fraction=config.test_fraction,
+            data_path=str(node_config.get("data-path", "")),
         )
 
 
@@ -55,11 +58,24 @@ def _partitions(task: str, seed: int, scheme: str, alpha: float, shards: int, nu
 
 @lru_cache(maxsize=None)
 def client_data(sel: DataSelection) -> tuple[ArrayDataset, ArrayDataset]:
-    """This node's (train, local test) datasets."""
+    """This node's (train, local test) datasets: its partition of the task's data, or its own
+    ``.npz`` file (arrays ``x`` and ``y``) when node config ``data-path`` names one."""
+    if sel.data_path:
+        return _local_file_data(sel)
     parts = _partitions(sel.task, sel.seed, sel.scheme, sel.alpha, sel.shards_per_client, sel.num_partitions)
     train_idx, test_idx = train_test_split(parts[sel.partition_id], sel.test_fraction, sel.seed, sel.partition_id)
     pool = load_task_data(sel.task, sel.seed).train
     return pool.subset(train_idx), pool.subset(test_idx)
+
+
+def _local_file_data(sel: DataSelection) -> tuple[ArrayDataset, ArrayDataset]:
+    try:
+        with np.load(sel.data_path, allow_pickle=False) as data:
+            own = ArrayDataset(data["x"].astype(np.float32), data["y"].astype(np.int64))
+    except (OSError, KeyError, ValueError) as exc:
+        raise PartitionError(f"data-path {sel.data_path}: cannot read arrays 'x' and 'y' from an .npz ({exc})") from None
+    train_idx, test_idx = train_test_split(np.arange(len(own)), sel.test_fraction, sel.seed, sel.partition_id)
+    return own.subset(train_idx), own.subset(test_idx)
 
 
 @lru_cache(maxsize=None)

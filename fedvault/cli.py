@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fmt.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     audit.set_defaults(func=_cmd_audit)
+
+    from fedvault.deploy_cli import add_deploy_commands
+
+    add_deploy_commands(sub)
     return parser
 
 

@@ -94,6 +94,7 @@ class RoundLoop:
         self.exhausted.update(r.metadata.src_node_id for r in exhausted)
         others = [r for r in replies if _status(r) != BUDGET_EXHAUSTED]
         kept, dropped = filter_replies(others, arrays, self.rules)
+        kept.sort(key=lambda r: r.metadata.src_node_id)  # arrival order must not change the float sums
         dropped = unopened + dropped
         self._record_client_events(kept)
         if len(kept) < self.min_replies:

@@ -61,3 +61,14 @@ def test_app_reads_flower_run_config_when_none_is_baked_in(flower_task_identity)
     ctx.run_config = {"task": "digits", "num-clients": 4, "privacy.sample-level": False, "sealing.mode": "off"}
     reply = build_client_app()(_message("train", model), ctx)
     assert reply.content["metrics"]["num-examples"] > 0
+
+
+def test_node_with_its_own_data_file_trains_on_it(tmp_path, flower_task_identity):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mine.npz", x=rng.normal(size=(50, 64)).astype(np.float32), y=rng.integers(0, 10, 50))
+    ctx = _context(0)
+    ctx.node_config = {"partition-id": 0, "num-partitions": 4, "data-path": str(tmp_path / "mine.npz"), "device": "cpu"}
+    reply = build_client_app(CFG)(_message("train", load_task("digits").build_model()), ctx)
+    assert reply.content["metrics"]["num-examples"] == 40  # 50 rows minus the 20 % local test split

@@ -1,0 +1,452 @@
+"""``fedvault keys init``, ``fedvault server`` and ``fedvault client``: Flower's deployment engine.
+
+``fedvault server`` starts a SuperLink (TLS + SuperNode authentication unless ``--insecure``),
+registers the client keys, writes a Flower app directory whose ``[tool.flwr.app.config]`` is the
+resolved run config (generated from :class:`fedvault.config.RunConfig` at submit time, so it
+carries every key, strategy parameters included, and never drifts from the repo's pyproject),
+submits the run with ``flwr run``, streams its log (``flwr log --stream``), waits until it is
+finished and reports its status. ``fedvault client`` starts a SuperNode with its key and the CA
+and supervises it. Both print ``ready`` once their process is up (the client: once it joined).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import tomli_w
+from cryptography import x509
+
+from fedvault.config import RunConfig
+from fedvault.errors import ConfigError, FedvaultError
+from fedvault.keys import LOCAL_ADDRESSES, KeyLayout, KeysError, init_keys, load_layout
+from fedvault.processes import (
+    ManagedProcess,
+    ProcessError,
+    executable,
+    exited_error,
+    join_host_port,
+    start_process,
+    stop,
+    supervise,
+)
+from fedvault.rundir import CONFIG_FILE, SUMMARY_FILE, atomic_write, default_run_dir
+
+APP_DIR = "app"
+RUNS_DIR = "runs"
+FEDVAULT_COMPONENTS = {"serverapp": "fedvault.server.app:app", "clientapp": "fedvault.client.app:app"}
+STATUS_POLL_S = 20.0  # backstop poll of `flwr ls` while the log stream is open
+FINISH_GRACE_S = 30.0  # how long the run status may lag behind the end of its log stream
+_COMPLETED = "finished:completed"
+_ANY_HOST = ("0.0.0.0", "::")
+
+
+class DeployError(FedvaultError, RuntimeError):
+    """A deployment command cannot go on (bad arguments, run directory, or a process failed)."""
+
+
+# ---- argparse ---------------------------------------------------------------------------------
+
+
+def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``keys``, ``server`` and ``client`` to the ``fedvault`` command's subparsers."""
+    keys = subparsers.add_parser("keys", help="make the CA, server certificate and client keys",
+                                 description="Key material for `fedvault server` / `fedvault client`.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    init = keys_sub.add_parser(
+        "init", help="create DIR with a CA, a server TLS certificate and N client keys",
+        description="Create a CA, a SuperLink TLS certificate (for localhost and each --address) and one "
+        "SuperNode authentication key per client, plus the server identity if available. Prints what "
+        "to copy to each client machine.",
+    )
+    init.add_argument("dir", metavar="DIR")
+    init.add_argument("--clients", type=int, required=True, metavar="N", help="number of client keys")
+    init.add_argument("--address", action="append", default=[], metavar="HOST",
+                      help="DNS name or IP clients will dial (repeatable; localhost is always included)")
+    init.add_argument("--force", action="store_true", help="replace existing key files")
+    init.set_defaults(func=cmd_keys_init)
+
+    server = subparsers.add_parser(
+        "server", help="run a SuperLink and one federated run on it (TLS + node auth by default)",
+        description="Start a Flower SuperLink with TLS and SuperNode authentication, register the client "
+        "keys, submit a run with the resolved config, stream its log, and exit when it is finished "
+        "(non-zero if it failed or stopped early).",
+    )
+    server.add_argument("config", nargs="?", help="TOML config file (optional; defaults apply otherwise)")
+    server.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key (repeatable)")
+    server.add_argument("--keys", metavar="DIR", help="keys directory from `fedvault keys init`")
+    server.add_argument("--state", required=True, metavar="DIR",
+                        help="SuperLink state (database, logs, app dir); run directories go to DIR/runs")
+    server.add_argument("--host", help="interface to listen on (default 0.0.0.0; 127.0.0.1 with --insecure)")
+    server.add_argument("--port", type=int, default=8000, help="SuperLink port (default 8000)")
+    server.add_argument("--insecure", action="store_true",
+                        help="no TLS and no SuperNode authentication (local experiments only)")
+    server.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue RUN_DIR from its latest checkpoint with its config.toml")
+    server.add_argument("--keep-running", action="store_true",
+                        help="keep the SuperLink serving after the run until Ctrl-C")
+    server.add_argument("--startup-timeout", type=float, default=60.0, metavar="S",
+                        help="seconds to wait for the SuperLink to become healthy")
+    server.set_defaults(func=cmd_server)
+
+    client = subparsers.add_parser(
+        "client", help="run a SuperNode that trains for a fedvault server",
+        description="Start a Flower SuperNode that verifies the SuperLink with the CA and authenticates "
+        "with its client key; trains partition CLIENT_ID-1 of NUM_PARTITIONS. Runs until Ctrl-C.",
+    )
+    client.add_argument("--server", required=True, metavar="HOST:PORT", help="SuperLink address")
+    client.add_argument("--keys", metavar="DIR", help="folder with ca.pem and clients/client-<I>.key")
+    client.add_argument("--client-id", type=int, required=True, metavar="I", help="1-based client number")
+    client.add_argument("--num-partitions", type=int, required=True, metavar="N",
+                        help="number of data partitions (= num-clients of the run)")
+    client.add_argument("--data-path", metavar="PATH", help="local data path passed to the task (node config)")
+    client.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (node config)")
+    client.add_argument("--server-identity", metavar="FINGERPRINT|FILE",
+                        help="pinned server identity for sealed updates (default KEYS/identity.pub if present)")
+    client.add_argument("--insecure", action="store_true", help="no TLS and no authentication")
+    client.add_argument("--state", metavar="DIR",
+                        help="SuperNode log and node privacy ledger (default ~/.fedvault/client-<I>)")
+    client.add_argument("--startup-timeout", type=float, default=60.0, metavar="S",
+                        help="seconds to wait for the SuperNode to join")
+    client.set_defaults(func=cmd_client)
+
+
+# ---- fedvault keys init -----------------------------------------------------------------------
+
+
+def cmd_keys_init(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Create the keys directory (and the server identity when available) and explain it."""
+    identity = _identity_module()
+    directory = Path(args.dir).expanduser().resolve()
+    if identity is not None and not args.force:
+        for name in (identity.IDENTITY_KEY, identity.IDENTITY_PUB):
+            if (directory / name).exists():
+                raise KeysError(f"key file {directory / name} already exists (pass --force to replace it)")
+    layout = init_keys(directory, args.clients, args.address, overwrite=args.force)
+    fingerprint = None
+    if identity is not None:
+        fingerprint = identity.generate_identity(layout.directory, overwrite=args.force).fingerprint
+    out.write(describe_keys(layout, args.clients, args.address, fingerprint))
+    return 0
+
+
+def describe_keys(layout: KeyLayout, clients: int, addresses: Sequence[str], fingerprint: str | None) -> str:
+    """What ``fedvault keys init`` made and what to copy to each client machine."""
+    d = layout.directory
+    dial = join_host_port(next(iter(addresses), "127.0.0.1"), 8000)
+    made = [
+        ("ca.pem", "CA certificate: copy to every client machine"),
+        ("ca.key", "CA private key: keep offline (only needed to issue more keys)"),
+        ("server.pem, server.key", f"SuperLink TLS, valid for {', '.join([*LOCAL_ADDRESSES, *addresses])}"),
+        ("clients/client-<i>.key", f"SuperNode private key of client i (1..{clients}): to client i only"),
+        ("clients/client-<i>.pub", "public keys; `fedvault server` registers them"),
+    ]
+    copies = [(layout.ca_cert, "ca.pem"), (d / "clients" / "client-i.key", "clients/client-i.key")]
+    if fingerprint is not None:
+        made.append(("identity.key, identity.pub", "server identity (Ed25519); identity.key stays on the server"))
+        copies.append((d / "identity.pub", "identity.pub"))
+    lines = [f"keys written to {d}", *(f"  {name:<28} {what}" for name, what in made)]
+    if fingerprint is not None:
+        lines.append(f"server identity fingerprint (clients pin it): {fingerprint}")
+    lines.append("on client machine i, copy into a folder KEYS (same layout):")
+    lines += [f"  {source} -> KEYS/{target}" for source, target in copies]
+    lines.append(f"then run: fedvault client --server {dial} --keys KEYS --client-id i --num-partitions {clients}")
+    return "\n".join(lines) + "\n"
+
+
+def _identity_module() -> Any:
+    """``fedvault.privacy.identity`` when it is installed, else None (it is optional here)."""
+    try:
+        from fedvault.privacy import identity
+    except ModuleNotFoundError as err:
+        if err.name != "fedvault.privacy.identity":
+            raise
+        return None
+    return identity
+
+
+# ---- fedvault server --------------------------------------------------------------------------
+
+
+def resolve_server_config(
+    config_file: str | None, overrides: Sequence[str], state_dir: Path, resume_dir: str | None = None
+) -> RunConfig:
+    """The run's config: file + overrides with an absolute ``run-dir`` (new, under
+    ``state_dir/runs`` unless set), or for ``resume_dir`` its ``config.toml`` + overrides with
+    ``resume = true``. Refuses to start a new run in a directory that already holds one."""
+    if resume_dir is not None:
+        if config_file is not None:
+            raise ConfigError("give either a CONFIG file or --resume RUN_DIR (which brings its own config)")
+        run_dir = Path(resume_dir).expanduser().resolve()
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no {CONFIG_FILE})")
+        from fedvault.server.checkpoint import list_checkpoints
+
+        if not list_checkpoints(run_dir):
+            raise ConfigError(f"--resume {run_dir}: no checkpoint yet (no round finished; start a new run)")
+        fixed = ["resume=true", f"run-dir={_toml_string(str(run_dir))}"]
+        return RunConfig.from_sources(run_dir / CONFIG_FILE, [*overrides, *fixed])
+    cfg = RunConfig.from_sources(config_file, overrides)
+    if cfg.resume:
+        raise ConfigError("resume = true needs --resume RUN_DIR (it names the run to continue)")
+    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else default_run_dir(cfg.task, state_dir / RUNS_DIR)
+    run_dir = run_dir.resolve()
+    if (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(f"run-dir {run_dir} already holds a run; continue it with --resume {run_dir}")
+    return RunConfig.from_flat({**cfg.to_flat(), "run-dir": str(run_dir)})
+
+
+def write_app_dir(
+    directory: str | Path,
+    run_config: Mapping[str, Any],
+    components: Mapping[str, str] = FEDVAULT_COMPONENTS,
+    name: str = "fedvault-deployment",
+) -> Path:
+    """Write ``directory/pyproject.toml``: a Flower app whose components are ``components`` and
+    whose ``[tool.flwr.app.config]`` is ``run_config`` (flat ``a.b`` keys become tables).
+
+    The components are imported from the environment the SuperLink and SuperNodes run in
+    (fedvault disables Flower's runtime dependency installation), so the app dir holds no code.
+    """
+    from flwr.common.config import unflatten_dict
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    document = {
+        "project": {"name": name, "version": "1.0.0", "license": "Apache-2.0",
+                    "description": "Generated by fedvault: the run config of one deployment run"},
+        "tool": {"flwr": {"app": {"publisher": "fedvault", "components": dict(components),
+                                  "config": unflatten_dict(dict(run_config))}}},
+    }
+    text = tomli_w.dumps(document).encode()
+    atomic_write(directory / "pyproject.toml", lambda fh: fh.write(text))
+    return directory
+
+
+def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """``fedvault server``: SuperLink + one run; exit 0 only if the run completed every round."""
+    from fedvault.server.superlink import start_superlink, submit_run
+
+    state_dir = Path(args.state).expanduser().resolve()
+    cfg = resolve_server_config(args.config, args.overrides, state_dir, args.resume)
+    layout = None
+    if not args.insecure:
+        if args.keys is None:
+            raise ConfigError("--keys DIR is required (or --insecure for a local experiment)")
+        layout = load_layout(args.keys, server=True)
+        if len(layout.client_public_keys()) < cfg.num_clients:
+            raise ConfigError(
+                f"num-clients = {cfg.num_clients} but {layout.directory} has only "
+                f"{len(layout.client_public_keys())} client keys (fedvault keys init --clients {cfg.num_clients})"
+            )
+    if cfg.sealing.enabled(deployed=True) and not cfg.sealing.identity_key:
+        identity_key = _server_identity_key(layout, state_dir)
+        cfg = RunConfig.from_flat({**cfg.to_flat(), "sealing.identity-key": str(identity_key)})
+    host = args.host or ("127.0.0.1" if args.insecure else "0.0.0.0")
+    with _sigterm_as_interrupt():
+        superlink = start_superlink(state_dir, None if layout is None else layout.directory, host=host,
+                                    port=args.port, insecure=args.insecure, timeout=args.startup_timeout)
+        try:
+            dial = _client_address(layout, host, args.port)
+            _say(out, f"SuperLink (pid {superlink.process.pid}) listening on {join_host_port(host, args.port)}; "
+                      f"state {state_dir}")
+            keys_hint = "--insecure" if layout is None else "--keys KEYS"
+            _say(out, f"clients: fedvault client --server {dial} {keys_hint} --client-id <1..{cfg.num_clients}> "
+                      f"--num-partitions {cfg.num_clients}")
+            if cfg.sealing.enabled(deployed=True):
+                _say(out, f"server identity fingerprint (clients pin it with --server-identity): "
+                          f"{_fingerprint(Path(cfg.sealing.identity_key))}")
+            _say(out, "ready")
+            app_dir = write_app_dir(state_dir / APP_DIR, cfg.to_flat())
+            run_id = submit_run(superlink.connection, app_dir)
+            _say(out, f"run {run_id} submitted; run directory {cfg.run_dir}"
+                      + (" (resuming from its latest checkpoint)" if cfg.resume else ""))
+            status = follow_run(superlink, run_id, state_dir / f"run-{run_id}.log", out)
+            code = _report(out, run_id, status, Path(cfg.run_dir))
+            if args.keep_running:
+                _say(out, "run finished; SuperLink keeps serving (Ctrl-C to stop)")
+                supervise([superlink.process])
+            return code
+        finally:
+            superlink.stop()
+
+
+def follow_run(superlink: Any, run_id: int, log_path: Path, out: TextIO) -> str:
+    """Print the run's log (``flwr log --stream``) as it grows; return its final status.
+
+    Raises :class:`~fedvault.processes.ProcessError` if the SuperLink exits first.
+    """
+    from fedvault.server.superlink import run_status
+
+    connection = superlink.connection
+    streamer = start_process([executable("flwr"), "log", str(run_id), connection.name, "--stream"],
+                             name="flwr log", log_path=log_path, env=connection.env())
+    printed, stream_ended_at, next_poll = 0, None, time.monotonic() + STATUS_POLL_S
+    try:
+        while True:
+            printed = _print_new(streamer, printed, out)
+            if not superlink.process.alive():
+                raise exited_error(superlink.process, f"while run {run_id} was going")
+            now = time.monotonic()
+            if stream_ended_at is None and not streamer.alive():
+                stream_ended_at, next_poll = now, now
+            if now >= next_poll:
+                status = run_status(connection, run_id)
+                if status.startswith("finished"):
+                    _print_new(streamer, printed, out)
+                    return status
+                if stream_ended_at is not None and now - stream_ended_at > FINISH_GRACE_S:
+                    raise DeployError(f"log of run {run_id} ended but its status is still '{status}'")
+                next_poll = now + (1.0 if stream_ended_at is not None else STATUS_POLL_S)
+            time.sleep(0.5)
+    finally:
+        stop(streamer)
+
+
+def _print_new(streamer: ManagedProcess, printed: int, out: TextIO) -> int:
+    text = streamer.log_text()
+    if len(text) > printed:
+        out.write(text[printed:])
+        out.flush()
+    return len(text)
+
+
+def _report(out: TextIO, run_id: int, status: str, run_dir: Path) -> int:
+    """One line with the run's outcome; the exit code (0 only when every round ran)."""
+    summary_path = run_dir / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    if status != _COMPLETED or summary is None:
+        _say(out, f"run {run_id} {status}" + ("" if summary else f" without a summary in {run_dir}")
+             + " (its log is above)")
+        return 1
+    final = summary.get("final_accuracy")
+    accuracy = "n/a" if final is None else f"{summary['initial_accuracy']:.4f} -> {final:.4f}"
+    _say(out, f"run {run_id} {status}: {summary['rounds']} rounds, accuracy {accuracy}; run directory {run_dir}")
+    if summary.get("stopped"):
+        _say(out, f"run {run_id} stopped early: {summary['stopped']}")
+        return 1
+    return 0
+
+
+def _client_address(layout: KeyLayout | None, host: str, port: int) -> str:
+    """The address clients should dial: the host, or when listening on all interfaces the first
+    non-local name in the server certificate (127.0.0.1 if there is none)."""
+    if host not in _ANY_HOST:
+        return join_host_port(host, port)
+    names: list[str] = []
+    if layout is not None:
+        cert = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n.value) for n in sans if str(n.value) not in LOCAL_ADDRESSES]
+    return join_host_port(names[0] if names else "127.0.0.1", port)
+
+
+def _server_identity_key(layout: KeyLayout | None, state_dir: Path) -> Path:
+    """The keys directory's ``identity.key``, else one made once in ``state_dir/identity``."""
+    identity = _identity_module()
+    if identity is None:
+        raise DeployError("sealing is on but fedvault.privacy.identity is missing; set sealing.mode = \"off\"")
+    if layout is not None and (layout.directory / identity.IDENTITY_KEY).is_file():
+        return layout.directory / identity.IDENTITY_KEY
+    folder = state_dir / "identity"
+    if not (folder / identity.IDENTITY_KEY).is_file():
+        identity.generate_identity(folder)
+    return folder / identity.IDENTITY_KEY
+
+
+def _fingerprint(identity_key: Path) -> str:
+    from fedvault.privacy.identity import fingerprint, load_identity
+
+    return fingerprint(load_identity(identity_key).public_key())
+
+
+def _toml_string(value: str) -> str:
+    """``value`` as a TOML basic string for ``--set`` (backslashes and quotes escaped)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# ---- fedvault client --------------------------------------------------------------------------
+
+
+def cmd_client(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """``fedvault client``: a SuperNode for partition ``client-id - 1``, supervised until Ctrl-C."""
+    from fedvault.client.supernode import start_supernode
+
+    if not 1 <= args.client_id <= args.num_partitions:
+        raise ConfigError(f"--client-id must be in 1..{args.num_partitions} (--num-partitions), got {args.client_id}")
+    if args.insecure:
+        root_certificates = private_key = None
+    else:
+        if args.keys is None:
+            raise ConfigError("--keys DIR is required (or --insecure for a local experiment)")
+        layout = load_layout(args.keys, client=args.client_id)
+        root_certificates, private_key = layout.ca_cert, layout.client_key(args.client_id)
+    state_dir = Path(args.state or Path.home() / ".fedvault" / f"client-{args.client_id}").expanduser().resolve()
+    node_config: dict[str, Any] = {"ledger-path": str(state_dir / "node-ledger.sqlite")}
+    if args.device:
+        node_config["device"] = args.device
+    if args.data_path:
+        node_config["data-path"] = str(Path(args.data_path).expanduser().resolve())
+    pin = args.server_identity or _default_pin(args.keys)
+    if pin:
+        node_config["server-identity"] = str(Path(pin).resolve()) if Path(pin).is_file() else pin
+    else:
+        print("fedvault client: warning: no server identity pinned (--server-identity); "
+              "runs with sealed updates will fail on this node", file=sys.stderr)
+    with _sigterm_as_interrupt():
+        try:
+            node = start_supernode(
+                args.server, state_dir, partition_id=args.client_id - 1, num_partitions=args.num_partitions,
+                root_certificates=root_certificates, private_key=private_key, insecure=args.insecure,
+                node_config=node_config, timeout=args.startup_timeout,
+            )
+        except ProcessError as err:
+            first = str(err).splitlines()[0]
+            raise DeployError(f"{first} (SuperNode log: {state_dir / 'supernode.log'})") from None
+        _say(out, f"SuperNode (pid {node.process.pid}) connected to {args.server} as node {node.node_id}, "
+                  f"partition {args.client_id - 1} of {args.num_partitions}; log {node.process.log_path}")
+        _say(out, "ready")
+        code = supervise([node.process])
+    if code != 0:
+        raise DeployError(f"SuperNode exited with code {code} (log: {node.process.log_path})")
+    return 0
+
+
+def _default_pin(keys_dir: str | None) -> str | None:
+    """``KEYS/identity.pub`` when it exists."""
+    identity = _identity_module()
+    if keys_dir is None or identity is None:
+        return None
+    path = Path(keys_dir).expanduser() / identity.IDENTITY_PUB
+    return str(path) if path.is_file() else None
+
+
+# ---- shared -----------------------------------------------------------------------------------
+
+
+def _say(out: TextIO, line: str) -> None:
+    out.write(line + "\n")
+    out.flush()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C, so ``finally`` blocks stop the children this command started
+    (they run in their own sessions and would outlive a plain kill of this process)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,244 @@
+"""`fedvault keys init|server|client` end to end: real processes on 127.0.0.1, TLS + node auth.
+
+The module starts one federation (keys, `fedvault server`, three `fedvault client`) for a two-round
+`digits` run, then kills a second run's server side after round 1's checkpoint and resumes it with
+`fedvault server --resume`. Every process is stopped by PID in teardown, also when a test fails.
+Refusal of an unregistered SuperNode key and of a SuperNode without the CA at the process level
+is covered in tests/test_deployment_processes.py; here only the CLI's one-line error is checked.
+
+Invariant checked on resume: the resumed run's final model equals the uninterrupted run's up to
+float32 re-association (rtol 1e-6), not bitwise. Client training is deterministic given the seed
+and the round (DP-SGD off: its noise is drawn from a CSPRNG), the checkpoint restores the global
+arrays bitwise (tests/test_checkpoint.py), and with fraction-train = 1.0 every round samples
+every node whatever Python's RNG draws; but Flower's FedAvg sums the replies in float32 in their
+arrival order, which differs between runs (even uninterrupted ones), so each round may differ by
+about one ulp. Aggregating replies sorted by node id would make the runs bitwise equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.common.config import get_fused_config_from_dir
+
+from fedvault.config import RunConfig
+from fedvault.deploy_cli import cmd_keys_init, resolve_server_config, write_app_dir
+from fedvault.errors import ConfigError
+from fedvault.keys import KeysError, init_keys
+from fedvault.processes import child_env, executable, free_port, start_process, stop, wait_for_log
+from fedvault.server.checkpoint import load_checkpoint
+from fedvault.server.superlink import start_superlink
+
+ROUNDS = 2
+RUN = ["--set", 'task="digits"', "--set", "num-clients=3", "--set", f"num-server-rounds={ROUNDS}",
+       "--set", "local-epochs=1", "--set", "privacy.sample-level=false", "--set", "fraction-evaluate=0.0",
+       "--set", "fraction-train=1.0", "--set", "seed=7"]
+RUN_TIMEOUT_S = 150
+READY = re.compile(r"^ready$", re.MULTILINE)
+
+
+# ---- fast checks of the command layer (no processes) ------------------------------------------
+
+
+def test_keys_init_prints_what_to_copy_and_the_identity_fingerprint(tmp_path):
+    out = io.StringIO()
+    args = argparse.Namespace(dir=str(tmp_path / "k"), clients=2, address=["fl.example.org"], force=False)
+    assert cmd_keys_init(args, out) == 0
+    text = out.getvalue()
+    fingerprint = re.search(r"fingerprint \(clients pin it\): ([0-9a-f]{64})", text).group(1)
+    from fedvault.privacy.identity import fingerprint as fp, load_identity_public_key
+
+    assert fp(load_identity_public_key(tmp_path / "k" / "identity.pub")) == fingerprint
+    assert f"{tmp_path / 'k' / 'clients' / 'client-i.key'} -> KEYS/clients/client-i.key" in text
+    assert "--server fl.example.org:8000" in text and "--num-partitions 2" in text
+    with pytest.raises(KeysError, match="identity.key already exists"):
+        cmd_keys_init(args, io.StringIO())  # no half-overwritten keys directory either
+    args.force = True
+    assert cmd_keys_init(args, io.StringIO()) == 0
+
+
+def test_app_dir_config_is_the_resolved_config_as_flower_reads_it(tmp_path):
+    cfg = resolve_server_config(None, ['task="digits"', "strategy.name=\"fedavgm\"", "strategy.server-momentum=0.5"],
+                                tmp_path / "state")
+    app = write_app_dir(tmp_path / "app", cfg.to_flat())
+    assert get_fused_config_from_dir(app, {}) == cfg.to_flat()  # strategy params too: no drift
+    assert RunConfig.from_flat(get_fused_config_from_dir(app, {})) == cfg
+    components = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "fedvault.server.app:app", "clientapp": "fedvault.client.app:app"}
+    assert Path(cfg.run_dir).is_absolute() and Path(cfg.run_dir).parent == (tmp_path / "state" / "runs").resolve()
+
+
+def test_server_config_refuses_reusing_a_run_dir_and_resuming_without_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text('task = "digits"\n')
+    with pytest.raises(ConfigError, match="already holds a run; continue it with --resume"):
+        resolve_server_config(None, [f'run-dir="{run_dir}"'], tmp_path)
+    with pytest.raises(ConfigError, match="no checkpoint yet"):
+        resolve_server_config(None, [], tmp_path, resume_dir=str(run_dir))
+    with pytest.raises(ConfigError, match="either a CONFIG file or --resume"):
+        resolve_server_config("x.toml", [], tmp_path, resume_dir=str(run_dir))
+
+
+def test_client_without_the_ca_is_a_one_line_error(tmp_path):
+    keys = init_keys(tmp_path / "k", 1)
+    keys.ca_cert.unlink()
+    done = _cli(["client", "--server", "127.0.0.1:9", "--keys", str(keys.directory), "--client-id", "1",
+                 "--num-partitions", "1", "--state", str(tmp_path / "c")])
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"fedvault client: error: missing key file {keys.ca_cert} (create it with 'fedvault keys')"
+
+
+# ---- real processes ---------------------------------------------------------------------------
+
+
+class Processes:
+    """Children a test started; :meth:`stop_all` stops each by PID (process group)."""
+
+    def __init__(self) -> None:
+        self.managed, self.groups = [], []
+
+    def start(self, args: list[str], log: Path, name: str):
+        process = start_process([executable("fedvault"), *args], name=name, log_path=log, env=child_env())
+        self.managed.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.managed):
+            stop(process, timeout=15)
+        for pgid in self.groups:  # SuperLinks of servers that were SIGKILLed (their own sessions)
+            _killpg(pgid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """Keys, an uninterrupted two-round run, and three clients that stay up for the module."""
+    root = tmp_path_factory.mktemp("deploy")
+    processes = Processes()
+    try:
+        keys_out = _cli(["keys", "init", str(root / "keys"), "--clients", "3"])
+        assert keys_out.returncode == 0, keys_out.stderr
+        port = free_port()
+        server = processes.start(_server_args(root, port, "reference"), root / "server.log", "fedvault server")
+        wait_for_log(server, READY, 60)
+        clients = [
+            processes.start(["client", "--server", f"127.0.0.1:{port}", "--keys", str(root / "keys"),
+                             "--client-id", str(i), "--num-partitions", "3", "--state", str(root / f"client-{i}")],
+                            root / f"client-{i}.log", f"fedvault client {i}")
+            for i in (1, 2, 3)
+        ]
+        for client in clients:
+            wait_for_log(client, READY, 60)
+        code = server.popen.wait(timeout=RUN_TIMEOUT_S)
+        yield {"root": root, "port": port, "code": code, "server": server, "clients": clients,
+               "processes": processes, "run_dir": root / "runs" / "reference", "keys": root / "keys"}
+    finally:
+        processes.stop_all()
+
+
+@pytest.mark.integration
+def test_two_rounds_with_tls_and_node_auth_improve_accuracy(federation):
+    server_log = federation["server"].log_text()
+    assert federation["code"] == 0, server_log
+    argv = " ".join(federation["server"].popen.args)
+    assert "--insecure" not in argv
+    assert re.search(r"run \d+ finished:completed: 2 rounds, accuracy", server_log)
+    assert "round   2/2" in server_log  # the ServerApp's progress reached this terminal
+    rounds = [line for line in (federation["run_dir"] / "metrics.jsonl").read_text().splitlines() if line]
+    records = [json.loads(line) for line in rounds]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["replies_ok"] == 3 for r in records[1:])
+    accuracy = [r["central"]["accuracy"] for r in records]
+    assert accuracy[2] > accuracy[1] > accuracy[0]
+    for client in federation["clients"]:
+        assert client.alive()  # clients outlive the run; they stop on Ctrl-C / SIGTERM
+
+
+@pytest.mark.integration
+def test_unregistered_client_is_refused_with_one_line(federation, tmp_path):
+    keys = init_keys(tmp_path / "k", 1)  # a key pair the SuperLink never registered
+    link = start_superlink(tmp_path / "link", federation["keys"], port=free_port())
+    try:
+        keys.ca_cert.write_bytes((federation["keys"] / "ca.pem").read_bytes())  # trusts the right CA
+        done = _cli(["client", "--server", link.address, "--keys", str(keys.directory), "--client-id", "1",
+                     "--num-partitions", "3", "--state", str(tmp_path / "c"), "--startup-timeout", "30",
+                     "--server-identity", str(federation["keys"] / "identity.pub")])
+    finally:
+        link.stop()
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused this SuperNode's key: register its .pub" in lines[0], done.stderr
+
+
+@pytest.mark.integration
+def test_killed_server_resumes_from_its_checkpoint_to_the_same_model(federation):
+    root, processes = federation["root"], federation["processes"]
+    run_dir = root / "runs" / "killed"
+    server = processes.start(_server_args(root, federation["port"], "killed"), root / "killed.log", "fedvault server")
+    first = run_dir / "checkpoints" / "round-0001.npz"
+    _wait_for(lambda: first.exists() or not server.alive(), RUN_TIMEOUT_S, "round 1's checkpoint")
+    superlink = int(re.search(r"SuperLink \(pid (\d+)\)", server.log_text()).group(1))
+    processes.groups.append(superlink)
+    server.popen.send_signal(signal.SIGKILL)  # the whole server side dies at once
+    _killpg(superlink, signal.SIGKILL)
+    server.popen.wait(timeout=10)
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = processes.start(["server", "--resume", str(run_dir), "--keys", str(federation["keys"]),
+                               "--state", str(root / "state"), "--host", "127.0.0.1", "--port", str(federation["port"])],
+                              root / "resumed.log", "fedvault server --resume")
+    assert resumed.popen.wait(timeout=RUN_TIMEOUT_S + 60) == 0, resumed.log_text()
+    assert f"resuming {run_dir} at round 2" in resumed.log_text()
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    assert [r["round"] for r in records] == [0, 1, 2]  # no round lost, none recorded twice
+    reference_dir = federation["run_dir"]
+    ref1, got1 = (load_checkpoint(d / "checkpoints" / "round-0001.npz") for d in (reference_dir, run_dir))
+    reference = torch.load(reference_dir / "model.pt")
+    final = torch.load(run_dir / "model.pt")
+    assert list(final) == list(reference)
+    for name, value in reference.items():  # equal up to float32 summation order (module docstring)
+        np.testing.assert_allclose(got1.arrays[name], ref1.arrays[name], rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(final[name].numpy(), value.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+        # ... and far tighter than one round of training moves the model, so the check has teeth
+        assert np.abs(value.numpy() - ref1.arrays[name]).max() > 1e-3
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _server_args(root: Path, port: int, run: str) -> list[str]:
+    return ["server", *RUN, "--set", f'run-dir="{root / "runs" / run}"', "--keys", str(root / "keys"),
+            "--state", str(root / "state"), "--host", "127.0.0.1", "--port", str(port)]
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([executable("fedvault"), *args], capture_output=True, text=True, env=child_env(),
+                          timeout=120)
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout:g} s")
+        time.sleep(0.2)
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
