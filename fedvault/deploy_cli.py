@@ -107,7 +107,7 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     client.add_argument("--client-id", type=int, required=True, metavar="I", help="1-based client number")
     client.add_argument("--num-partitions", type=int, required=True, metavar="N",
                         help="number of data partitions (= num-clients of the run)")
-    client.add_argument("--data-path", metavar="PATH", help="local data path passed to the task (node config)")
+    client.add_argument("--data-path", metavar="PATH", help="train on this .npz (arrays x, y) instead of a partition of the task's data (node config)")
     client.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (node config)")
     client.add_argument("--server-identity", metavar="FINGERPRINT|FILE",
                         help="pinned server identity for sealed updates (default KEYS/identity.pub if present)")
