@@ -37,6 +37,15 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None], mode: int = 0o6
         raise
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX: fsync the directory itself)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def default_run_dir(task: str, root: str | Path = "runs") -> Path:
     """``runs/<YYYYmmdd-HHMMSS>-<task>``, with a suffix if that name is taken."""
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{task.replace(':', '_').replace('/', '_')}"

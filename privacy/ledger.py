@@ -29,6 +29,7 @@ from typing import Any
 
 from fedvault.errors import FedvaultError
 from fedvault.privacy.events import DPEvent, DPEventError
+from fedvault.rundir import fsync_dir
 
 LEDGER_FILENAME = "privacy_ledger.jsonl"
 GENESIS_HASH = "0" * 64
@@ -168,13 +169,6 @@ def events_by_party(entries: Iterable[LedgerEntry]) -> dict[str, list[DPEvent]]:
     return dict(grouped)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class Ledger:
     """Appender for one ledger file; safe with several appenders (flock + re-sync)."""
@@ -191,7 +185,7 @@ class Ledger:
         with open(self._path, "ab") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             if created:
-                _fsync_dir(self._path.parent)
+                fsync_dir(self._path.parent)
             self._sync(recover_truncated_tail)
 
     @property

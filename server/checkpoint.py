@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedvault.errors import FedvaultError
-from fedvault.rundir import atomic_write
+from fedvault.rundir import atomic_write, fsync_dir
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -97,7 +97,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = DEFAULT_K
     path = checkpoint_path(run_dir, ckpt.round)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: np.savez(fh, **members))
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -154,11 +154,3 @@ def _members(prefix: str, values: dict[str, Any], what: str) -> dict[str, np.nda
         out[prefix + name] = array
     return out
 
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename in ``folder`` durable (POSIX: fsync the directory)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
