@@ -20,7 +20,6 @@ that choice is left to the user (move the damaged file away to resume from the o
 from __future__ import annotations
 
 import json
-import os
 import re
 import zipfile
 from dataclasses import dataclass, field
