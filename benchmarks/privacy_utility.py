@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sweep import simulate, write_results  # noqa: E402
+from sweep import line_plot, simulate, write_results
 
 
 def main() -> None:
@@ -47,15 +42,8 @@ def main() -> None:
             f"{args.local_epochs} local epochs, batch {args.batch_size}, lr {args.learning_rate}, delta 1e-5\n\n"
             + "\n".join(lines) + "\n" + verdict)
     print(text)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, s in runs.items():
-        ax.plot(range(len(s["accuracy_curve"])), s["accuracy_curve"], marker="o", markersize=3, label=name)
-    ax.set_xlabel("round")
-    ax.set_ylabel("centralized accuracy")
-    ax.set_title("mnist1d, 20 clients, Dirichlet(0.5)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig = line_plot({name: (list(range(len(s["accuracy_curve"]))), s["accuracy_curve"]) for name, s in runs.items()},
+                    "round", "centralized accuracy", "mnist1d, 20 clients, Dirichlet(0.5)")
     write_results("privacy_utility", runs, text, fig)
 
 

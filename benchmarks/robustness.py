@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sweep import simulate, write_results  # noqa: E402
+from sweep import line_plot, simulate, write_results
 
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 CLIENTS = 20
@@ -52,14 +47,8 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(f"{row[f'{f:g}']:.4f}" for f in args.fractions) + " |")
     text = f"## Robustness to sign-flip attackers: mnist1d, {CLIENTS} clients, {args.rounds} rounds\n\n" + "\n".join(lines) + "\n"
     print(text)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, row in results.items():
-        ax.plot([100 * f for f in args.fractions], [row[f"{f:g}"] for f in args.fractions], marker="o", label=name)
-    ax.set_xlabel("% sign-flip attackers")
-    ax.set_ylabel("final centralized accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig = line_plot({name: ([100 * f for f in args.fractions], [row[f"{f:g}"] for f in args.fractions])
+                     for name, row in results.items()}, "% sign-flip attackers", "final centralized accuracy")
     write_results("robustness", results, text, fig)
 
 

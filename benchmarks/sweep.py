@@ -27,6 +27,25 @@ def simulate(settings: list[str]) -> dict:
         return summary
 
 
+def line_plot(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str = ""):
+    """One figure, one line per named (xs, ys) series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def write_results(name: str, data: dict, markdown: str, figure=None) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))

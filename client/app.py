@@ -23,13 +23,12 @@ from fedvault.client.sealing import ClientSealing
 from fedvault.client.strategy_hooks import build_hooks, finish_hooks
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
+from fedvault.privacy.budget import BUDGET_EXHAUSTED, ROUND_ALREADY_SPENT
 from fedvault.privacy.node_ledger import NodeLedger
 from fedvault.tasks import TrainSettings, make_loader
 from flwr.clientapp import ClientApp
 
 ConfigSource = Callable[[Context], RunConfig]
-BUDGET_EXHAUSTED = "budget-exhausted"
-ROUND_ALREADY_SPENT = "round-already-spent"  # the server drops it for this round only
 
 
 def config_from_context(context: Context) -> RunConfig:

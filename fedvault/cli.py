@@ -21,7 +21,7 @@ def _config_epilog() -> str:
     return "\n".join(lines)
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="TOML config file (optional; defaults apply otherwise)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_config_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_config_args(simulate)
+    add_config_args(simulate)
     simulate.add_argument("--out", metavar="DIR", help="run directory (default runs/<time>-<task>)")
     simulate.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     simulate.set_defaults(func=_cmd_simulate)

@@ -38,6 +38,7 @@ from fedvault.processes import (
     supervise,
 )
 from fedvault.rundir import CONFIG_FILE, SUMMARY_FILE, atomic_write, default_run_dir
+from fedvault.cli import add_config_args
 
 APP_DIR = "app"
 RUNS_DIR = "runs"
@@ -79,9 +80,7 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
         "keys, submit a run with the resolved config, stream its log, and exit when it is finished "
         "(non-zero if it failed or stopped early).",
     )
-    server.add_argument("config", nargs="?", help="TOML config file (optional; defaults apply otherwise)")
-    server.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key (repeatable)")
+    add_config_args(server)
     server.add_argument("--keys", metavar="DIR", help="keys directory from `fedvault keys init`")
     server.add_argument("--state", required=True, metavar="DIR",
                         help="SuperLink state (database, logs, app dir); run directories go to DIR/runs")

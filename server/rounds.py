@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedvault.errors import FedvaultError
+from fedvault.privacy.budget import BUDGET_EXHAUSTED
 from fedvault.privacy.events import DPEvent
 from fedvault.privacy.ledger import Ledger, events_by_party
 from fedvault.server.client_level_dp import SERVER_PARTY, ClientLevelDP
@@ -35,7 +36,6 @@ from fedvault.strategies.validation import ValidationRules, filter_replies
 
 CentralEvaluate = Callable[[int, ArrayRecord], MetricRecord]
 RoundRecord = dict[str, Any]
-BUDGET_EXHAUSTED = "budget-exhausted"
 log = logging.getLogger("fedvault")
 
 

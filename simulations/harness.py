@@ -98,4 +98,5 @@ def _quiet_flower(verbose: bool) -> None:
     """Flower logs every message at INFO; fedvault prints its own one line per round."""
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
-    flwr_log.addFilter(_DropDeprecation())
+    if not any(isinstance(f, _DropDeprecation) for f in flwr_log.filters):
+        flwr_log.addFilter(_DropDeprecation())
