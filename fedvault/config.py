@@ -133,7 +133,7 @@ class RunConfig:
     device: str = option("auto", "where clients train: auto (CUDA when present), cpu, cuda", choices=("auto", "cpu", "cuda"))
     amp: bool = option(True, "mixed precision (float16 autocast) when training on CUDA")
     run_dir: str = option("", "run directory; empty = runs/<time>-<task>")
-    round_timeout: float = option(600.0, "seconds the server waits for replies in a round", GREATER_THAN_ZERO)
+    round_timeout: float = option(600.0, "seconds the server waits in a round for clients to connect, then for their replies", GREATER_THAN_ZERO)
     min_replies: int = option(1, "a round with fewer successful train replies fails", POSITIVE)
     resume: bool = option(False, "continue the run in run-dir from its latest checkpoint")
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

@@ -3,13 +3,16 @@
 It calls the strategy's own hooks (``configure_train``, ``aggregate_train``,
 ``configure_evaluate``, ``aggregate_evaluate``) as ``Strategy.start`` does, and around them:
 
-1. samples only clients with privacy budget left (an exhausted client is never sampled again);
-   with client-level DP the server samples by Poisson itself and aggregates with DP-FedAvg;
+1. waits up to the round timeout for the strategy's minimum of connected clients, then samples
+   only connected clients with privacy budget left (an exhausted client is never sampled again; a
+   client that left does not stall the run); with client-level DP the server samples by Poisson
+   itself and aggregates with DP-FedAvg;
 2. sets aside ``budget-exhausted`` replies, then validates every update before aggregation
    (bad ones are dropped with a logged reason and counted);
 3. appends every DP event (clients' and the server's) to the run's hash-chained ledger before
    the aggregate that paid for it is released;
-4. fails a round with one clear line when fewer than ``min_replies`` updates survive;
+4. completes a round with the replies that came back before the timeout (the others are recorded
+   in ``failed_nodes``) and fails it with one clear line when fewer than ``min_replies`` survive;
 5. hands ``on_round`` a record (metrics, timing, bytes, failures, drops) after every round.
 """
 
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,16 +48,35 @@ class RunStopped(FedvaultError, RuntimeError):
 
 
 class EligibleGrid:
-    """A Grid whose ``get_node_ids`` hides excluded nodes, so any strategy samples only the rest."""
+    """A Grid whose ``get_node_ids`` is this round's eligible nodes (a snapshot), so any strategy
+    samples only those, and a node dropping out mid-sampling cannot make it wait forever."""
 
-    def __init__(self, grid: Grid, excluded: set[int]) -> None:
-        self._grid, self._excluded = grid, excluded
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, list(node_ids)
 
     def get_node_ids(self) -> list[int]:
-        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+        return list(self._node_ids)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+SAMPLING_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+
+
+@contextmanager
+def minimums_at_most(strategy: Strategy, available: int) -> Iterator[None]:
+    """Temporarily cap the strategy's sampling minimums at ``available`` nodes (Flower's
+    ``sample_nodes`` would otherwise wait forever for nodes that left)."""
+    saved = {name: getattr(strategy, name) for name in SAMPLING_MINIMUMS
+             if isinstance(getattr(strategy, name, None), int) and getattr(strategy, name) > available}
+    for name in saved:
+        setattr(strategy, name, available)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(strategy, name, value)
 
 
 @dataclass
@@ -72,6 +95,7 @@ class RoundLoop:
     client_dp: ClientLevelDP | None = None
     sealing: ServerSealing | None = None
     exhausted: set[int] = field(default_factory=set)
+    poll_seconds: float = 1.0
 
     def run(self, arrays: ArrayRecord, num_rounds: int, train_config: ConfigRecord, first_round: int = 1) -> ArrayRecord:
         if first_round == 1:
@@ -87,7 +111,9 @@ class RoundLoop:
     def _round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
         start = time.perf_counter()
         record: RoundRecord = {"round": server_round}
-        sent = self._seal(self._configure_train(server_round, arrays, config), server_round)
+        eligible = self._eligible_grid(server_round)
+        with minimums_at_most(self.strategy, len(eligible.get_node_ids())):
+            sent = self._seal(self._configure_train(server_round, arrays, config, eligible), server_round)
         replies, unopened = self._exchange(sent, server_round, "train")
 
         exhausted = [r for r in replies if _status(r) == BUDGET_EXHAUSTED]
@@ -112,8 +138,10 @@ class RoundLoop:
         )
         bytes_sent, bytes_received = _payload_bytes(sent), _payload_bytes(replies)
         if self.client_evaluate:
-            sent_eval = self._seal(list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)),
-                                   server_round)
+            with minimums_at_most(self.strategy, len(eligible.get_node_ids())):
+                sent_eval = self._seal(
+                    list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), eligible)), server_round
+                )
             eval_replies, _ = self._exchange(sent_eval, server_round, "evaluate")
             record["evaluate"] = dict(self.strategy.aggregate_evaluate(server_round, eval_replies) or {})
             bytes_sent += _payload_bytes(sent_eval)
@@ -134,15 +162,33 @@ class RoundLoop:
             return replies, []
         return self.sealing.open(replies, server_round, kind)
 
-    def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
-        eligible = EligibleGrid(self.grid, self.exhausted)
-        available = len(eligible.get_node_ids())
-        needed = max(self.min_replies, getattr(self.strategy, "min_available_nodes", 1) if self.client_dp is None else 1)
-        if available < needed:
+    def _eligible_grid(self, server_round: int) -> EligibleGrid:
+        """Wait up to the round timeout for the strategy's ``min_available_nodes``; then go on with
+        the connected clients that have privacy budget left, or stop if fewer than ``min_replies``."""
+        wanted = getattr(self.strategy, "min_available_nodes", 1)
+        connected = list(self.grid.get_node_ids())
+        if len(connected) < wanted:
+            log.info("round %d: waiting up to %g s for %d clients (%d connected)", server_round, self.timeout,
+                     wanted, len(connected))
+            deadline = time.monotonic() + self.timeout
+            while len(connected) < wanted and time.monotonic() < deadline:
+                time.sleep(self.poll_seconds)
+                connected = list(self.grid.get_node_ids())
+            if len(connected) < wanted:
+                log.warning("round %d: only %d of %d clients connected after %g s; sampling among them",
+                            server_round, len(connected), wanted, self.timeout)
+        eligible = [node for node in connected if node not in self.exhausted]
+        if len(eligible) < self.min_replies:
             raise RunStopped(
-                f"round {server_round}: only {available} clients have privacy budget left "
-                f"(need {needed}); stopping after round {server_round - 1}"
+                f"round {server_round}: {len(eligible)} of {len(connected)} connected clients can train "
+                f"({len(self.exhausted)} out of privacy budget) < min-replies={self.min_replies}; "
+                f"stopping after round {server_round - 1}"
             )
+        return EligibleGrid(self.grid, eligible)
+
+    def _configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, eligible: EligibleGrid
+    ) -> list[Message]:
         if self.client_dp is None:
             return list(self.strategy.configure_train(server_round, arrays, config, eligible))
         refusal = self.client_dp.refusal(self._events().get(SERVER_PARTY, []), server_round)
