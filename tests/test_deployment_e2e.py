@@ -46,6 +46,7 @@ RUN = ["--set", 'task="digits"', "--set", "num-clients=3", "--set", f"num-server
        "--set", "local-epochs=1", "--set", "privacy.sample-level=false", "--set", "fraction-evaluate=0.0",
        "--set", "fraction-train=1.0", "--set", "seed=7"]
 RUN_TIMEOUT_S = 150
+FAULT_TIMEOUT_S = 25
 READY = re.compile(r"^ready$", re.MULTILINE)
 
 
@@ -216,6 +217,62 @@ def test_killed_server_resumes_from_its_checkpoint_to_the_same_model(federation)
         assert np.abs(value.numpy() - ref1.arrays[name]).max() > 1e-3
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("sealing", ["auto", "off"])
+def test_superlink_state_holds_update_bytes_only_when_sealing_is_off(federation, sealing):
+    """One client trains one round, so the final global model is that client's reply, bitwise
+    (FedAvg of a single update: weight 1.0). Search every file in the SuperLink's state directory
+    for it: sealed (the deployment default) it is absent; the control run with sealing off shows
+    the search finds it when it is there."""
+    root, processes = federation["root"], federation["processes"]
+    run = f"plaintext-{sealing}"
+    args = _server_args(root, federation["port"], run) + [
+        "--set", "num-server-rounds=1", "--set", "fraction-train=0.34", "--set", f'sealing.mode="{sealing}"',
+        "--set", f"seed={11 if sealing == 'auto' else 13}"]
+    server = processes.start(args, root / f"{run}.log", "fedvault server")
+    assert server.popen.wait(timeout=RUN_TIMEOUT_S) == 0, server.log_text()
+    records = [json.loads(line) for line in (root / "runs" / run / "metrics.jsonl").read_text().splitlines() if line]
+    assert records[1]["replies_ok"] == records[1]["clients_sampled"] == 1
+    initial = load_checkpoint(root / "runs" / run / "checkpoints" / "round-0000.npz").arrays  # sent in the clear
+    patterns = _update_windows(torch.load(root / "runs" / run / "model.pt"), initial)
+    assert len(patterns) > 20
+    stored = {path: path.read_bytes() for path in (root / "state").rglob("*") if path.is_file()}
+    assert any(path.name.startswith("state.db") for path in stored)
+    found = sorted({str(path.relative_to(root)) for path, data in stored.items() for window in patterns if window in data})
+    if sealing == "off":
+        assert found, "control: the plaintext update should be in the SuperLink's state"
+    else:
+        assert found == [], f"plaintext update bytes found in {found}"
+
+
+@pytest.mark.integration
+def test_a_client_killed_mid_round_is_recorded_and_the_run_completes(federation):
+    """Runs last in this module: it leaves the federation with two clients."""
+    root, processes = federation["root"], federation["processes"]
+    victim = federation["clients"][2]
+    supernode_log = root / "client-3" / "supernode.log"
+    node_id = int(re.search(r"as node (\d+)", victim.log_text()).group(1))
+    supernode_pid = int(re.search(r"SuperNode \(pid (\d+)\)", victim.log_text()).group(1))
+    received_before = supernode_log.read_text().count("Receiving: train message")
+    args = _server_args(root, federation["port"], "fault") + ["--set", f"round-timeout={FAULT_TIMEOUT_S}"]
+    server = processes.start(args, root / "fault.log", "fedvault server")
+    _wait_for(lambda: supernode_log.read_text().count("Receiving: train message") > received_before
+              or not server.alive(), RUN_TIMEOUT_S, "round 1's train message at client 3")
+    for pgid in (supernode_pid, victim.pid):  # the SuperNode (and its ClientApp) die mid-round
+        _killpg(pgid, signal.SIGKILL)
+    assert server.popen.wait(timeout=RUN_TIMEOUT_S + 3 * FAULT_TIMEOUT_S) == 0, server.log_text()
+
+    records = [json.loads(line) for line in (root / "runs" / "fault" / "metrics.jsonl").read_text().splitlines() if line]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    first, second = records[1], records[2]
+    assert first["clients_sampled"] == 3 and first["replies_ok"] == 2 and first["failed_nodes"] == [node_id]
+    assert first["seconds"] >= FAULT_TIMEOUT_S  # the round waited for the timeout, then completed
+    assert second["replies_ok"] == 2  # the dead node either timed out again or was no longer listed
+    assert second["failed_nodes"] == [node_id] if second["clients_sampled"] == 3 else second["failed_nodes"] == []
+    assert second["central"]["accuracy"] > records[0]["central"]["accuracy"]
+    assert re.search(r"run \d+ finished:completed: 2 rounds", server.log_text())
+
+
 # ---- helpers ----------------------------------------------------------------------------------
 
 
@@ -242,3 +299,20 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _update_windows(state: dict, initial: dict, size: int = 64) -> list[bytes]:
+    """Non-overlapping ``size``-byte slices of the trained float tensors that differ from the
+    initial model's (rows of dead units never change, and the initial model travels unsealed) and
+    are not low-entropy (a run of zeros would match anything)."""
+    windows = []
+    for name, tensor in state.items():
+        data = tensor.detach().contiguous().numpy()
+        if data.dtype != np.float32:
+            continue
+        raw, before = data.tobytes(), np.ascontiguousarray(initial[name]).tobytes()
+        for start in range(0, len(raw) - size + 1, size):
+            window = raw[start:start + size]
+            if window != before[start:start + size] and len(set(np.frombuffer(window, np.float32))) >= size // 8:
+                windows.append(window)
+    return windows
