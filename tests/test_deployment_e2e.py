@@ -1,18 +1,18 @@
 """`fedvault keys init|server|client` end to end: real processes on 127.0.0.1, TLS + node auth.
 
 The module starts one federation (keys, `fedvault server`, three `fedvault client`) for a two-round
-`digits` run, then kills a second run's server side after round 1's checkpoint and resumes it with
-`fedvault server --resume`. Every process is stopped by PID in teardown, also when a test fails.
-Refusal of an unregistered SuperNode key and of a SuperNode without the CA at the process level
-is covered in tests/test_deployment_processes.py; here only the CLI's one-line error is checked.
+`digits` run, then, against the same clients: kills a second run's server side after round 1's
+checkpoint and resumes it with `fedvault server --resume`; searches the SuperLink's state for the
+bytes of a client update with sealing on and (control) off; and, last, SIGKILLs a client mid-round.
+Every process is stopped by PID in teardown, also when a test fails. Refusal of an unregistered
+SuperNode key and of a SuperNode without the CA at the process level is covered in
+tests/test_deployment_processes.py; here only the CLI's one-line error is checked.
 
-Invariant checked on resume: the resumed run's final model equals the uninterrupted run's up to
-float32 re-association (rtol 1e-6), not bitwise. Client training is deterministic given the seed
-and the round (DP-SGD off: its noise is drawn from a CSPRNG), the checkpoint restores the global
-arrays bitwise (tests/test_checkpoint.py), and with fraction-train = 1.0 every round samples
-every node whatever Python's RNG draws; but Flower's FedAvg sums the replies in float32 in their
-arrival order, which differs between runs (even uninterrupted ones), so each round may differ by
-about one ulp. Aggregating replies sorted by node id would make the runs bitwise equal.
+Resume is checked bitwise: the resumed run's final model equals the uninterrupted run's exactly.
+Client training is deterministic given the seed and the round (DP-SGD off: its noise is drawn from
+a CSPRNG), the checkpoint restores the global arrays bitwise (tests/test_checkpoint.py), with
+fraction-train = 1.0 every round samples every node whatever Python's RNG draws, and the server
+sums the replies in node-id order rather than arrival order (float32 addition is not associative).
 """
 
 from __future__ import annotations
@@ -210,11 +210,10 @@ def test_killed_server_resumes_from_its_checkpoint_to_the_same_model(federation)
     reference = torch.load(reference_dir / "model.pt")
     final = torch.load(run_dir / "model.pt")
     assert list(final) == list(reference)
-    for name, value in reference.items():  # equal up to float32 summation order (module docstring)
-        np.testing.assert_allclose(got1.arrays[name], ref1.arrays[name], rtol=1e-6, atol=1e-7, err_msg=name)
-        np.testing.assert_allclose(final[name].numpy(), value.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
-        # ... and far tighter than one round of training moves the model, so the check has teeth
-        assert np.abs(value.numpy() - ref1.arrays[name]).max() > 1e-3
+    for name, value in reference.items():  # bitwise (module docstring)
+        np.testing.assert_array_equal(got1.arrays[name], ref1.arrays[name], err_msg=name)
+        assert torch.equal(final[name], value), name
+        assert np.abs(value.numpy() - ref1.arrays[name]).max() > 1e-3  # round 2 moved the model
 
 
 @pytest.mark.integration
