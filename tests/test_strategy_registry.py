@@ -1,6 +1,7 @@
-"""Strategy registry: every built-in builds from config and aggregates real Flower Messages;
-parameters are checked against constructor signatures; plug-ins load by module:Class and by
-entry point, and each way a plug-in can be wrong fails with a clear StrategyError."""
+"""Strategy registry: built-ins build from config (each also runs a round on Flower's engine in
+tests/test_strategies_engine.py); parameters are checked against constructor signatures;
+plug-ins load by module:Class and by entry point, and each way a plug-in can be wrong fails with
+a clear StrategyError."""
 
 from __future__ import annotations
 
@@ -52,19 +53,6 @@ def test_builtins_cover_flower_and_fedvault_strategies():
         "fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "fedmedian",
         "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg", "scaffold", "fednova",
     }
-
-
-@pytest.mark.parametrize("name", sorted(builtin_strategies()))
-def test_every_builtin_builds_from_config_and_aggregates_a_round(name, flower_task_identity):
-    strategy = build_strategy(name, {}, COMMON)
-    model = mlp()
-    initial = ArrayRecord(model.state_dict())
-    arrays, metrics = run_round(strategy, initial, random_clients(NUM_CLIENTS), model)
-    assert arrays is not None and list(arrays.keys()) == list(initial.keys())
-    new = _flat(arrays)
-    assert np.isfinite(new).all()
-    assert not np.allclose(new, _flat(initial)), f"{name} did not move the model"
-    assert "train_loss" in metrics
 
 
 def test_fedavg_from_config_is_the_example_weighted_mean(flower_task_identity):
