@@ -1,7 +1,7 @@
-"""Cost of sealing client updates: seal+open throughput of 1, 10 and 100 MB updates.
+"""Cost of sealing client updates: seal+open throughput of 1, 10 and 100 MB updates, and the time
+sealing adds to a simulated round, measured in one run.
 
-Section "sealing" (this file's only section so far; add one as a ``measure_*`` function that
-returns a JSON-able dict plus a ``*_markdown`` renderer, and list both in ``SECTIONS``):
+Section "sealing":
 
 * ``cipher``: AES-128-GCM alone on 1 MiB records, ``encrypt_into``/``decrypt_into`` preallocated
   buffers: the ceiling sealing can approach.
@@ -14,7 +14,15 @@ Each update is a model-like dict of float32 arrays (4 weight matrices + 4 biases
 repetition runs every (suite, level) on every size, interleaved, so load hits them alike;
 reported: median seconds to seal and to open, and MB/s = size / (seal + open), MB = 10**6 bytes.
 
-    python benchmarks/encryption_overhead.py [--sizes 1 10 100] [--reps 7]
+Section "round_time": ``fedvault simulate`` (mnist1d, 10 clients, DP off) with ``sealing.mode``
+off and on, in interleaved pairs; reported: median steady seconds per round (round 1, which holds
+the engine's start-up, excluded) and the percentage sealing adds (signing every instruction,
+verifying it on the client, sealing every reply, opening it on the server).
+
+To add a section, write a ``measure_*`` function that returns a JSON-able dict plus a
+``*_markdown`` renderer, and list both in ``SECTIONS``.
+
+    python benchmarks/encryption_overhead.py [--sizes 1 10 100] [--reps 7] [--rounds 8] [--pairs 3]
 
 Writes benchmarks/results/encryption_overhead.json and .md (atomically).
 """
@@ -238,8 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100], help="update sizes in MB")
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per case")
-    parser.add_argument("--rounds", type=int, default=6, help="rounds per simulation (round-time section)")
-    parser.add_argument("--pairs", type=int, default=2, help="off/on simulation pairs (round-time section)")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per simulation (round-time section)")
+    parser.add_argument("--pairs", type=int, default=3, help="off/on simulation pairs (round-time section)")
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="folder for encryption_overhead.json and .md"
     )
