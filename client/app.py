@@ -63,14 +63,17 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         if cfg.privacy.sample_level:
             ledger = NodeLedger(node_ledger_path(cfg, context.node_config))
             try:
-                done = train_private(cfg, sel, global_state, server_round, device, ledger, run_key(cfg, context.run_id))
+                done = train_private(cfg, sel, global_state, server_round, device, ledger, run_key(cfg, context.run_id),
+                                     make_hooks=lambda model: build_hooks(msg.content, context.state, model))
             except (BudgetExhausted, RoundAlreadySpent) as exc:
                 kind = BUDGET_EXHAUSTED if isinstance(exc, BudgetExhausted) else ROUND_ALREADY_SPENT
                 status = ConfigRecord({"status": kind, "reason": str(exc)})
                 return reply(msg, RecordDict({"metrics": MetricRecord({"num-examples": 0}), "status": status}), sealing, "train")
             state, loss, steps = done.result.state_dict, done.result.loss, done.result.steps
+            hook_records, hook_metrics = finish_hooks(done.hooks, done.model, steps, done.learning_rate)
+            records.update(hook_records)
             records["dp-event"] = ConfigRecord(done.event.to_dict())
-            extra_metrics = {"dp_epsilon": done.epsilon}
+            extra_metrics = {"dp_epsilon": done.epsilon, **hook_metrics}
         else:
             state, loss, steps, hook_records, extra_metrics = _train_plain(cfg, sel, msg, context, global_state, device)
             records.update(hook_records)

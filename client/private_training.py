@@ -8,6 +8,7 @@ epsilon instead of starting over (Flower issue #2216).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,9 @@ from fedvault.privacy.dp_sgd import LocalTrainResult, PrivateTrainer, planned_st
 from fedvault.privacy.events import DPEvent
 from fedvault.privacy.node_ledger import NodeLedger
 from fedvault.tasks import make_loader
+from fedvault.tasks.base import TrainingHook
+
+HookFactory = Callable[[torch.nn.Module], list[TrainingHook]]
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,9 @@ class PrivateRound:
     result: LocalTrainResult
     event: DPEvent
     epsilon: float
+    hooks: list[TrainingHook]
+    model: torch.nn.Module  # the trained model the hooks ran on
+    learning_rate: float
 
 
 class BudgetExhausted(Exception):
@@ -84,9 +91,12 @@ def private_trainer(cfg: RunConfig, sel: DataSelection, device_type: str) -> Pri
 
 def train_private(
     cfg: RunConfig, sel: DataSelection, global_state: dict, server_round: int,
-    device: torch.device, ledger: NodeLedger, key: str,
+    device: torch.device, ledger: NodeLedger, key: str, make_hooks: HookFactory = lambda model: [],
 ) -> PrivateRound:
-    """Check the budget, train one round with DP-SGD, record the spend; raises BudgetExhausted."""
+    """Check the budget, train one round with DP-SGD, record the spend; raises BudgetExhausted.
+
+    ``make_hooks(model)`` builds the strategy's client steps on the trainer's model once it holds
+    ``global_state``; they run on the private gradient (:func:`fedvault.privacy.dp_sgd.train_step`)."""
     party = f"client-{sel.partition_id}"
     trainer = private_trainer(cfg, sel, device.type)
     planned = DPEvent(kind="sample", noise_multiplier=trainer.noise_multiplier, sample_rate=trainer.sample_rate,
@@ -100,10 +110,13 @@ def train_private(
     projected = projected_epsilon(history, planned, budget)
     if projected > budget.epsilon:
         raise BudgetExhausted(party, projected, budget.epsilon)
-    result = trainer.train_round(global_state, cfg.local_epochs)
+    trainer.load_global(global_state)
+    hooks = make_hooks(trainer.model)
+    result = trainer.train_round(global_state, cfg.local_epochs, hooks)
     event = DPEvent(kind="sample", noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
                     steps=result.steps, sampling="poisson", round=server_round, party=party)
     ledger.record(key, party, event)
-    return PrivateRound(result=result, event=event, epsilon=projected_epsilon(history, event, budget))
+    return PrivateRound(result=result, event=event, epsilon=projected_epsilon(history, event, budget), hooks=hooks,
+                        model=trainer.model, learning_rate=trainer.learning_rate)
 
 

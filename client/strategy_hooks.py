@@ -3,16 +3,19 @@
 The trainer runs, per batch::
 
     optimizer.zero_grad()
-    loss = criterion(model(x), y) + sum(h.loss_term(model) for h in hooks)   # None terms skipped
-    loss.backward()
-    for h in hooks: h.after_backward(model)
+    criterion(model(x), y).backward()
+    for h in hooks: h.after_backward(model)      # under DP-SGD: after Opacus clipped and noised
     optimizer.step(); steps += 1
+
+Hooks only add data-independent terms to the gradient (the global model, control variates derived
+from earlier released updates), so under DP-SGD they edit the already-private gradient: post-
+processing, no extra privacy cost.
 
 and after training merges ``finish_hooks(hooks, model, steps, lr)`` into its reply. Which hooks
 run is read from the train message (:func:`build_hooks`):
 
-- FedProx (Li et al., MLSys 2020, arXiv 1812.06127): config ``"proximal-mu"`` > 0 adds
-  ``mu/2 * ||w - w_global||^2`` to each batch loss.
+- FedProx (Li et al., MLSys 2020, arXiv 1812.06127): config ``"proximal-mu"`` > 0 adds the
+  gradient of ``mu/2 * ||w - w_global||^2``, ``mu * (w - w_global)``, to each step's gradient.
 - SCAFFOLD (Karimireddy et al., ICML 2020, arXiv 1910.06378): ArrayRecord ``"scaffold.c"``
   turns each gradient ``g`` into ``g - c_i + c``; ``c_i`` lives in the node state.
 - FedNova (Wang et al., NeurIPS 2020, arXiv 2007.07481): config ``"fednova"`` makes the reply
@@ -52,8 +55,6 @@ class HookError(RuntimeError):
 
 class TrainingHook(StepHook, Protocol):
     """One strategy's client-side behaviour during local training."""
-
-    def loss_term(self, model: torch.nn.Module) -> torch.Tensor | None: ...  # added to each batch loss
 
     def after_backward(self, model: torch.nn.Module) -> None: ...  # edit .grad in place before step
 
@@ -114,19 +115,17 @@ def _snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
 
 
 class ProximalHook:
-    """FedProx: adds ``mu/2 * sum_w ||w - w_global||^2`` to each batch loss."""
+    """FedProx: the proximal term's gradient ``mu * (w - w_global)`` is added to each step's."""
 
     def __init__(self, model: torch.nn.Module, mu: float) -> None:
         self.mu = mu
         self.anchor = _snapshot(trainable_parameters(model))
 
-    def loss_term(self, model: torch.nn.Module) -> torch.Tensor:
-        params = trainable_parameters(model)
-        squared = sum((params[name] - w0).pow(2).sum() for name, w0 in self.anchor.items())
-        return 0.5 * self.mu * squared
-
+    @torch.no_grad()
     def after_backward(self, model: torch.nn.Module) -> None:
-        return None
+        for name, p in trainable_parameters(model).items():
+            if p.grad is not None:
+                p.grad.add_(p - self.anchor[name], alpha=self.mu)
 
     def finish(self, model: torch.nn.Module, steps: int, lr: float) -> Extras:
         return {}, {}
@@ -164,8 +163,6 @@ class ScaffoldHook:
                 return c_i
         return {key: np.zeros_like(value) for key, value in self.c.items()}
 
-    def loss_term(self, model: torch.nn.Module) -> None:
-        return None
 
     def after_backward(self, model: torch.nn.Module) -> None:
         params = trainable_parameters(model)
@@ -195,8 +192,6 @@ class FedNovaHook:
     def __init__(self, momentum: float) -> None:
         self.momentum = momentum
 
-    def loss_term(self, model: torch.nn.Module) -> None:
-        return None
 
     def after_backward(self, model: torch.nn.Module) -> None:
         return None

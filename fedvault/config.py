@@ -21,7 +21,6 @@ from fedvault.errors import ConfigError
 
 Check = tuple[Callable[[Any], bool], str]
 STRATEGY_PREFIX = "strategy."
-CLIENT_HOOK_STRATEGIES = ("fedprox", "scaffold", "fednova")  # strategies with a client-side training step
 
 
 def option(default: Any, help: str, check: Check | None = None, choices: tuple = ()) -> Any:
@@ -204,11 +203,6 @@ class RunConfig:
             raise ConfigError(
                 f"invalid value for 'fraction-train': {self.fraction_train} samples no client out of "
                 f"num-clients={self.num_clients}"
-            )
-        if self.privacy.sample_level and self.strategy.name.lower() in CLIENT_HOOK_STRATEGIES:
-            raise ConfigError(
-                f"invalid value for 'strategy.name': '{self.strategy.name}' (its client-side step is not applied "
-                "under Opacus DP-SGD yet; set privacy.sample-level = false or choose another strategy)"
             )
         if self.privacy.client_level and self.strategy.name.lower() != "fedavg":
             raise ConfigError(

@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedvault.errors import FedvaultError
+from fedvault.tasks.base import TrainingHook
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
@@ -149,13 +150,23 @@ def make_private_parts(
 
 
 def train_step(
-    module: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable[..., Any], x: Any, y: Any
+    module: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable[..., Any], x: Any, y: Any,
+    hooks: Sequence[TrainingHook] = (),
 ) -> Any:
-    """One optimizer step on batch (x, y); returns the (possibly wrapped) loss."""
+    """One optimizer step on batch (x, y); returns the (possibly wrapped) loss.
+
+    ``hooks`` (strategy client steps) edit the gradient after Opacus' ``pre_step`` has clipped the
+    per-sample gradients and added the noise, so what they add is post-processing of the private
+    gradient; ``pre_step`` is False while ``BatchMemoryManager`` accumulates a logical batch."""
     optimizer.zero_grad(set_to_none=True)
     loss = criterion(module(x), y)
     loss.backward()
-    optimizer.step()
+    if not hooks:
+        optimizer.step()
+    elif optimizer.pre_step():
+        for hook in hooks:
+            hook.after_backward(module)
+        optimizer.original_optimizer.step()
     return loss
 
 
@@ -410,8 +421,20 @@ class PrivateTrainer:
             first = str(exc).strip().splitlines()[-1].strip()
             raise DPSGDError(f"DP-SGD: global weights do not fit the DP model: {first}") from None
 
-    def train_round(self, global_state: Mapping[str, Any], epochs: int) -> LocalTrainResult:
-        """Load ``global_state``, train ``epochs`` local epochs with DP-SGD, return weights and steps."""
+    @property
+    def model(self) -> nn.Module:
+        """The trained nn.Module (plain state-dict keys; the same Parameters Opacus updates)."""
+        return self._model
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.parts.optimizer.original_optimizer.param_groups[0]["lr"])
+
+    def train_round(
+        self, global_state: Mapping[str, Any], epochs: int, hooks: Sequence[TrainingHook] = ()
+    ) -> LocalTrainResult:
+        """Load ``global_state``, train ``epochs`` local epochs with DP-SGD, return weights and steps.
+        ``hooks`` are built on :attr:`model` holding ``global_state`` (see :func:`train_step`)."""
         if epochs < 1:
             raise DPSGDError(f"DP-SGD: epochs must be >= 1, got {epochs}")
         parts = self.parts
@@ -433,7 +456,7 @@ class PrivateTrainer:
             with manager as batches:
                 for x, y in batches:
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    loss = train_step(parts.module, parts.optimizer, parts.criterion, x, y)
+                    loss = train_step(parts.module, parts.optimizer, parts.criterion, x, y, hooks)
                     if len(y):
                         total_loss += float(loss.item()) * len(y)
                         seen += len(y)

@@ -78,10 +78,6 @@ def train_locally(model: torch.nn.Module, hooks, client: FakeClient, criterion, 
     for _ in range(client.steps):
         optimizer.zero_grad()
         loss = criterion(model(client.x), client.y)
-        for hook in hooks:
-            term = hook.loss_term(model)
-            if term is not None:
-                loss = loss + term
         loss.backward()
         for hook in hooks:
             hook.after_backward(model)

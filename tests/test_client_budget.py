@@ -59,3 +59,24 @@ def test_no_client_passes_its_cap_even_across_a_restart(tmp_path, flower_task_id
     assert replayed.content["status"]["status"] == ROUND_ALREADY_SPENT
     assert len(ledger.events("run", "client-1")) == 2
     assert epsilon(ledger.events("run", "client-1"), 1e-5) == spent
+
+
+def test_scaffold_and_fednova_client_steps_run_under_dp_sgd(tmp_path, flower_task_identity):
+    """The strategies' client parts reply as without DP, and the spend is still recorded first."""
+    from fedvault.strategies.fednova import A_NORM_KEY, TAU_KEY
+    from fedvault.strategies.scaffold import CLIENT_DELTA_KEY, SERVER_CONTROL_KEY
+
+    torch.manual_seed(0)
+    model = dp_compatible(load_task("digits").build_model())
+    control = ArrayRecord({k: torch.full_like(v, 0.01) for k, v in model.state_dict().items()})
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), SERVER_CONTROL_KEY: control,
+                          "config": ConfigRecord({"server-round": 1, "fednova": True, "momentum": 0.9})})
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config={})
+    reply = build_client_app(_config(tmp_path))(Message(content, dst_node_id=7, message_type="train"), ctx)
+    assert not reply.has_error() and "dp-event" in reply.content.config_records
+    metrics = reply.content["metrics"]
+    assert metrics[TAU_KEY] == metrics["train_steps"] == dict(reply.content["dp-event"])["steps"]
+    assert metrics[A_NORM_KEY] > metrics[TAU_KEY]  # heavy-ball momentum does more work per step
+    delta = reply.content[CLIENT_DELTA_KEY].to_torch_state_dict()
+    assert delta.keys() == {n for n, p in model.named_parameters()}
+    assert "scaffold.c-i" in ctx.state.array_records  # c_i kept on the node for the next round

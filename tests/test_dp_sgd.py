@@ -232,3 +232,29 @@ def test_auto_mode_picks_the_measured_faster_mode_and_caches_it():
     again = trainer_for(build(), dataset, batch_size=64, mode="auto", sigma=1.0)
     assert again.mode_choice is choice  # measured once per process for this architecture and batch size
     assert again.train_round(start_state(again), epochs=1).steps == again.steps_per_epoch
+
+
+class ConstantPull:
+    """A strategy-style hook: adds a fixed vector to the (already private) gradient."""
+
+    def __init__(self, value: float) -> None:
+        self.value, self.calls = value, 0
+
+    def after_backward(self, model: nn.Module) -> None:
+        self.calls += 1
+        for p in model.parameters():
+            p.grad.add_(self.value)
+
+
+@pytest.mark.parametrize("mode,physical", [("hooks", None), ("ghost", None), ("hooks", 4)])
+def test_strategy_hooks_edit_the_noised_gradient_once_per_logical_step(mode, physical):
+    """Clip ~0 and no noise: the private gradient is ~0, so only the hook moves the weights. Had it
+    run before Opacus' pre_step, Opacus would have overwritten it and nothing would move."""
+    dataset = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+    trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=16, lr=0.1, clip=1e-12, mode=mode,
+                          max_physical_batch_size=physical)
+    start, hook = start_state(trainer), ConstantPull(0.5)
+    result = trainer.train_round(start, epochs=3, hooks=[hook])
+    assert hook.calls == result.steps == 3 * 2
+    for name, value in start.items():
+        torch.testing.assert_close(result.state_dict[name], value - 0.1 * 0.5 * result.steps, atol=1e-6, rtol=0)

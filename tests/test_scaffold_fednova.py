@@ -56,18 +56,20 @@ def test_build_hooks_reads_the_train_message():
     assert [type(h) for h in build_hooks(content, RecordDict(), model)] == [ProximalHook, ScaffoldHook, FedNovaHook]
 
 
-def test_proximal_term_is_half_mu_squared_distance_to_global():
+def test_proximal_step_adds_the_gradient_of_half_mu_squared_distance_to_global():
     model, mu = mlp(), 0.3
     hook = ProximalHook(model, mu)
-    assert hook.loss_term(model).item() == 0.0
-    shifts = []
+    anchor = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
-            d = torch.randn_like(p)
-            p.add_(d)
-            shifts.append(d)
-    expected = 0.5 * mu * sum(float((d**2).sum()) for d in shifts)
-    assert hook.loss_term(model).item() == pytest.approx(expected, rel=1e-5)
+            p.add_(torch.randn_like(p))
+    distance = 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+    expected = torch.autograd.grad(distance, list(model.parameters()))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # the data gradient the term is added to
+    hook.after_backward(model)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, 1 + g)
 
 
 def test_fedprox_keeps_local_model_closer_to_global():

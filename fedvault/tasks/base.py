@@ -43,9 +43,8 @@ class TaskData:
 
 
 class TrainingHook(Protocol):
-    """Client-side part of a strategy (FedProx term, SCAFFOLD correction, ...)."""
-
-    def loss_term(self, model: nn.Module) -> torch.Tensor | None: ...
+    """Client-side part of a strategy (FedProx term, SCAFFOLD correction, ...): edits the
+    gradients in place after each backward pass, before the optimizer step."""
 
     def after_backward(self, model: nn.Module) -> None: ...
 
@@ -101,10 +100,6 @@ class SupervisedTask:
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
                     loss = criterion(model(x), y)
-                    for hook in settings.hooks:
-                        term = hook.loss_term(model)
-                        if term is not None:
-                            loss = loss + term
                 if scaler is not None:
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
