@@ -52,3 +52,15 @@ def test_client_level_dp_stops_at_the_server_budget(tmp_path):
     assert all(e["event"]["sample_rate"] == 0.5 and e["event"]["sampling"] == "poisson" for e in ledger)
     # Poisson sampling: the number of clients varies from round to round around q*N = 4
     assert all(0 <= r["clients_sampled"] <= 8 for r in rounds[1:])
+
+
+def test_scaffold_under_dp_sgd_learns_within_each_clients_budget(tmp_path):
+    """SCAFFOLD's client correction runs on the private gradient; the ledger still bounds epsilon."""
+    stdout, rounds, summary = simulate(
+        tmp_path / "run", "num-clients=4", "num-server-rounds=3", "fraction-evaluate=0.0", "local-epochs=2",
+        "strategy.name=scaffold", "privacy.target-epsilon=8.0", "learning-rate=0.1", "momentum=0.0",
+    )
+    assert all(r["replies_ok"] == 4 and not r["dropped"] for r in rounds[1:])
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
+    clients = [p for p in summary["privacy"]["parties"] if p["party"].startswith("client-")]
+    assert len(clients) == 4 and all(len(p["rounds"]) == 3 and 0 < p["epsilon_pld"] <= 8.0 for p in clients)
