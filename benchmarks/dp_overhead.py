@@ -1,6 +1,6 @@
-"""Local step time of each built-in model: plain SGD vs Opacus DP-SGD (hooks, ghost) and "auto".
+"""Local step time of each built-in model: plain SGD vs Opacus DP-SGD (hooks, ghost, ew) and "auto".
 
-One process, one run: the three modes are interleaved within every repetition (so machine load
+One process, one run: the modes are interleaved within every repetition (so machine load
 hits them alike) and the median seconds per step is reported, with ratios to plain SGD. A step
 is zero_grad + forward + loss + backward + optimizer step on a fixed batch of ``--batch-size``
 synthetic examples (for DP: per-example clipping and Gaussian noise, σ = C = 1). "auto" is
@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import opacus
 import torch
 from torch import nn
 
-from fedvault.privacy.dp_sgd import auto_grad_sample_mode, dp_compatible, measure_step_times
+from fedvault.privacy.dp_sgd import GRAD_SAMPLE_MODES, auto_grad_sample_mode, dp_compatible, measure_step_times
+from fedvault.rundir import atomic_write
 from fedvault.tasks.digits import DigitsTask
 from fedvault.tasks.mnist1d import Mnist1dTask
 
@@ -38,7 +38,7 @@ MODELS = {  # name -> (model factory, input shape of one example)
     "mnist1d": (lambda: Mnist1dTask().build_model(), (1, 40)),
     "digits": (lambda: DigitsTask().build_model(), (64,)),
 }
-MODES = ("plain", "hooks", "ghost")
+MODES = ("plain", *GRAD_SAMPLE_MODES)
 
 
 def bench_model(name: str, batch_size: int, reps: int, steps: int, device: torch.device) -> dict:
@@ -50,7 +50,7 @@ def bench_model(name: str, batch_size: int, reps: int, steps: int, device: torch
     times = measure_step_times(model, batch, criterion, device, MODES, reps=reps, steps=steps, warmup=3)
     median = {mode: statistics.median(values) for mode, values in times.items()}
     choice = auto_grad_sample_mode(model, batch, criterion, device)
-    fastest = min(median["hooks"], median["ghost"])
+    fastest = min(median[mode] for mode in GRAD_SAMPLE_MODES)
     return {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -72,15 +72,16 @@ def to_markdown(report: dict) -> str:
         f"Device {env['device']}, {env['threads']} torch threads, torch {env['torch']}, opacus {env['opacus']}; "
         f"batch {report['batch_size']}, median of {report['reps']} interleaved repetitions x {report['steps']} steps.",
         "",
-        "| model | params | plain ms | hooks ms (x plain) | ghost ms (x plain) | auto picks | auto / fastest |",
-        "|---|---|---|---|---|---|---|",
+        "| model | params | plain ms | " + " | ".join(f"{m} ms (x plain)" for m in GRAD_SAMPLE_MODES)
+        + " | auto picks | auto / fastest |",
+        "|---|---|---|" + "---|" * len(GRAD_SAMPLE_MODES) + "---|---|",
     ]
     for r in report["models"]:
         ms, ratio = r["ms_per_step"], r["ratio_vs_plain"]
+        modes = " | ".join(f"{ms[m]:.2f} ({ratio[m]:.2f}x)" for m in GRAD_SAMPLE_MODES)
         lines.append(
-            f"| {r['model']} | {r['parameters']:,} | {ms['plain']:.2f} | {ms['hooks']:.2f} ({ratio['hooks']:.2f}x) | "
-            f"{ms['ghost']:.2f} ({ratio['ghost']:.2f}x) | {r['auto_choice']} | {r['auto_vs_fastest']:.3f} "
-            f"({'within' if r['auto_within_5pct'] else 'NOT within'} 5%) |"
+            f"| {r['model']} | {r['parameters']:,} | {ms['plain']:.2f} | {modes} | {r['auto_choice']} | "
+            f"{r['auto_vs_fastest']:.3f} ({'within' if r['auto_within_5pct'] else 'NOT within'} 5%) |"
         )
     s = report["summary"]
     lines += [
@@ -90,18 +91,6 @@ def to_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -138,8 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     markdown = to_markdown(report)
-    write_atomic(args.out / "dp_overhead.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out / "dp_overhead.md", markdown)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = (json.dumps(report, indent=2) + "\n").encode()
+    atomic_write(args.out / "dp_overhead.json", lambda fh: fh.write(payload))
+    atomic_write(args.out / "dp_overhead.md", lambda fh: fh.write(markdown.encode()))
     print(markdown)
     return report
 

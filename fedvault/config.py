@@ -50,7 +50,7 @@ class PrivacyConfig:
     target_epsilon: float = option(8.0, "per-client epsilon cap for the whole run; the noise is calibrated to it", GREATER_THAN_ZERO)
     target_delta: float = option(1e-5, "delta for every (epsilon, delta) claim", (lambda v: 0 < v < 1, "must be > 0 and < 1"))
     max_grad_norm: float = option(1.0, "per-sample clipping norm for DP-SGD", GREATER_THAN_ZERO)
-    grad_sample_mode: str = option("auto", "Opacus per-sample gradients: auto (measured), hooks, ghost", choices=("auto", "hooks", "ghost"))
+    grad_sample_mode: str = option("auto", "Opacus per-sample gradients: auto (measured), hooks, ghost, ew", choices=("auto", "hooks", "ghost", "ew"))
     client_level: bool = option(False, "server-side DP-FedAvg: clip each update, noise the sum, Poisson-sample clients with q = fraction-train")
     client_noise_multiplier: float = option(1.0, "noise multiplier z for client-level DP (std z*C on the sum)", GREATER_THAN_ZERO)
     client_clip_norm: float = option(1.0, "update clipping norm C for client-level DP (initial norm when adaptive)", GREATER_THAN_ZERO)

@@ -15,11 +15,12 @@ weights *in place* into the wrapped module's parameters (so the ``GradSampleModu
 hooks, the ``DPOptimizer`` and the accountant are reused and memory stays flat), clears the
 local optimizer state, trains, and returns the plain state dict and the steps taken.
 
-Per-example gradients come from Opacus' ``"hooks"`` (materialised per-sample gradients) or
-``"ghost"`` mode (ghost clipping, Li et al. 2022, arXiv 2110.05679; Bu et al. 2023,
-arXiv 2205.10683: norms without materialising Linear-layer per-sample gradients, at the cost
-of a second backward pass); ``"auto"`` times both once per process on the actual model and
-batch size and keeps the faster.
+Per-example gradients come from Opacus' ``"hooks"`` (materialised per-sample gradients),
+``"ghost"`` (ghost clipping, Li et al. 2022, arXiv 2110.05679; Bu et al. 2023, arXiv
+2205.10683: norms without materialising Linear-layer per-sample gradients, at the cost of a
+second backward pass) or ``"ew"`` mode (torch's expanded weights, which compute per-sample
+gradients inside autograd; fastest on small convolutional models); ``"auto"`` times them once
+per process on the actual model and batch size and keeps the fastest.
 
 Randomness: ``secure_mode=False`` (``torchcsprng`` is not available). The Poisson sampler and
 the noise use torch generators seeded from :mod:`secrets`, so neither the sample nor the noise
@@ -42,6 +43,7 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.grad_sample import GradSampleModuleExpandedWeights
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
@@ -51,7 +53,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedvault.errors import FedvaultError
 from fedvault.tasks.base import TrainingHook
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "ew")
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -159,8 +161,16 @@ def train_step(
     per-sample gradients and added the noise, so what they add is post-processing of the private
     gradient; ``pre_step`` is False while ``BatchMemoryManager`` accumulates a logical batch."""
     optimizer.zero_grad(set_to_none=True)
-    loss = criterion(module(x), y)
-    loss.backward()
+    if len(y) == 0 and isinstance(module, GradSampleModuleExpandedWeights):
+        # torch's expanded weights refuse an empty batch; record what the other modes record for
+        # it (no per-sample gradients), so the step still adds, and accounts, its noise
+        for p in module.parameters():
+            if p.requires_grad:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        loss = torch.zeros(())
+    else:
+        loss = criterion(module(x), y)
+        loss.backward()
     if not hooks:
         optimizer.step()
     elif optimizer.pre_step():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedvault.privacy import dp_sgd
 from fedvault.privacy.dp_sgd import (
     DPSGDError,
     PrivateTrainer,
@@ -57,7 +58,7 @@ def test_planning_helpers_match_what_opacus_builds():
     assert result.steps == 12 and result.sample_rate == 0.25
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "ew"])
 def test_each_example_gradient_is_clipped_to_the_bound(mode):
     torch.manual_seed(0)
     n, clip = 8, 0.05
@@ -90,7 +91,7 @@ def test_each_example_gradient_is_clipped_to_the_bound(mode):
     assert math.sqrt(sum((u**2).sum().item() for u in update)) <= clip + 1e-6
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "ew"])
 def test_noise_std_is_sigma_times_clip_over_expected_batch_size(mode):
     # x = 0 and no bias: every gradient is exactly zero, so the update is the noise alone.
     n, batch, sigma, clip = 64, 16, 2.0, 0.5
@@ -157,19 +158,20 @@ def test_global_weights_load_in_place_with_or_without_module_prefix():
         trainer.train_round({"weight": torch.zeros(2, 4), "bias": torch.zeros(3)}, epochs=1)
 
 
-def test_empty_poisson_batches_still_take_an_accounted_noise_step():
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "ew"])
+def test_empty_poisson_batches_still_take_an_accounted_noise_step(mode, monkeypatch):
     dataset = TensorDataset(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
-    trainer = trainer_for(nn.Linear(3, 2, bias=False), dataset, batch_size=1, sigma=1.0)  # q = 0.5
+    trainer = trainer_for(nn.Linear(3, 2, bias=False), dataset, batch_size=1, sigma=1.0, mode=mode)  # q = 0.5
     start = start_state(trainer)
-    sizes = []
-    trainer.module.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+    sizes, step = [], dp_sgd.train_step
+    monkeypatch.setattr(dp_sgd, "train_step", lambda *args: (sizes.append(len(args[4])), step(*args))[1])
     result = trainer.train_round(start, epochs=20)
     assert 0 in sizes  # P(no empty batch in 40 draws) = 0.75**40
     assert result.steps == trainer.accounted_steps() == 40
     assert not torch.equal(result.state_dict["weight"], start["weight"])
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "ew"])
 def test_batch_memory_manager_splits_physical_batches_but_accounts_logical_steps(mode):
     dataset = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
     trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=32, sigma=1.0, mode=mode, max_physical_batch_size=8)
@@ -246,7 +248,7 @@ class ConstantPull:
             p.grad.add_(self.value)
 
 
-@pytest.mark.parametrize("mode,physical", [("hooks", None), ("ghost", None), ("hooks", 4)])
+@pytest.mark.parametrize("mode,physical", [("hooks", None), ("ghost", None), ("ew", None), ("hooks", 4)])
 def test_strategy_hooks_edit_the_noised_gradient_once_per_logical_step(mode, physical):
     """Clip ~0 and no noise: the private gradient is ~0, so only the hook moves the weights. Had it
     run before Opacus' pre_step, Opacus would have overwritten it and nothing would move."""
