@@ -31,6 +31,7 @@ hardened against floating-point attacks (Jin et al. 2021, arXiv 2107.10138).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import secrets
 import statistics
@@ -52,6 +53,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedvault.errors import FedvaultError
 from fedvault.tasks.base import TrainingHook
+
+log = logging.getLogger("fedvault")
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "ew")
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
@@ -265,10 +268,25 @@ def auto_grad_sample_mode(
     """Measure hooks vs ghost once per process per (architecture, batch size, device); cached."""
     key = (repr(model), len(batch[1]), device.type)
     if key not in _MODE_CHOICES:
-        times = measure_step_times(model, batch, criterion, device)
+        modes = [mode for mode in GRAD_SAMPLE_MODES if _runs(model, batch, criterion, device, mode)]
+        if not modes:
+            raise DPSGDError(f"DP-SGD: no grad-sample mode ({', '.join(GRAD_SAMPLE_MODES)}) can train this model")
+        times = measure_step_times(model, batch, criterion, device, modes)
         medians = {mode: statistics.median(values) for mode, values in times.items()}
         _MODE_CHOICES[key] = ModeChoice(choose_grad_sample_mode(medians), medians)
     return _MODE_CHOICES[key]
+
+
+def _runs(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], criterion: nn.Module, device: torch.device,
+          mode: str) -> bool:
+    """Whether ``mode`` can take a step on this model and device (not every mode supports every layer)."""
+    try:
+        measure_step_times(model, batch, criterion, device, (mode,), reps=1, steps=1, warmup=0)
+    except Exception as exc:  # noqa: BLE001 - any failure rules the mode out; the reason is logged
+        log.warning("DP-SGD: grad-sample mode %r cannot train this model (%s); 'auto' leaves it out", mode,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return False
+    return True
 
 
 def _synthetic_batch(loader: DataLoader, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
