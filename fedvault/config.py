@@ -124,7 +124,10 @@ class RunConfig:
     )
     shards_per_client: int = option(2, "label-sorted shards per client for partitioner=shards", POSITIVE)
     test_fraction: float = option(0.2, "share of each client's partition held out for its local test split", OPEN_FRACTION)
-    client_cpus: float = option(2.0, "CPUs reserved per simulated client (Ray); concurrency = cores / this", GREATER_THAN_ZERO)
+    client_cpus: float = option(
+        1.0, "CPUs reserved per simulated client (Ray); concurrency = cores / this (small models train faster "
+        "as parallel single-threaded clients than one at a time)", GREATER_THAN_ZERO
+    )
     client_gpus: float = option(
         -1.0, "GPUs per simulated client; -1 = auto (share the GPU when CUDA is present, else 0)",
         (lambda v: v == -1.0 or v >= 0, "must be -1 (auto) or >= 0"),
