@@ -70,10 +70,9 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
                 status = ConfigRecord({"status": kind, "reason": str(exc)})
                 return reply(msg, RecordDict({"metrics": MetricRecord({"num-examples": 0}), "status": status}), sealing, "train")
             state, loss, steps = done.result.state_dict, done.result.loss, done.result.steps
-            hook_records, hook_metrics = finish_hooks(done.hooks, done.model, steps, done.learning_rate)
-            records.update(hook_records)
+            records.update(done.hook_records)
             records["dp-event"] = ConfigRecord(done.event.to_dict())
-            extra_metrics = {"dp_epsilon": done.epsilon, **hook_metrics}
+            extra_metrics = {"dp_epsilon": done.epsilon, **done.hook_metrics}
         else:
             state, loss, steps, hook_records, extra_metrics = _train_plain(cfg, sel, msg, context, global_state, device)
             records.update(hook_records)

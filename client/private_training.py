@@ -14,8 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord
 
 from fedvault.client.node import DataSelection, task_and_model, training_data
+from fedvault.client.strategy_hooks import finish_hooks
 from fedvault.config import RunConfig
 from fedvault.privacy.accountants import calibrate_noise_multiplier
 from fedvault.privacy.budget import Budget, projected_epsilon
@@ -35,9 +37,8 @@ class PrivateRound:
     result: LocalTrainResult
     event: DPEvent
     epsilon: float
-    hooks: list[TrainingHook]
-    model: torch.nn.Module  # the trained model the hooks ran on
-    learning_rate: float
+    hook_records: dict[str, ArrayRecord]  # what the strategy's client steps add to the reply
+    hook_metrics: dict[str, float]
 
 
 class BudgetExhausted(Exception):
@@ -116,7 +117,8 @@ def train_private(
     event = DPEvent(kind="sample", noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
                     steps=result.steps, sampling="poisson", round=server_round, party=party)
     ledger.record(key, party, event)
-    return PrivateRound(result=result, event=event, epsilon=projected_epsilon(history, event, budget), hooks=hooks,
-                        model=trainer.model, learning_rate=trainer.learning_rate)
+    hook_records, hook_metrics = finish_hooks(hooks, trainer.model, result.steps, trainer.learning_rate)
+    return PrivateRound(result=result, event=event, epsilon=projected_epsilon(history, event, budget),
+                        hook_records=hook_records, hook_metrics=hook_metrics)
 
 
