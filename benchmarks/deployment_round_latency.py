@@ -40,8 +40,8 @@ from fedvault.keys import init_keys
 from fedvault.privacy.identity import generate_identity
 from fedvault.processes import child_env, free_port
 from fedvault.server.superlink import start_superlink, submit_run
+from sweep import RESULTS, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TASK, SEED, LOCAL_EPOCHS = "digits", 7, 1
 POLL_S = 3.0  # flwr 1.41: supernode/start_client_internal.py and superlink/grid/http_grid.py sleep(3)
 
@@ -184,9 +184,7 @@ def clientapp_cold_start(module: str, cwd: Path | None = None) -> float:
     return statistics.median(times)
 
 
-def write_results(results: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "deployment_round_latency.json").write_text(json.dumps(results, indent=2) + "\n")
+def to_markdown(results: dict) -> str:
     lines = [
         "# Deployment round latency: fedvault vs a stock Flower app",
         "",
@@ -213,7 +211,7 @@ def write_results(results: dict) -> None:
         "",
         "Target: fedvault no more than 10% slower (ratio <= 1.10).",
     ]
-    (RESULTS / "deployment_round_latency.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -238,7 +236,7 @@ def main() -> None:
                 "stock": clientapp_cold_start("stockapp", cwd=stock_dir)}
     results = {"rounds": args.rounds, "rows": rows, "clientapp_cold_start_s": cold, "cpus": os.cpu_count(),
                "command": "python benchmarks/deployment_round_latency.py " + " ".join(sys.argv[1:])}
-    write_results(results)
+    write_results("deployment_round_latency", results, to_markdown(results))
     print(f"cold start of a ClientApp import: fedvault {cold['fedvault']:.2f} s, stock {cold['stock']:.2f} s")
     print(f"wrote {RESULTS / 'deployment_round_latency.md'}")
 

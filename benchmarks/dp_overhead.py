@@ -16,7 +16,6 @@ Writes benchmarks/results/dp_overhead.json and .md (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,11 +27,10 @@ import torch
 from torch import nn
 
 from fedvault.privacy.dp_sgd import GRAD_SAMPLE_MODES, auto_grad_sample_mode, dp_compatible, measure_step_times
-from fedvault.rundir import atomic_write
 from fedvault.tasks.digits import DigitsTask
 from fedvault.tasks.mnist1d import Mnist1dTask
+from sweep import RESULTS, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = "mnist1d"  # the default task in fedvault's config
 MODELS = {  # name -> (model factory, input shape of one example)
     "mnist1d": (lambda: Mnist1dTask().build_model(), (1, 40)),
@@ -127,10 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     markdown = to_markdown(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = (json.dumps(report, indent=2) + "\n").encode()
-    atomic_write(args.out / "dp_overhead.json", lambda fh: fh.write(payload))
-    atomic_write(args.out / "dp_overhead.md", lambda fh: fh.write(markdown.encode()))
+    write_results("dp_overhead", report, markdown, out=args.out)
     print(markdown)
     return report
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -41,10 +40,13 @@ from pathlib import Path
 
 import cryptography
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedvault.privacy.envelope import open_reply, seal_reply
+from fedvault.privacy.envelope import open_reply, seal_reply, sign_instruction, verify_instruction
+from fedvault.privacy.identity import IdentityPin, announce_run_key, fingerprint
 from fedvault.privacy.sealing import (
     CHUNK_SIZE,
     DEFAULT_SUITE,
@@ -54,9 +56,9 @@ from fedvault.privacy.sealing import (
     open_arrays,
     seal_arrays,
 )
-from fedvault.rundir import atomic_write
+from fedvault.tasks import load_task
+from sweep import RESULTS, simulate, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MB = 10**6
 TARGET_MB_S = 1000.0  # seal+open of a 100 MB update with the default suite
 CONTEXT = SealContext(run_id=1, round=1, node_id=1, kind="train")
@@ -209,14 +211,6 @@ def sealing_work_per_round(clients: int, reps: int = 20) -> dict:
     """Seconds of sealing work in one mnist1d round, timed directly with fedvault's own calls: the
     server signs the instruction once, each client verifies it and seals its reply, the server
     opens every reply. Simulated clients run one at a time here, so this adds to wall time."""
-    import torch
-
-    from fedvault.privacy.envelope import sign_instruction, verify_instruction
-    from fedvault.privacy.identity import IdentityPin, announce_run_key, fingerprint
-    from fedvault.tasks import load_task
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from flwr.app import ConfigRecord
-
     torch.manual_seed(0)
     arrays = ArrayRecord(load_task("mnist1d").build_model().state_dict())
     identity = Ed25519PrivateKey.generate()
@@ -243,8 +237,6 @@ def measure_round_time(rounds: int, pairs: int) -> dict:
     interleaved; every round after the first of every run counts), and the sealing work of one such
     round timed directly. A mean, not a median: Flower's 0.1 s polls round each round time to a
     step, and averaging many rounds whose work falls anywhere within a step recovers the difference."""
-    from sweep import simulate
-
     clients = 10
     base = ["task=mnist1d", f"num-clients={clients}", f"num-server-rounds={rounds}", "fraction-evaluate=0.0",
             "privacy.sample-level=false"]
@@ -313,10 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, _, markdown in SECTIONS:
         lines += markdown(report[name])
     text = "\n".join(lines)
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(report, indent=2).encode() + b"\n"
-    atomic_write(args.out / "encryption_overhead.json", lambda fh: fh.write(payload))
-    atomic_write(args.out / "encryption_overhead.md", lambda fh: fh.write(text.encode() + b"\n"))
+    write_results("encryption_overhead", report, text, out=args.out)
     print(text)
     return report
 

@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 from fedvault.config import RunConfig
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from sweep import write_results
 
 
 class TreeRssSampler:
@@ -188,9 +187,7 @@ def main() -> None:
             f"{max(1, int((os.cpu_count() or 1) // RunConfig().client_cpus))} single-threaded clients at a time; "
             "the plain loop trains one client at a time with torch's default threads.\n")
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "simulation_overhead.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "simulation_overhead.md").write_text(text)
+    write_results("simulation_overhead", result, text)
 
 
 if __name__ == "__main__":

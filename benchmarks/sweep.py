@@ -1,4 +1,4 @@
-"""Run ``fedvault simulate`` over a grid of settings and collect each run's summary (shared by benchmarks)."""
+"""Helpers shared by the benchmarks: run ``fedvault simulate`` and collect its summary, plot, write results."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from fedvault.rundir import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,9 +50,11 @@ def line_plot(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, ti
     return fig
 
 
-def write_results(name: str, data: dict, markdown: str, figure=None) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown)
+def write_results(name: str, data: dict, markdown: str, figure=None, out: Path = RESULTS) -> None:
+    """``out/<name>.json``, ``.md`` and (with ``figure``) ``.png``, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = (json.dumps(data, indent=2) + "\n").encode()
+    atomic_write(out / f"{name}.json", lambda fh: fh.write(payload))
+    atomic_write(out / f"{name}.md", lambda fh: fh.write(markdown.rstrip("\n").encode() + b"\n"))
     if figure is not None:
-        figure.savefig(RESULTS / f"{name}.png", dpi=100)
+        atomic_write(out / f"{name}.png", lambda fh: figure.savefig(fh, format="png", dpi=100))
