@@ -16,14 +16,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedvault.errors import ConfigError, FedvaultError
+
+T = TypeVar("T")
 
 LOG_TAIL_LINES = 30
 POLL_DEADLINE_S = 0.5
@@ -166,38 +169,36 @@ def wait_for_log(
     seconds pass.
     """
     wanted = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        exited = not process.alive()  # checked before reading: a last line still counts
-        if match := wanted.search(process.log_text()):
-            return match
-        if exited:
-            raise exited_error(process, f"before its log showed {wanted.pattern!r}")
-        if time.monotonic() > deadline:
-            raise ProcessError(
-                f"{process.describe()}: log did not show {wanted.pattern!r} within {timeout:g} s"
-                f"\n{process.log_tail()}"
-            )
-        time.sleep(0.2)
+    return _poll(process, timeout, 0.2, lambda: wanted.search(process.log_text()),
+                 f"a log line matching {wanted.pattern!r}")
 
 
 def wait_listening(host: str, port: int, timeout: float, process: ManagedProcess) -> None:
     """Block until ``host:port`` accepts TCP connections; raise if ``process`` dies first."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def accepts() -> bool | None:
         try:
             socket.create_connection((host, port), timeout=POLL_DEADLINE_S).close()
-            return
+            return True
         except OSError:
-            pass
-        if not process.alive():
-            raise exited_error(process, f"before listening on {join_host_port(host, port)}")
+            return None
+
+    _poll(process, timeout, 0.1, accepts, f"a TCP listener on {join_host_port(host, port)}")
+
+
+def _poll(process: ManagedProcess, timeout: float, interval: float, probe: Callable[[], T | None], what: str) -> T:
+    """``probe()`` every ``interval`` s until it returns something; :class:`ProcessError` naming
+    ``what`` if ``process`` exits first (a probe after its exit still counts) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        exited = not process.alive()  # checked before probing: output written just before exit counts
+        if (found := probe()) is not None:
+            return found
+        if exited:
+            raise exited_error(process, f"while waiting for {what}")
         if time.monotonic() > deadline:
-            raise ProcessError(
-                f"{process.describe()} not listening on {join_host_port(host, port)} "
-                f"after {timeout:g} s"
-            )
-        time.sleep(0.1)
+            raise ProcessError(f"{process.describe()}: waited {timeout:g} s for {what}\n{process.log_tail()}")
+        time.sleep(interval)
 
 
 def exited_error(process: ManagedProcess, when: str) -> ProcessError:
