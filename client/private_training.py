@@ -111,9 +111,13 @@ def train_private(
     projected = projected_epsilon(history, planned, budget)
     if projected > budget.epsilon:
         raise BudgetExhausted(party, projected, budget.epsilon)
-    trainer.load_global(global_state)
-    hooks = make_hooks(trainer.model)
-    result = trainer.train_round(global_state, cfg.local_epochs, hooks)
+    hooks: list[TrainingHook] = []  # kept to finish them once training is done
+
+    def build_hooks(model: torch.nn.Module) -> list[TrainingHook]:
+        hooks.extend(make_hooks(model))
+        return hooks
+
+    result = trainer.train_round(global_state, cfg.local_epochs, build_hooks)
     event = DPEvent(kind="sample", noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
                     steps=result.steps, sampling="poisson", round=server_round, party=party)
     ledger.record(key, party, event)

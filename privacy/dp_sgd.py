@@ -103,7 +103,7 @@ def dp_compatible(model: nn.Module) -> nn.Module:
 
 @dataclass
 class PrivateParts:
-    """The objects ``make_private`` returns, the same shape for hooks and ghost mode."""
+    """The objects ``make_private`` returns, the same shape for every grad-sample mode."""
 
     engine: PrivacyEngine
     module: nn.Module  # an Opacus GradSampleModule
@@ -124,7 +124,7 @@ def make_private_parts(
     noise_generator: torch.Generator | None = None,
     poisson_sampling: bool = True,
 ) -> PrivateParts:
-    """``PrivacyEngine(accountant="prv", secure_mode=False).make_private`` for ``"hooks"`` or ``"ghost"``."""
+    """``PrivacyEngine(accountant="prv", secure_mode=False).make_private`` for one of :data:`GRAD_SAMPLE_MODES`."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise DPSGDError(f"DP-SGD: grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
     reduction = getattr(criterion, "reduction", None)
@@ -205,7 +205,7 @@ def measure_step_times(
     steps: int = 3,
     warmup: int = 2,
 ) -> dict[str, list[float]]:
-    """Seconds per step for each mode (``"plain"``, ``"hooks"``, ``"ghost"``), ``reps`` values each.
+    """Seconds per step for each mode (``"plain"`` or one of :data:`GRAD_SAMPLE_MODES`), ``reps`` values each.
 
     Each mode trains its own copy of ``model`` on ``batch`` (already on ``device``); modes are
     interleaved within every repetition so machine load affects them alike. σ = C = 1.
@@ -265,7 +265,8 @@ _MODE_CHOICES: dict[tuple[str, int, str], ModeChoice] = {}
 def auto_grad_sample_mode(
     model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], criterion: nn.Module, device: torch.device
 ) -> ModeChoice:
-    """Measure hooks vs ghost once per process per (architecture, batch size, device); cached."""
+    """Time every mode that can train the model, once per process per (architecture, batch size,
+    device); cached."""
     key = (repr(model), len(batch[1]), device.type)
     if key not in _MODE_CHOICES:
         modes = [mode for mode in GRAD_SAMPLE_MODES if _runs(model, batch, criterion, device, mode)]
@@ -322,7 +323,7 @@ class PrivateTrainer:
     e.g. ``lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)``. ``train_loader``
     supplies the dataset, batch size and collate function; sampling is re-done by Opacus
     (Poisson, rate ``1/ceil(N/B)``) with a secrets-seeded generator. ``grad_sample_mode`` is
-    ``"hooks"``, ``"ghost"`` or ``"auto"``. ``max_physical_batch_size`` splits large Poisson
+    one of :data:`GRAD_SAMPLE_MODES` or ``"auto"``. ``max_physical_batch_size`` splits large Poisson
     batches with Opacus' ``BatchMemoryManager`` (same privacy, bounded memory). The loss
     ``criterion`` must reduce with ``"mean"`` or ``"sum"``; batches are ``(x, y)`` pairs.
     Local optimizer state (e.g. momentum) starts fresh each round, as in a freshly built client.
@@ -459,14 +460,17 @@ class PrivateTrainer:
         return float(self.parts.optimizer.original_optimizer.param_groups[0]["lr"])
 
     def train_round(
-        self, global_state: Mapping[str, Any], epochs: int, hooks: Sequence[TrainingHook] = ()
+        self, global_state: Mapping[str, Any], epochs: int,
+        make_hooks: Callable[[nn.Module], Sequence[TrainingHook]] | None = None,
     ) -> LocalTrainResult:
         """Load ``global_state``, train ``epochs`` local epochs with DP-SGD, return weights and steps.
-        ``hooks`` are built on :attr:`model` holding ``global_state`` (see :func:`train_step`)."""
+        ``make_hooks(model)`` builds the strategy's client steps on :attr:`model` once it holds
+        ``global_state``; they run on every step's private gradient (see :func:`train_step`)."""
         if epochs < 1:
             raise DPSGDError(f"DP-SGD: epochs must be >= 1, got {epochs}")
         parts = self.parts
         self.load_global(global_state)
+        hooks = make_hooks(self._model) if make_hooks is not None else ()
         parts.optimizer.original_optimizer.state.clear()
         before = self.accounted_steps()
         parts.module.train()

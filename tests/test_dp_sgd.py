@@ -271,7 +271,7 @@ def test_strategy_hooks_edit_the_noised_gradient_once_per_logical_step(mode, phy
     trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=16, lr=0.1, clip=1e-12, mode=mode,
                           max_physical_batch_size=physical)
     start, hook = start_state(trainer), ConstantPull(0.5)
-    result = trainer.train_round(start, epochs=3, hooks=[hook])
+    result = trainer.train_round(start, epochs=3, make_hooks=lambda model: [hook])
     assert hook.calls == result.steps == 3 * 2
     for name, value in start.items():
         torch.testing.assert_close(result.state_dict[name], value - 0.1 * 0.5 * result.steps, atol=1e-6, rtol=0)
