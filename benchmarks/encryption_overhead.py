@@ -210,7 +210,8 @@ def sealing_markdown(section: dict) -> list[str]:
 def sealing_work_per_round(clients: int, reps: int = 20) -> dict:
     """Seconds of sealing work in one mnist1d round, timed directly with fedvault's own calls: the
     server signs the instruction once, each client verifies it and seals its reply, the server
-    opens every reply. Simulated clients run one at a time here, so this adds to wall time."""
+    opens every reply. The clients' work is summed: an upper bound on what it adds to wall time
+    when simulated clients run in parallel."""
     torch.manual_seed(0)
     arrays = ArrayRecord(load_task("mnist1d").build_model().state_dict())
     identity = Ed25519PrivateKey.generate()
