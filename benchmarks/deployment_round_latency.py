@@ -33,13 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedvault.client.supernode import start_supernode
+from fedvault.deploy.supernode import start_supernode
 from fedvault.config import RunConfig
-from fedvault.deploy_cli import follow_run, write_app_dir
-from fedvault.keys import init_keys
-from fedvault.privacy.identity import generate_identity
-from fedvault.processes import child_env, free_port
-from fedvault.server.superlink import start_superlink, submit_run
+from fedvault.deploy.cli import follow_run, write_app_dir
+from fedvault.security.tls_keys import init_keys
+from fedvault.security.identity import generate_identity
+from fedvault.deploy.processes import child_env, free_port
+from fedvault.deploy.superlink import start_superlink, submit_run
 from sweep import RESULTS, write_results
 
 TASK, SEED, LOCAL_EPOCHS = "digits", 7, 1

@@ -5,9 +5,9 @@ Section "sealing":
 
 * ``cipher``: AES-128-GCM alone on 1 MiB records, ``encrypt_into``/``decrypt_into`` preallocated
   buffers: the ceiling sealing can approach.
-* ``arrays``: :func:`fedvault.privacy.sealing.seal_arrays` + ``open_arrays`` (HPKE key wrap,
+* ``arrays``: :func:`fedvault.security.sealing.seal_arrays` + ``open_arrays`` (HPKE key wrap,
   framing, chunked AEAD, fresh output buffers: what a message really costs).
-* ``flower``: :func:`fedvault.privacy.envelope.seal_reply` + ``open_reply`` on a ``RecordDict``
+* ``flower``: :func:`fedvault.security.envelope.seal_reply` + ``open_reply`` on a ``RecordDict``
   (adds building Flower ``Array`` objects from the opened bytes).
 
 Each update is a model-like dict of float32 arrays (4 weight matrices + 4 biases). Every
@@ -45,9 +45,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedvault.privacy.envelope import open_reply, seal_reply, sign_instruction, verify_instruction
-from fedvault.privacy.identity import IdentityPin, announce_run_key, fingerprint
-from fedvault.privacy.sealing import (
+from fedvault.security.envelope import open_reply, seal_reply, sign_instruction, verify_instruction
+from fedvault.security.identity import IdentityPin, announce_run_key, fingerprint
+from fedvault.security.sealing import (
     CHUNK_SIZE,
     DEFAULT_SUITE,
     HYBRID_SUITE,

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedvault.rundir import atomic_write
+from fedvault.atomic import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

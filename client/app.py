@@ -20,10 +20,11 @@ from fedvault.client.attacks import attack_update
 from fedvault.client.node import DataSelection, client_data, is_update_attacker, task_and_model, training_data
 from fedvault.client.private_training import BudgetExhausted, RoundAlreadySpent, node_ledger_path, run_key, train_private
 from fedvault.client.sealing import ClientSealing
-from fedvault.client.strategy_hooks import build_hooks, finish_hooks
+from fedvault.strategies.client_steps import build_client_steps as build_hooks
+from fedvault.strategies.client_steps import finish_client_steps as finish_hooks
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
-from fedvault.privacy.budget import BUDGET_EXHAUSTED, ROUND_ALREADY_SPENT
+from fedvault.protocol import BUDGET_EXHAUSTED, ROUND_ALREADY_SPENT
 from fedvault.privacy.node_ledger import NodeLedger
 from fedvault.tasks import TrainSettings, make_loader
 from flwr.clientapp import ClientApp

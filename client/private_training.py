@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedvault.client.node import DataSelection, task_and_model, training_data
-from fedvault.client.strategy_hooks import finish_hooks
+from fedvault.strategies.client_steps import finish_client_steps as finish_hooks
 from fedvault.config import RunConfig
 from fedvault.privacy.accountants import calibrate_noise_multiplier
 from fedvault.privacy.budget import Budget, projected_epsilon

@@ -1,17 +1,18 @@
 """Client side of sealed updates: verify the pinned server's signature on every instruction,
-seal every reply to the run key it announced (``fedvault.privacy.envelope``)."""
+seal every reply to the run key it announced (``fedvault.security.envelope``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from fedvault.config import RunConfig
 from fedvault.errors import ConfigError
-from fedvault.privacy.envelope import seal_reply, verify_instruction
-from fedvault.privacy.identity import IdentityPin
-from fedvault.privacy.sealing import RunPublicKey
+from fedvault.protocol import read_server_round
+from fedvault.security.envelope import seal_reply, verify_instruction
+from fedvault.security.identity import IdentityPin
+from fedvault.security.sealing import RunPublicKey
 
 
 def pinned_identity(cfg: RunConfig, node_config: dict) -> IdentityPin:
@@ -23,15 +24,11 @@ def pinned_identity(cfg: RunConfig, node_config: dict) -> IdentityPin:
     return IdentityPin.from_public_key_file(value) if Path(value).is_file() else IdentityPin.from_fingerprint(value)
 
 
-def server_round(msg: Message) -> int:
-    return int(msg.content.config_records.get("config", ConfigRecord()).get("server-round", 0))
-
-
 class ClientSealing:
     """Verifies one instruction and seals its reply."""
 
     def __init__(self, cfg: RunConfig, msg: Message, context: Context) -> None:
-        self.run_id, self.round, self.node = context.run_id, server_round(msg), msg.metadata.dst_node_id
+        self.run_id, self.round, self.node = context.run_id, read_server_round(msg.content), msg.metadata.dst_node_id
         self.recipient: RunPublicKey = verify_instruction(
             msg.content, pin=pinned_identity(cfg, context.node_config), run_id=self.run_id, round=self.round
         )

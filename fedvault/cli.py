@@ -8,25 +8,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from fedvault import __version__
-from fedvault.config import RunConfig, reference
+from fedvault.cli_config import add_config_args, config_epilog
+from fedvault.config import RunConfig
 from fedvault.errors import ConfigError, FedvaultError
 
 EXIT_USAGE = 2
-
-
-def _config_epilog() -> str:
-    lines = ["config keys (TOML file or --set key=value; default in brackets):"]
-    for key, type_name, default, help_text in reference():
-        lines.append(f"  {key:<20} {type_name:<5} [{default!r}]  {help_text}")
-    return "\n".join(lines)
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="TOML config file (optional; defaults apply otherwise)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config key (repeatable), e.g. --set num-server-rounds=5",
-    )
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -57,7 +43,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedvault.privacy.audit import render_table, to_csv, to_json
-    from fedvault.server.privacy_report import EPSILON_PLOT, audit_for_config
+    from fedvault.privacy.report import EPSILON_PLOT, audit_for_config
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.toml").exists():
@@ -91,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run many clients on this machine (Flower Simulation Engine)",
         description="Run a federated simulation on this machine and write a run directory "
         "(config.toml, metrics.jsonl, summary.json, model.pt, accuracy.png, loss.png).",
-        epilog=_config_epilog(),
+        epilog=config_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(simulate)
@@ -115,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     audit.set_defaults(func=_cmd_audit)
 
-    from fedvault.deploy_cli import add_deploy_commands
+    from fedvault.deploy.cli import add_deploy_commands
 
     add_deploy_commands(sub)
     return parser

@@ -1,49 +1,24 @@
 """A run directory: resolved config, per-round metrics, summary, final model, plots.
 
-Files are written atomically (temp file + rename) or appended one fsync'd line at a time, so a
-crash never leaves a half-written file and never loses a finished round.
+Files are written through :mod:`fedvault.atomic`, so a crash never leaves a half-written file
+and never loses a finished round.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import tomli_w
+
+from fedvault.atomic import append_line, atomic_write
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None], mode: int = 0o644) -> None:
-    """Write ``path`` through a temp file in the same folder, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX: fsync the directory itself)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def default_run_dir(task: str, root: str | Path = "runs") -> Path:
@@ -69,10 +44,7 @@ class RunDirectory:
         return self
 
     def append_round(self, record: dict[str, Any]) -> None:
-        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_line(self.path / METRICS_FILE, json.dumps(record, sort_keys=True))
 
     def rounds(self) -> list[dict[str, Any]]:
         path = self.path / METRICS_FILE

@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from fedvault.errors import FedvaultError
 from fedvault.privacy.accountants import METHODS, cumulative_epsilons, epsilon
 from fedvault.privacy.ledger import GENESIS_HASH, LEDGER_FILENAME, events_by_party, read_ledger
-from fedvault.rundir import atomic_write
+from fedvault.atomic import atomic_write
 
 SERVER_PARTY = "server"
 

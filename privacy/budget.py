@@ -20,10 +20,6 @@ from fedvault.privacy.accountants import CLAIM_METHOD, epsilon, epsilon_after
 from fedvault.privacy.events import DPEvent
 
 
-BUDGET_EXHAUSTED = "budget-exhausted"  # reply status: the client refused to train (cap reached)
-ROUND_ALREADY_SPENT = "round-already-spent"  # reply status: that round was already paid for
-
-
 class BudgetError(FedvaultError, ValueError):
     """A budget is malformed (epsilon not > 0, delta not in (0, 1))."""
 

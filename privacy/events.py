@@ -92,6 +92,16 @@ class DPEvent:
         object.__setattr__(self, "noise_multiplier", z)
         object.__setattr__(self, "sample_rate", q)
 
+    @classmethod
+    def dp_sgd(cls, *, noise_multiplier: float, sample_rate: float, steps: int, round: int, party: str) -> DPEvent:
+        """``steps`` Poisson-sampled DP-SGD steps of one client (Abadi et al. 2016)."""
+        return cls("sample", noise_multiplier, sample_rate, steps, "poisson", round, party)
+
+    @classmethod
+    def dp_fedavg(cls, *, noise_multiplier: float, sample_rate: float, round: int, poisson: bool = True) -> DPEvent:
+        """One round of client-level DP-FedAvg at the server (McMahan et al., ICLR 2018), spent by "server"."""
+        return cls("client", noise_multiplier, sample_rate, 1, "poisson" if poisson else "none", round, "server")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict with exactly the dataclass fields."""
         return asdict(self)

@@ -29,7 +29,7 @@ from typing import Any
 
 from fedvault.errors import FedvaultError
 from fedvault.privacy.events import DPEvent, DPEventError
-from fedvault.rundir import fsync_dir
+from fedvault.atomic import fsync_dir
 
 LEDGER_FILENAME = "privacy_ledger.jsonl"
 GENESIS_HASH = "0" * 64

@@ -16,7 +16,7 @@ from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger
 from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.server.client_level_dp import ClientLevelDP
-from fedvault.server.privacy_report import privacy_summary
+from fedvault.privacy.report import privacy_summary
 from fedvault.server.recorder import RunRecorder
 from fedvault.server.resume import checkpoint_round, restore
 from fedvault.server.sealing import ServerSealing, server_identity_path

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from fedvault.errors import FedvaultError
-from fedvault.rundir import atomic_write, fsync_dir
+from fedvault.atomic import atomic_write, fsync_dir
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1

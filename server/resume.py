@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord
 
 from fedvault.errors import ConfigError
 from fedvault.privacy.ledger import LEDGER_FILENAME, read_ledger
-from fedvault.rundir import METRICS_FILE, RunDirectory, atomic_write
+from fedvault.atomic import atomic_write
+from fedvault.rundir import METRICS_FILE, RunDirectory
 from fedvault.server.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from fedvault.server.rounds import RoundLoop
 from fedvault.strategies.arrays import to_ndarrays, to_record

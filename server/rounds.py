@@ -29,8 +29,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedvault.protocol import BUDGET_EXHAUSTED, read_dp_event, reply_status, stamp_server_round
 from fedvault.errors import FedvaultError
-from fedvault.privacy.budget import BUDGET_EXHAUSTED
 from fedvault.privacy.events import DPEvent
 from fedvault.privacy.ledger import Ledger, events_by_party
 from fedvault.server.client_level_dp import SERVER_PARTY, ClientLevelDP
@@ -113,12 +113,12 @@ class RoundLoop:
         record: RoundRecord = {"round": server_round}
         eligible = self._eligible_grid(server_round)
         with minimums_at_most(self.strategy, len(eligible.get_node_ids())):
-            sent = self._seal(self._configure_train(server_round, arrays, config, eligible), server_round)
+            sent = self._instruct(self._configure_train(server_round, arrays, config, eligible), server_round)
         replies, unopened = self._exchange(sent, server_round, "train")
 
-        exhausted = [r for r in replies if _status(r) == BUDGET_EXHAUSTED]
+        exhausted = [r for r in replies if reply_status(r) == BUDGET_EXHAUSTED]
         self.exhausted.update(r.metadata.src_node_id for r in exhausted)
-        others = [r for r in replies if _status(r) != BUDGET_EXHAUSTED]
+        others = [r for r in replies if reply_status(r) != BUDGET_EXHAUSTED]
         kept, dropped = filter_replies(others, arrays, self.rules)
         kept.sort(key=lambda r: r.metadata.src_node_id)  # arrival order must not change the float sums
         dropped = unopened + dropped
@@ -139,7 +139,7 @@ class RoundLoop:
         bytes_sent, bytes_received = _payload_bytes(sent), _payload_bytes(replies)
         if self.client_evaluate:
             with minimums_at_most(self.strategy, len(eligible.get_node_ids())):
-                sent_eval = self._seal(
+                sent_eval = self._instruct(
                     list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), eligible)), server_round
                 )
             eval_replies, _ = self._exchange(sent_eval, server_round, "evaluate")
@@ -152,8 +152,10 @@ class RoundLoop:
         self.on_round(record, arrays)
         return arrays
 
-    def _seal(self, messages: list[Message], server_round: int) -> list[Message]:
-        return self.sealing.sign(messages, server_round) if self.sealing is not None else messages
+    def _instruct(self, messages: list[Message], server_round: int) -> list[Message]:
+        """Stamp ``server-round`` into every instruction, whatever the strategy, then sign them."""
+        stamped = [stamp_server_round(message, server_round) for message in messages]
+        return self.sealing.sign(stamped, server_round) if self.sealing is not None else stamped
 
     def _exchange(self, sent: list[Message], server_round: int, kind: str) -> tuple[list[Message], list[tuple[int, str]]]:
         """Send, wait (up to the timeout) and open the replies that came back."""
@@ -194,7 +196,6 @@ class RoundLoop:
         refusal = self.client_dp.refusal(self._events().get(SERVER_PARTY, []), server_round)
         if refusal:
             raise RunStopped(f"{refusal}; stopping after round {server_round - 1}")
-        config["server-round"] = server_round
         content = RecordDict({"arrays": arrays, "config": config})
         return [Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
                 for node in self.client_dp.sample(eligible.get_node_ids())]
@@ -215,8 +216,9 @@ class RoundLoop:
 
     def _record_client_events(self, replies: Iterable[Message]) -> None:
         for reply in replies:
-            if "dp-event" in reply.content.config_records:
-                self._append(DPEvent.from_dict(dict(reply.content.config_records["dp-event"])))
+            fields = read_dp_event(reply)
+            if fields is not None:
+                self._append(DPEvent.from_dict(fields))
 
     def _append(self, event: DPEvent) -> None:
         if self.ledger is None:
@@ -225,12 +227,6 @@ class RoundLoop:
 
     def _events(self) -> dict[str, list[DPEvent]]:
         return events_by_party(self.ledger.entries()) if self.ledger is not None else {}
-
-
-def _status(reply: Message) -> str | None:
-    if reply.has_error() or "status" not in reply.content.config_records:
-        return None
-    return str(reply.content.config_records["status"].get("status"))
 
 
 def _payload_bytes(messages: Iterable[Message]) -> int:

@@ -9,9 +9,9 @@ from pathlib import Path
 from flwr.app import Message
 
 from fedvault.config import RunConfig
-from fedvault.privacy.envelope import open_reply, sign_instruction
-from fedvault.privacy.identity import announce_run_key, generate_identity, load_identity
-from fedvault.privacy.sealing import SealingError
+from fedvault.security.envelope import open_reply, sign_instruction
+from fedvault.security.identity import announce_run_key, generate_identity, load_identity
+from fedvault.security.sealing import SealingError
 
 log = logging.getLogger("fedvault")
 IDENTITY_DIR = "identity"

@@ -20,7 +20,7 @@ from fedvault.client.app import build_client_app
 from fedvault.config import RunConfig
 from fedvault.partition import partition
 from fedvault.rundir import RunDirectory, default_run_dir
-from fedvault.privacy.identity import fingerprint, load_identity_public_key
+from fedvault.security.identity import fingerprint, load_identity_public_key
 from fedvault.server.app import build_server_app, make_strategy
 from fedvault.server.sealing import server_identity_path
 from fedvault.tasks import load_task_data

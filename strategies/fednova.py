@@ -10,7 +10,7 @@ heavy-ball momentum ``rho``: ``(tau - rho (1 - rho^tau) / (1 - rho)) / (1 - rho)
     x      <- x - eta_g * tau_eff * sum_i p_i d_i
 
 With equal ``||a_i||_1`` this is exactly FedAvg. The server asks for FedNova replies with config
-flag ``"fednova" = True``; clients (:class:`fedvault.client.strategy_hooks.FedNovaHook`) add
+flag ``"fednova" = True``; clients (:class:`FedNovaHook` below) add
 metrics ``"fednova.tau"`` and ``"fednova.a-norm"`` to their reply.
 """
 
@@ -21,12 +21,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from fedvault.strategies.hooks import Extras, HookError, local_work
 from fedvault.strategies.arrays import NDArrays, to_ndarrays, to_record
 
 CONFIG_FLAG = "fednova"
@@ -116,3 +118,22 @@ def _positive(value: object, node: int) -> float:
             reason=f"FedNova: reply from node {node} has metric '{A_NORM_KEY}'={value!r}, expected a positive number"
         )
     return float(value)
+
+
+# ---- client half ---------------------------------------------------------------------------
+
+
+class FedNovaHook:
+    """FedNova client: reports local steps ``tau`` and ``||a||_1`` (see :func:`local_work`)."""
+
+    def __init__(self, momentum: float) -> None:
+        self.momentum = momentum
+
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        return None
+
+    def finish(self, model: torch.nn.Module, steps: int, lr: float) -> Extras:
+        if steps < 1:
+            raise HookError("FedNova: local training took no steps, so there is no update to normalise")
+        return {}, {TAU_KEY: float(steps), A_NORM_KEY: local_work(steps, self.momentum)}

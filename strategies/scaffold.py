@@ -13,7 +13,7 @@ The server applies::
 Wire format: ``c`` travels as an extra ArrayRecord ``"scaffold.c"`` next to ``"arrays"``; the
 reply carries the trained model ``y_i`` in ``"arrays"`` (Flower's convention, so update
 validation and client-level DP see an ordinary model) and ``delta_c_i`` as ArrayRecord
-``"scaffold.delta-c"``. The client side is :class:`fedvault.client.strategy_hooks.ScaffoldHook`.
+``"scaffold.delta-c"``. The client side is :class:`ScaffoldHook` below.
 Averages are uniform over replies, as in the paper (its objective is the mean of client losses).
 """
 
@@ -23,17 +23,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 
+from fedvault.strategies.hooks import Extras, HookError, as_array, local_work, snapshot, trainable_parameters
 from fedvault.strategies.arrays import NDArrays, float_keys, pack, to_ndarrays, to_record, unpack
 
 SERVER_CONTROL_KEY = "scaffold.c"
 CLIENT_DELTA_KEY = "scaffold.delta-c"
+#: Node-state ArrayRecord holding this client's control variate ``c_i``.
+CLIENT_CONTROL_KEY = "scaffold.c-i"
 
 
 def scaffold_server_update(
@@ -150,3 +154,61 @@ class Scaffold(FedAvg):
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.control = unpack(state, "c")
+
+
+# ---- client half ---------------------------------------------------------------------------
+
+
+class ScaffoldHook:
+    """SCAFFOLD client: gradient correction ``g - c_i + c`` and the option-II update of ``c_i``.
+
+    After ``K`` steps with learning rate ``eta_l``:
+    ``c_i+ = c_i - c + (x - y) / (eta_l ||a||_1)`` (``||a||_1 = K`` for plain SGD, see
+    :func:`local_work`); the reply carries ``delta_c = c_i+ - c_i`` and the node state keeps
+    ``c_i+``. Keys of ``c`` that are not trainable parameters (buffers) get ``delta_c = 0``.
+    """
+
+    def __init__(self, model: torch.nn.Module, control: ArrayRecord, state: RecordDict, momentum: float) -> None:
+        self.state = state
+        self.momentum = momentum
+        self.c = {key: array.numpy() for key, array in control.items()}
+        self.c_i = self._stored_control(state)
+        params = trainable_parameters(model)
+        self.names = [name for name in params if name in self.c]
+        if not self.names:
+            raise HookError(f"ArrayRecord '{SERVER_CONTROL_KEY}' names none of the model's parameters")
+        self.anchor = snapshot({name: params[name] for name in self.names})
+        self.correction = {
+            name: torch.as_tensor(self.c[name] - self.c_i[name], dtype=params[name].dtype, device=params[name].device)
+            for name in self.names
+        }
+
+    def _stored_control(self, state: RecordDict) -> dict[str, np.ndarray]:
+        stored = state.array_records.get(CLIENT_CONTROL_KEY)
+        if stored is not None:
+            c_i = {key: array.numpy() for key, array in stored.items()}
+            if c_i.keys() == self.c.keys() and all(c_i[k].shape == self.c[k].shape for k in c_i):
+                return c_i
+        return {key: np.zeros_like(value) for key, value in self.c.items()}
+
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        params = trainable_parameters(model)
+        for name in self.names:
+            p = params[name]
+            if p.grad is None:  # unused in this batch: its gradient is zero
+                p.grad = self.correction[name].clone()
+            else:
+                p.grad.add_(self.correction[name])
+
+    def finish(self, model: torch.nn.Module, steps: int, lr: float) -> Extras:
+        delta = {key: np.zeros_like(value) for key, value in self.c.items()}
+        if steps > 0:
+            params = trainable_parameters(model)
+            scale = 1.0 / (lr * local_work(steps, self.momentum))
+            for name in self.names:
+                drift = (self.anchor[name] - params[name].detach()).cpu().numpy().astype(np.float64)
+                delta[name] = (drift * scale - self.c[name]).astype(self.c[name].dtype)
+        new_c_i = {key: (self.c_i[key] + delta[key]).astype(self.c[key].dtype) for key in self.c}
+        self.state[CLIENT_CONTROL_KEY] = ArrayRecord({key: as_array(v) for key, v in new_c_i.items()})
+        return {CLIENT_DELTA_KEY: ArrayRecord({key: as_array(v) for key, v in delta.items()})}, {}

@@ -15,7 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedvault.client.strategy_hooks import build_hooks, finish_hooks
+from fedvault.strategies.client_steps import build_client_steps as build_hooks
+from fedvault.strategies.client_steps import finish_client_steps as finish_hooks
 
 
 class StaticGrid(Grid):

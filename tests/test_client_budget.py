@@ -6,7 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedvault.client import private_training
 from fedvault.client.app import build_client_app
-from fedvault.privacy.budget import BUDGET_EXHAUSTED, ROUND_ALREADY_SPENT
+from fedvault.protocol import BUDGET_EXHAUSTED, ROUND_ALREADY_SPENT
 from fedvault.config import RunConfig
 from fedvault.privacy.accountants import epsilon
 from fedvault.privacy.dp_sgd import dp_compatible

@@ -34,12 +34,12 @@ import torch
 from flwr.common.config import get_fused_config_from_dir
 
 from fedvault.config import RunConfig
-from fedvault.deploy_cli import cmd_keys_init, resolve_server_config, write_app_dir
+from fedvault.deploy.cli import cmd_keys_init, resolve_server_config, write_app_dir
 from fedvault.errors import ConfigError
-from fedvault.keys import KeysError, init_keys
-from fedvault.processes import child_env, executable, free_port, start_process, stop, wait_for_log
+from fedvault.security.tls_keys import KeysError, init_keys
+from fedvault.deploy.processes import child_env, executable, free_port, start_process, stop, wait_for_log
 from fedvault.server.checkpoint import load_checkpoint
-from fedvault.server.superlink import start_superlink
+from fedvault.deploy.superlink import start_superlink
 
 ROUNDS = 2
 RUN = ["--set", 'task="digits"', "--set", "num-clients=3", "--set", f"num-server-rounds={ROUNDS}",
@@ -59,7 +59,7 @@ def test_keys_init_prints_what_to_copy_and_the_identity_fingerprint(tmp_path):
     assert cmd_keys_init(args, out) == 0
     text = out.getvalue()
     fingerprint = re.search(r"fingerprint \(clients pin it\): ([0-9a-f]{64})", text).group(1)
-    from fedvault.privacy.identity import fingerprint as fp, load_identity_public_key
+    from fedvault.security.identity import fingerprint as fp, load_identity_public_key
 
     assert fp(load_identity_public_key(tmp_path / "k" / "identity.pub")) == fingerprint
     assert f"{tmp_path / 'k' / 'clients' / 'client-i.key'} -> KEYS/clients/client-i.key" in text

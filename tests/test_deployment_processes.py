@@ -13,10 +13,10 @@ import time
 import pytest
 from flwr.common.config import parse_config_args
 
-from fedvault.client.supernode import start_supernode
+from fedvault.deploy.supernode import start_supernode
 from fedvault.errors import ConfigError
-from fedvault.keys import init_keys
-from fedvault.processes import (
+from fedvault.security.tls_keys import init_keys
+from fedvault.deploy.processes import (
     ProcessError,
     child_env,
     format_config,
@@ -27,7 +27,7 @@ from fedvault.processes import (
     wait_for_log,
     wait_healthy,
 )
-from fedvault.server.superlink import list_nodes, start_superlink, wait_node_online
+from fedvault.deploy.superlink import list_nodes, start_superlink, wait_node_online
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
-from fedvault.privacy.envelope import (
+from fedvault.security.envelope import (
     RUN_KEY_RECORD,
     SEAL_RECORD,
     SEALED_RECORD,
@@ -22,14 +22,14 @@ from fedvault.privacy.envelope import (
     sign_instruction,
     verify_instruction,
 )
-from fedvault.privacy.identity import (
+from fedvault.security.identity import (
     IdentityError,
     IdentityPin,
     announce_run_key,
     fingerprint,
     sign_arrays,
 )
-from fedvault.privacy.sealing import (
+from fedvault.security.sealing import (
     HYBRID_SUITE,
     MIN_CHUNK_SIZE,
     SealContext,

@@ -1,4 +1,4 @@
-"""fedvault.keys: the CA, server certificate and SuperNode keys work with TLS and with Flower."""
+"""fedvault.security.tls_keys: the CA, server certificate and SuperNode keys work with TLS and with Flower."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
 from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 
-from fedvault.keys import KeysError, init_keys, load_layout
+from fedvault.security.tls_keys import KeysError, init_keys, load_layout
 
 
 def _mode(path) -> int:

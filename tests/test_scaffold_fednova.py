@@ -16,16 +16,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.exception import InconsistentMessageReplies
 from strategy_helpers import FakeClient, StaticGrid, client_reply, mlp, random_clients, run_round, train_locally
 
-from fedvault.client.strategy_hooks import (
-    CLIENT_CONTROL_KEY,
-    FedNovaHook,
-    HookError,
-    ProximalHook,
-    ScaffoldHook,
-    build_hooks,
-    finish_hooks,
-    local_work,
-)
+from fedvault.strategies.client_steps import build_client_steps as build_hooks
+from fedvault.strategies.client_steps import finish_client_steps as finish_hooks
+from fedvault.strategies.fednova import FedNovaHook
+from fedvault.strategies.fedprox import ProximalHook
+from fedvault.strategies.hooks import HookError, local_work
+from fedvault.strategies.scaffold import CLIENT_CONTROL_KEY, ScaffoldHook
 from fedvault.strategies.fednova import A_NORM_KEY, TAU_KEY, FedNova, fednova_update
 from fedvault.strategies.registry import build_strategy
 from fedvault.strategies.scaffold import CLIENT_DELTA_KEY, SERVER_CONTROL_KEY, Scaffold, scaffold_server_update

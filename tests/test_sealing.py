@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedvault.privacy.identity import (
+from fedvault.security.identity import (
     IdentityError,
     IdentityPin,
     RunKeyAnnouncement,
@@ -25,7 +25,7 @@ from fedvault.privacy.identity import (
     verify_announcement,
     verify_arrays_signature,
 )
-from fedvault.privacy.sealing import (
+from fedvault.security.sealing import (
     CHUNK_SIZE,
     HYBRID_SUITE,
     MIN_CHUNK_SIZE,

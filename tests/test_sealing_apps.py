@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from fedvault.client.app import build_client_app
 from fedvault.config import RunConfig
-from fedvault.privacy.identity import IdentityError, generate_identity
+from fedvault.security.identity import IdentityError, generate_identity
 from fedvault.server.sealing import ServerSealing
 from fedvault.tasks import load_task
 

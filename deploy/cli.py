@@ -24,10 +24,12 @@ from typing import Any, TextIO
 import tomli_w
 from cryptography import x509
 
+from fedvault.cli_config import add_config_args
 from fedvault.config import RunConfig
 from fedvault.errors import ConfigError, FedvaultError
-from fedvault.keys import LOCAL_ADDRESSES, KeyLayout, KeysError, init_keys, load_layout
-from fedvault.processes import (
+from fedvault.security import identity
+from fedvault.security.tls_keys import LOCAL_ADDRESSES, KeyLayout, KeysError, init_keys, load_layout
+from fedvault.deploy.processes import (
     ManagedProcess,
     ProcessError,
     executable,
@@ -37,8 +39,8 @@ from fedvault.processes import (
     stop,
     supervise,
 )
-from fedvault.rundir import CONFIG_FILE, SUMMARY_FILE, atomic_write, default_run_dir
-from fedvault.cli import add_config_args
+from fedvault.atomic import atomic_write
+from fedvault.rundir import CONFIG_FILE, SUMMARY_FILE, default_run_dir
 
 APP_DIR = "app"
 RUNS_DIR = "runs"
@@ -122,22 +124,19 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_keys_init(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Create the keys directory (and the server identity when available) and explain it."""
-    identity = _identity_module()
+    """Create the keys directory (TLS, node keys, the server identity) and explain it."""
     directory = Path(args.dir).expanduser().resolve()
-    if identity is not None and not args.force:
+    if not args.force:
         for name in (identity.IDENTITY_KEY, identity.IDENTITY_PUB):
             if (directory / name).exists():
                 raise KeysError(f"key file {directory / name} already exists (pass --force to replace it)")
     layout = init_keys(directory, args.clients, args.address, overwrite=args.force)
-    fingerprint = None
-    if identity is not None:
-        fingerprint = identity.generate_identity(layout.directory, overwrite=args.force).fingerprint
+    fingerprint = identity.generate_identity(layout.directory, overwrite=args.force).fingerprint
     out.write(describe_keys(layout, args.clients, args.address, fingerprint))
     return 0
 
 
-def describe_keys(layout: KeyLayout, clients: int, addresses: Sequence[str], fingerprint: str | None) -> str:
+def describe_keys(layout: KeyLayout, clients: int, addresses: Sequence[str], fingerprint: str) -> str:
     """What ``fedvault keys init`` made and what to copy to each client machine."""
     d = layout.directory
     dial = join_host_port(next(iter(addresses), "127.0.0.1"), 8000)
@@ -147,29 +146,18 @@ def describe_keys(layout: KeyLayout, clients: int, addresses: Sequence[str], fin
         ("server.pem, server.key", f"SuperLink TLS, valid for {', '.join([*LOCAL_ADDRESSES, *addresses])}"),
         ("clients/client-<i>.key", f"SuperNode private key of client i (1..{clients}): to client i only"),
         ("clients/client-<i>.pub", "public keys; `fedvault server` registers them"),
+        ("identity.key, identity.pub", "server identity (Ed25519); identity.key stays on the server"),
     ]
-    copies = [(layout.ca_cert, "ca.pem"), (d / "clients" / "client-i.key", "clients/client-i.key")]
-    if fingerprint is not None:
-        made.append(("identity.key, identity.pub", "server identity (Ed25519); identity.key stays on the server"))
-        copies.append((d / "identity.pub", "identity.pub"))
+    copies = [
+        (layout.ca_cert, "ca.pem"), (d / "clients" / "client-i.key", "clients/client-i.key"),
+        (d / "identity.pub", "identity.pub"),
+    ]
     lines = [f"keys written to {d}", *(f"  {name:<28} {what}" for name, what in made)]
-    if fingerprint is not None:
-        lines.append(f"server identity fingerprint (clients pin it): {fingerprint}")
+    lines.append(f"server identity fingerprint (clients pin it): {fingerprint}")
     lines.append("on client machine i, copy into a folder KEYS (same layout):")
     lines += [f"  {source} -> KEYS/{target}" for source, target in copies]
     lines.append(f"then run: fedvault client --server {dial} --keys KEYS --client-id i --num-partitions {clients}")
     return "\n".join(lines) + "\n"
-
-
-def _identity_module() -> Any:
-    """``fedvault.privacy.identity`` when it is installed, else None (it is optional here)."""
-    try:
-        from fedvault.privacy import identity
-    except ModuleNotFoundError as err:
-        if err.name != "fedvault.privacy.identity":
-            raise
-        return None
-    return identity
 
 
 # ---- fedvault server --------------------------------------------------------------------------
@@ -232,7 +220,7 @@ def write_app_dir(
 
 def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """``fedvault server``: SuperLink + one run; exit 0 only if the run completed every round."""
-    from fedvault.server.superlink import start_superlink, submit_run
+    from fedvault.deploy.superlink import start_superlink, submit_run
 
     state_dir = Path(args.state).expanduser().resolve()
     cfg = resolve_server_config(args.config, args.overrides, state_dir, args.resume)
@@ -281,9 +269,9 @@ def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 def follow_run(superlink: Any, run_id: int, log_path: Path, out: TextIO) -> str:
     """Print the run's log (``flwr log --stream``) as it grows; return its final status.
 
-    Raises :class:`~fedvault.processes.ProcessError` if the SuperLink exits first.
+    Raises :class:`~fedvault.deploy.processes.ProcessError` if the SuperLink exits first.
     """
-    from fedvault.server.superlink import run_status
+    from fedvault.deploy.superlink import run_status
 
     connection = superlink.connection
     streamer = start_process([executable("flwr"), "log", str(run_id), connection.name, "--stream"],
@@ -350,9 +338,6 @@ def _client_address(layout: KeyLayout | None, host: str, port: int) -> str:
 
 def _server_identity_key(layout: KeyLayout | None, state_dir: Path) -> Path:
     """The keys directory's ``identity.key``, else one made once in ``state_dir/identity``."""
-    identity = _identity_module()
-    if identity is None:
-        raise DeployError("sealing is on but fedvault.privacy.identity is missing; set sealing.mode = \"off\"")
     if layout is not None and (layout.directory / identity.IDENTITY_KEY).is_file():
         return layout.directory / identity.IDENTITY_KEY
     folder = state_dir / "identity"
@@ -362,7 +347,7 @@ def _server_identity_key(layout: KeyLayout | None, state_dir: Path) -> Path:
 
 
 def _fingerprint(identity_key: Path) -> str:
-    from fedvault.privacy.identity import fingerprint, load_identity
+    from fedvault.security.identity import fingerprint, load_identity
 
     return fingerprint(load_identity(identity_key).public_key())
 
@@ -377,7 +362,7 @@ def _toml_string(value: str) -> str:
 
 def cmd_client(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """``fedvault client``: a SuperNode for partition ``client-id - 1``, supervised until Ctrl-C."""
-    from fedvault.client.supernode import start_supernode
+    from fedvault.deploy.supernode import start_supernode
 
     if not 1 <= args.client_id <= args.num_partitions:
         raise ConfigError(f"--client-id must be in 1..{args.num_partitions} (--num-partitions), got {args.client_id}")
@@ -421,8 +406,7 @@ def cmd_client(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 def _default_pin(keys_dir: str | None) -> str | None:
     """``KEYS/identity.pub`` when it exists."""
-    identity = _identity_module()
-    if keys_dir is None or identity is None:
+    if keys_dir is None:
         return None
     path = Path(keys_dir).expanduser() / identity.IDENTITY_PUB
     return str(path) if path.is_file() else None

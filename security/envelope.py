@@ -42,7 +42,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedvault.privacy.identity import (
+from fedvault.security.identity import (
     IdentityError,
     IdentityPin,
     RunKeyAnnouncement,
@@ -51,7 +51,7 @@ from fedvault.privacy.identity import (
     verify_announcement,
     verify_arrays_signature,
 )
-from fedvault.privacy.sealing import (
+from fedvault.security.sealing import (
     CHUNK_SIZE,
     RunKeyPair,
     RunPublicKey,

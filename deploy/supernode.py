@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedvault.errors import ConfigError
-from fedvault.processes import (
+from fedvault.deploy.processes import (
     ManagedProcess,
     ProcessError,
     child_env,
@@ -135,7 +135,7 @@ def start_supernode(
     authentication and logs a warning. The local Runtime API port and the health address
     default to free loopback ports. Output goes to ``state_dir/supernode.log``.
 
-    Raises :class:`~fedvault.processes.ProcessError` whose first line says what went wrong (see
+    Raises :class:`~fedvault.deploy.processes.ProcessError` whose first line says what went wrong (see
     :data:`FAILURES`) and which quotes the log tail; the process is then stopped.
     """
     if not 0 <= partition_id < num_partitions:

@@ -10,7 +10,7 @@
   its pin, the signature verifies, and the run is its own run.
 * The global model is signed as ``"fedvault/model/v1\\0" || canonical JSON {"v": 1, "type":
   "model", "run", "round", "digest" (hex)}`` over a digest of what is sent
-  (:func:`fedvault.privacy.envelope.content_digest`).
+  (:func:`fedvault.security.envelope.content_digest`).
 
 The distinct domain prefixes keep one kind of signature from passing as the other. Statements
 travel as the exact bytes signed, so verification never depends on re-encoding.
@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedvault.privacy.sealing import (
+from fedvault.security.sealing import (
     DEFAULT_SUITE,
     RunKeyPair,
     RunPublicKey,
@@ -39,7 +39,7 @@ from fedvault.privacy.sealing import (
     generate_run_key,
     parse_canonical_json,
 )
-from fedvault.rundir import atomic_write
+from fedvault.atomic import atomic_write
 
 IDENTITY_KEY = "identity.key"
 IDENTITY_PUB = "identity.pub"

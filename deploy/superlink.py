@@ -2,7 +2,7 @@
 
 Flower 1.41 serves the Fleet (SuperNodes), Control (``flwr`` CLI) and Runtime (ServerApp) APIs
 on one HTTPS port. fedvault starts ``flower-superlink`` with TLS (certificate from
-:mod:`fedvault.keys`), SuperNode authentication (only registered public keys may connect), a
+:mod:`fedvault.security.tls_keys`), SuperNode authentication (only registered public keys may connect), a
 SQLite state database, no runtime ``uv sync``, and a gRPC health server used for readiness.
 
 The ``flwr`` CLI finds a SuperLink through a named connection in ``$FLWR_HOME/config.toml``.
@@ -31,8 +31,8 @@ from typing import Any
 import tomli_w
 
 from fedvault.errors import ConfigError, FedvaultError
-from fedvault.keys import KeyLayout, load_layout
-from fedvault.processes import (
+from fedvault.security.tls_keys import KeyLayout, load_layout
+from fedvault.deploy.processes import (
     ManagedProcess,
     child_env,
     executable,
@@ -44,7 +44,7 @@ from fedvault.processes import (
     wait_healthy,
     wait_listening,
 )
-from fedvault.rundir import atomic_write
+from fedvault.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,11 @@ def start_superlink(
 ) -> SuperLink:
     """Start ``flower-superlink``, wait until it serves, and register every client public key.
 
-    TLS and SuperNode authentication use ``keys_dir`` (a :mod:`fedvault.keys` layout); with
+    TLS and SuperNode authentication use ``keys_dir`` (a :mod:`fedvault.security.tls_keys` layout); with
     ``register=True`` each ``clients/client-<i>.pub`` is registered. ``insecure=True`` turns
     off TLS and authentication (any SuperNode may join) and logs a warning: local experiments
     only. ``health_address`` defaults to a free loopback port. On failure the process is
-    stopped and :class:`~fedvault.processes.ProcessError` carries its log tail.
+    stopped and :class:`~fedvault.deploy.processes.ProcessError` carries its log tail.
     """
     state_dir = Path(state_dir).expanduser().resolve()
     if insecure:

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedvault.errors import FedvaultError
-from fedvault.rundir import atomic_write
+from fedvault.atomic import atomic_write
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"

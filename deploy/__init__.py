@@ -1,0 +1,1 @@
+"""Deployment: launching and supervising Flower's SuperLink and SuperNodes, and their CLI."""

@@ -1,0 +1,118 @@
+"""The wire protocol between fedvault's ServerApp and ClientApp: every key, status and reader.
+
+Messages are Flower ``RecordDict``s under Flower's usual keys, so stock Flower strategies and apps
+interoperate with fedvault's when fedvault extras are off:
+
+instruction (server -> client)
+    ``"arrays"``  ArrayRecord  the global model
+    ``"config"``  ConfigRecord ``"server-round"`` (set by fedvault's round loop in every
+                  instruction, whatever the strategy), ``"lr"``, ``"local-epochs"``,
+                  ``"momentum"``, plus strategy keys (FedProx's ``"proximal-mu"``, FedNova's
+                  ``"fednova"``)
+reply (client -> server)
+    ``"arrays"``   ArrayRecord  the trained model (train replies)
+    ``"metrics"``  MetricRecord ``"num-examples"`` and the metric names below
+    ``"dp-event"`` ConfigRecord the DP spend of this reply, already in the client's ledger
+                   (:class:`fedvault.privacy.events.DPEvent` fields)
+    ``"status"``   ConfigRecord ``{"status": BUDGET_EXHAUSTED | ROUND_ALREADY_SPENT,
+                   "reason": str}`` when the client refused to train
+
+Strategy records (SCAFFOLD's ``"scaffold.*"``, FedNova's ``"fednova.*"`` metrics) are defined
+next to both halves of their strategy in :mod:`fedvault.strategies`; sealing's ``"fedvault.*"``
+records in :mod:`fedvault.security.envelope`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+NUM_EXAMPLES = "num-examples"
+DP_EVENT = "dp-event"
+STATUS = "status"
+
+SERVER_ROUND = "server-round"
+LEARNING_RATE = "lr"
+LOCAL_EPOCHS = "local-epochs"
+MOMENTUM = "momentum"
+
+#: Status values of a refusing client's reply.
+BUDGET_EXHAUSTED = "budget-exhausted"  # training this round would pass the client's epsilon cap
+ROUND_ALREADY_SPENT = "round-already-spent"  # this round was already trained and paid for
+
+#: Metric names in replies.
+TRAIN_LOSS = "train_loss"
+TRAIN_STEPS = "train_steps"
+TRAIN_SECONDS = "train_seconds"
+DP_EPSILON = "dp_epsilon"
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_accuracy"
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What a train instruction asks of the client this round; a missing key takes the client's default."""
+
+    server_round: int
+    learning_rate: float
+    local_epochs: int
+    momentum: float
+
+
+def train_config(learning_rate: float, local_epochs: int, momentum: float) -> ConfigRecord:
+    """The round config the server sends with every train instruction (``server-round`` is added per round)."""
+    return ConfigRecord({LEARNING_RATE: learning_rate, LOCAL_EPOCHS: local_epochs, MOMENTUM: momentum})
+
+
+def read_round_config(content: RecordDict, defaults: RoundConfig) -> RoundConfig:
+    """The instruction's round config, each missing key from ``defaults``."""
+    config = content.config_records.get(CONFIG, ConfigRecord())
+    return RoundConfig(
+        server_round=int(config.get(SERVER_ROUND, defaults.server_round)),
+        learning_rate=float(config.get(LEARNING_RATE, defaults.learning_rate)),
+        local_epochs=int(config.get(LOCAL_EPOCHS, defaults.local_epochs)),
+        momentum=float(config.get(MOMENTUM, defaults.momentum)),
+    )
+
+
+def read_server_round(content: RecordDict) -> int:
+    """The instruction's ``server-round`` (0 when a non-fedvault server sent none)."""
+    return int(content.config_records.get(CONFIG, ConfigRecord()).get(SERVER_ROUND, 0))
+
+
+def stamp_server_round(message: Message, server_round: int) -> Message:
+    """Set ``server-round`` in the instruction's config record (creating it when a strategy sent none)."""
+    content = message.content
+    if CONFIG not in content.config_records:
+        content[CONFIG] = ConfigRecord()
+    content.config_records[CONFIG][SERVER_ROUND] = server_round
+    return message
+
+
+def refusal(status: str, reason: str) -> RecordDict:
+    """The reply of a client that refused to train: no arrays, zero examples, the status and why."""
+    return RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 0}), STATUS: ConfigRecord({STATUS: status, "reason": reason})})
+
+
+def reply_status(reply: Message) -> str | None:
+    """The refusal status of a reply, or None for an ordinary (or error) reply."""
+    if reply.has_error() or STATUS not in reply.content.config_records:
+        return None
+    return str(reply.content.config_records[STATUS].get(STATUS))
+
+
+def dp_event_record(event: Any) -> ConfigRecord:
+    """A DP event (anything with ``to_dict()``) as the reply's ``"dp-event"`` record."""
+    return ConfigRecord(event.to_dict())
+
+
+def read_dp_event(reply: Message) -> Mapping[str, Any] | None:
+    """The reply's ``"dp-event"`` fields, or None when it carries none (validate with ``DPEvent.from_dict``)."""
+    record = reply.content.config_records.get(DP_EVENT)
+    return dict(record) if record is not None else None

@@ -1,0 +1,1 @@
+"""Security: sealed updates (HPKE), identities and signatures, TLS key tooling."""
