@@ -1,10 +1,8 @@
 """fedvault's ClientApp: ``train`` and ``evaluate`` handlers on Flower's Message API.
 
-Replies use Flower's usual keys (``"arrays"``; ``"metrics"`` with ``"num-examples"``) so stock
-Flower strategies and ServerApps interoperate with fedvault clients. fedvault extras travel in
-further records: ``"dp-event"`` (the DP spend of this reply, already in the node's ledger),
-``"status"`` (``budget-exhausted`` when the client refused to train), and strategy records
-such as SCAFFOLD's control-variate delta.
+Replies use Flower's usual keys so stock Flower strategies and ServerApps interoperate with
+fedvault clients; the whole wire format is in :mod:`fedvault.protocol`. Training runs the task's
+own loop with DP on and off (:mod:`fedvault.client.local_training`).
 """
 
 from __future__ import annotations
@@ -14,20 +12,31 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
 from fedvault.client.attacks import attack_update
+from fedvault.client.local_training import round_defaults, train_plain
 from fedvault.client.node import DataSelection, client_data, is_update_attacker, task_and_model, training_data
 from fedvault.client.private_training import BudgetExhausted, RoundAlreadySpent, node_ledger_path, run_key, train_private
 from fedvault.client.sealing import ClientSealing
-from fedvault.strategies.client_steps import build_client_steps as build_hooks
-from fedvault.strategies.client_steps import finish_client_steps as finish_hooks
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
-from fedvault.protocol import BUDGET_EXHAUSTED, ROUND_ALREADY_SPENT
 from fedvault.privacy.node_ledger import NodeLedger
-from fedvault.tasks import TrainSettings, make_loader
-from flwr.clientapp import ClientApp
+from fedvault.protocol import (
+    ARRAYS,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
+    METRICS,
+    NUM_EXAMPLES,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    TRAIN_STEPS,
+    read_round_config,
+    refusal,
+)
+from fedvault.strategies.client_steps import build_client_steps
+from fedvault.tasks import make_loader
 
 ConfigSource = Callable[[Context], RunConfig]
 
@@ -55,37 +64,30 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         cfg = get_config(context)
         sealing = sealer(cfg, msg, context)
         sel = DataSelection.from_run(cfg, context.node_config)
-        round_config = msg.content.config_records.get("config", ConfigRecord())
-        server_round = int(round_config.get("server-round", 0))
+        rc = read_round_config(msg.content, round_defaults(cfg))
         device = resolve_device(str(context.node_config.get("device", cfg.device)))
-        global_state = msg.content["arrays"].to_torch_state_dict()
+        global_state = msg.content[ARRAYS].to_torch_state_dict()
+        make_steps = lambda model: build_client_steps(msg.content, context.state, model)  # noqa: E731
         start = time.perf_counter()
-        records: dict = {}
         if cfg.privacy.sample_level:
             ledger = NodeLedger(node_ledger_path(cfg, context.node_config))
             try:
-                done = train_private(cfg, sel, global_state, server_round, device, ledger, run_key(cfg, context.run_id),
-                                     make_hooks=lambda model: build_hooks(msg.content, context.state, model))
+                done = train_private(cfg, sel, rc, global_state, device, ledger, run_key(cfg, context.run_id),
+                                     make_steps)
             except (BudgetExhausted, RoundAlreadySpent) as exc:
-                kind = BUDGET_EXHAUSTED if isinstance(exc, BudgetExhausted) else ROUND_ALREADY_SPENT
-                status = ConfigRecord({"status": kind, "reason": str(exc)})
-                return reply(msg, RecordDict({"metrics": MetricRecord({"num-examples": 0}), "status": status}), sealing, "train")
-            state, loss, steps = done.result.state_dict, done.result.loss, done.result.steps
-            records.update(done.hook_records)
-            records["dp-event"] = ConfigRecord(done.event.to_dict())
-            extra_metrics = {"dp_epsilon": done.epsilon, **done.hook_metrics}
+                return reply(msg, refusal(exc.status, str(exc)), sealing, "train")
         else:
-            state, loss, steps, hook_records, extra_metrics = _train_plain(cfg, sel, msg, context, global_state, device)
-            records.update(hook_records)
+            done = train_plain(cfg, sel, rc, global_state, device, make_steps)
+        state = done.state_dict
         if is_update_attacker(cfg, sel):
-            state = _attacked(cfg, sel, global_state, state, server_round)
+            state = _attacked(cfg, sel, global_state, state, rc.server_round)
 
         metrics = MetricRecord({
-            "train_loss": float(loss), "train_steps": int(steps), "train_seconds": time.perf_counter() - start,
-            "num-examples": len(training_data(cfg, sel)), **extra_metrics,
+            TRAIN_LOSS: float(done.result.loss), TRAIN_STEPS: done.result.steps,
+            TRAIN_SECONDS: time.perf_counter() - start, NUM_EXAMPLES: len(training_data(cfg, sel)), **done.metrics,
         })
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
-        return reply(msg, RecordDict({"arrays": arrays, "metrics": metrics, **records}), sealing, "train")
+        return reply(msg, RecordDict({ARRAYS: arrays, METRICS: metrics, **done.records}), sealing, "train")
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -94,32 +96,14 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         device = resolve_device(str(context.node_config.get("device", cfg.device)))
         _, test_data = client_data(DataSelection.from_run(cfg, context.node_config))
         task, model = task_and_model(cfg.task, cfg.privacy.sample_level)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
         result = task.evaluate(model.to(device), make_loader(test_data, 256, shuffle=False), device)
         metrics = MetricRecord(
-            {"eval_loss": result["loss"], "eval_accuracy": result["accuracy"], "num-examples": len(test_data)}
+            {EVAL_LOSS: result["loss"], EVAL_ACCURACY: result["accuracy"], NUM_EXAMPLES: len(test_data)}
         )
-        return reply(msg, RecordDict({"metrics": metrics}), sealing, "evaluate")
+        return reply(msg, RecordDict({METRICS: metrics}), sealing, "evaluate")
 
     return app
-
-
-def _train_plain(cfg: RunConfig, sel: DataSelection, msg: Message, context: Context, global_state: dict, device):
-    """Non-private local training through the task, with the strategy's client-side hooks."""
-    round_config = msg.content.config_records.get("config", ConfigRecord())
-    task, model = task_and_model(cfg.task)
-    model.load_state_dict(global_state)
-    model.to(device)
-    lr = float(round_config.get("lr", cfg.learning_rate))
-    hooks = build_hooks(msg.content, context.state, model)
-    loader = make_loader(training_data(cfg, sel), cfg.batch_size, shuffle=True,
-                         seed=cfg.seed + int(round_config.get("server-round", 0)))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
-    settings = TrainSettings(epochs=int(round_config.get("local-epochs", cfg.local_epochs)), device=device,
-                             amp=cfg.amp, hooks=hooks)
-    result = task.train(model, loader, optimizer, settings)
-    hook_records, hook_metrics = finish_hooks(hooks, model, int(result["steps"]), lr)
-    return model.state_dict(), result["loss"], result["steps"], hook_records, hook_metrics
 
 
 def _attacked(cfg: RunConfig, sel: DataSelection, global_state: dict, state: dict, server_round: int) -> dict:

@@ -10,10 +10,12 @@ batches still take a noise-only step, and that step is accounted (skipping it wo
 that the batch was empty).
 
 :class:`PrivateTrainer` wires model, optimizer and loader through
-``opacus.PrivacyEngine(accountant="prv").make_private`` once. Every round it copies the global
-weights *in place* into the wrapped module's parameters (so the ``GradSampleModule``, its
-hooks, the ``DPOptimizer`` and the accountant are reused and memory stays flat), clears the
-local optimizer state, trains, and returns the plain state dict and the steps taken.
+``opacus.PrivacyEngine(accountant="prv").make_private`` once and runs the task's own
+``Task.train`` on the wrapped objects every round: one training loop with DP on and off. Every
+round it copies the global weights *in place* into the wrapped module's parameters (so the
+``GradSampleModule``, its hooks, the ``DPOptimizer`` and the accountant are reused and memory
+stays flat) and clears the local optimizer state. The empty batches are stepped by the wrapper,
+so the task's loop never sees them.
 
 Per-example gradients come from Opacus' ``"hooks"`` (materialised per-sample gradients),
 ``"ghost"`` (ghost clipping, Li et al. 2022, arXiv 2110.05679; Bu et al. 2023, arXiv
@@ -37,22 +39,23 @@ import secrets
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from opacus.grad_sample import GradSampleModuleExpandedWeights
-from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.batch_memory_manager import wrap_data_loader
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedvault.errors import FedvaultError
-from fedvault.tasks.base import TrainingHook
+from fedvault.privacy.accountants import calibrate_noise_multiplier, epsilon
+from fedvault.privacy.events import DPEvent
+from fedvault.step_hooks import HookedOptimizer
+from fedvault.tasks.base import Task, TrainingHook, TrainResult, TrainSettings
 
 log = logging.getLogger("fedvault")
 
@@ -154,32 +157,12 @@ def make_private_parts(
     return PrivateParts(engine, module, dp_optimizer, dp_criterion, dp_loader)
 
 
-def train_step(
-    module: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable[..., Any], x: Any, y: Any,
-    hooks: Sequence[TrainingHook] = (),
-) -> Any:
-    """One optimizer step on batch (x, y); returns the (possibly wrapped) loss.
-
-    ``hooks`` (strategy client steps) edit the gradient after Opacus' ``pre_step`` has clipped the
-    per-sample gradients and added the noise, so what they add is post-processing of the private
-    gradient; ``pre_step`` is False while ``BatchMemoryManager`` accumulates a logical batch."""
+def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable[..., Any], x: Any, y: Any) -> Any:
+    """One optimizer step on a non-empty batch (x, y), as the trainer's task loop takes it; returns the loss."""
     optimizer.zero_grad(set_to_none=True)
-    if len(y) == 0 and isinstance(module, GradSampleModuleExpandedWeights):
-        # torch's expanded weights refuse an empty batch; record what the other modes record for
-        # it (no per-sample gradients), so the step still adds, and accounts, its noise
-        for p in module.parameters():
-            if p.requires_grad:
-                p.grad_sample = p.new_zeros((0, *p.shape))
-        loss = torch.zeros(())
-    else:
-        loss = criterion(module(x), y)
-        loss.backward()
-    if not hooks:
-        optimizer.step()
-    elif optimizer.pre_step():
-        for hook in hooks:
-            hook.after_backward(module)
-        optimizer.original_optimizer.step()
+    loss = criterion(module(x), y)
+    loss.backward()
+    optimizer.step()
     return loss
 
 
@@ -297,36 +280,109 @@ def _synthetic_batch(loader: DataLoader, batch_size: int, device: torch.device) 
     return x.to(device), torch.zeros_like(y).to(device)
 
 
-# ---- the trainer --------------------------------------------------------------------------
+# ---- the wrapper the task's own loop runs on ------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LocalTrainResult:
-    """One round of local DP-SGD: weights to send and the DP event to record.
+class _GhostLoss:
+    """Opacus' ghost-clipping loss wrapper that remembers whether its two-pass backward ran.
 
-    The event is (``noise_multiplier``, ``sample_rate``, ``steps``): ``steps`` Poisson-sampled
-    Gaussian steps, counted by the accountant (empty batches included).
+    Under ghost clipping a plain ``loss.backward()`` leaves the *unclipped* gradient sum in
+    ``p.grad``, which the optimizer would then noise and release; the trainer refuses such a step.
     """
 
-    state_dict: dict[str, torch.Tensor]
-    steps: int
-    noise_multiplier: float
-    sample_rate: float
-    num_examples: int
-    loss: float
+    def __init__(self, loss: Callable[..., Any]) -> None:
+        self.loss = loss
+        self.clipped = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        wrapped = self.loss(*args, **kwargs)
+        backward = wrapped.backward
+
+        def clipped_backward(*b_args: Any, **b_kwargs: Any) -> None:
+            backward(*b_args, **b_kwargs)
+            self.clipped = True
+
+        wrapped.backward = clipped_backward
+        return wrapped
+
+    def consume(self) -> None:
+        if not self.clipped:
+            raise DPSGDError(
+                "DP-SGD: grad-sample mode 'ghost' needs Task.train to compute its loss with settings.criterion "
+                "(Opacus' clipping loss); this step's gradient was not clipped, so it is not released"
+            )
+        self.clipped = False
+
+
+class _PrivateStep(HookedOptimizer):
+    """``DPOptimizer`` as the task sees it: ``step()`` clips and noises (Opacus' ``pre_step``), then
+    runs the strategy hooks on the private gradient (post-processing), then the plain update."""
+
+    def __init__(self, dp_optimizer: Any, model: nn.Module, hooks: Sequence[TrainingHook], ghost: _GhostLoss | None):
+        super().__init__(dp_optimizer, model, hooks)
+        self.ghost = ghost
+        self._noise_only = False
+
+    def ready(self) -> bool:
+        if self.ghost is not None and not self._noise_only:
+            self.ghost.consume()
+        return bool(self.inner.pre_step())
+
+    def update(self) -> None:
+        self.inner.original_optimizer.step()
+
+    def noise_only_step(self) -> None:
+        """The accounted step of an empty Poisson batch: no per-sample gradients, only noise.
+        Skipping it would reveal that the batch was empty (and under-count the steps)."""
+        self.inner.zero_grad(set_to_none=True)
+        for p in self.inner.params:
+            if self.ghost is not None:
+                p.grad = torch.zeros_like(p)  # ghost mode sums p.grad
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        self._noise_only = True
+        try:
+            self.step()
+        finally:
+            self._noise_only = False
+        self.inner.zero_grad(set_to_none=True)
+
+
+class _PoissonBatches:
+    """The Poisson (or ``BatchMemoryManager``-split) batches; an empty one never reaches the task: its
+    noise-only step is taken here, so ``Task.train`` needs no special case."""
+
+    def __init__(self, batches: Iterable[Any], step: _PrivateStep, device: torch.device) -> None:
+        self.batches, self.step, self.device = batches, step, device
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for x, y in self.batches:
+            if len(y) == 0:
+                self.step.noise_only_step()
+                continue
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 class PrivateTrainer:
-    """Opacus DP-SGD wired once per client process; call :meth:`train_round` every round.
+    """Opacus DP-SGD wired once per client process, wrapped around the task's own training loop.
 
-    ``optimizer_factory`` builds the local optimizer from the (DP-fixed) model's parameters,
-    e.g. ``lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)``. ``train_loader``
-    supplies the dataset, batch size and collate function; sampling is re-done by Opacus
-    (Poisson, rate ``1/ceil(N/B)``) with a secrets-seeded generator. ``grad_sample_mode`` is
-    one of :data:`GRAD_SAMPLE_MODES` or ``"auto"``. ``max_physical_batch_size`` splits large Poisson
-    batches with Opacus' ``BatchMemoryManager`` (same privacy, bounded memory). The loss
-    ``criterion`` must reduce with ``"mean"`` or ``"sum"``; batches are ``(x, y)`` pairs.
-    Local optimizer state (e.g. momentum) starts fresh each round, as in a freshly built client.
+    As ``opacus.PrivacyEngine.make_private`` does, it wraps model, optimizer and loader once;
+    :meth:`train` then runs ``task.train`` on the wrapped ``(module, optimizer, loader)``, so AMP,
+    the round's learning rate and epochs and a custom task's loop behave as without DP. Every round
+    copies the global weights *in place* into the wrapped module (hooks, ``DPOptimizer`` and
+    accountant are reused, memory stays flat) and clears the local optimizer state.
+
+    ``optimizer_factory`` builds the local optimizer from the (DP-fixed) model's parameters, e.g.
+    ``lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)``. ``train_loader`` supplies the
+    dataset, batch size and collate function; sampling is re-done by Opacus (Poisson, rate
+    ``1/ceil(N/B)``) with a secrets-seeded generator. ``grad_sample_mode`` is one of
+    :data:`GRAD_SAMPLE_MODES` or ``"auto"``. ``max_physical_batch_size`` splits large Poisson batches
+    with Opacus' ``BatchMemoryManager`` (same privacy, bounded memory). The loss ``criterion`` must
+    reduce with ``"mean"`` or ``"sum"``; batches are ``(x, y)`` pairs. :meth:`with_budget` calibrates
+    the noise to an (epsilon, delta) budget; :meth:`epsilon` reports what was spent.
     """
 
     def __init__(
@@ -353,8 +409,7 @@ class PrivateTrainer:
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise DPSGDError(f"DP-SGD: max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
         self.device = torch.device(device)
-        self.max_physical_batch_size = max_physical_batch_size
-        self.num_examples = len(train_loader.dataset)
+        self.num_examples = len(train_loader.dataset)  # type: ignore[arg-type]
         fixed = dp_compatible(model).to(self.device)
 
         self.mode_choice: ModeChoice | None = None
@@ -384,7 +439,37 @@ class PrivateTrainer:
             grad_sample_mode=grad_sample_mode,
             noise_generator=_secure_generator(self.device),
         )
+        parts = self._parts
+        self._batches: Iterable[Any] = (
+            wrap_data_loader(data_loader=parts.loader, max_batch_size=max_physical_batch_size, optimizer=parts.optimizer)
+            if max_physical_batch_size
+            else parts.loader
+        )
+        self._ghost = _GhostLoss(parts.criterion) if grad_sample_mode == "ghost" else None
         self._model = fixed  # the wrapped nn.Module: plain state-dict keys, same Parameter objects
+
+    @classmethod
+    def with_budget(
+        cls,
+        model: nn.Module,
+        optimizer_factory: OptimizerFactory,
+        train_loader: DataLoader,
+        *,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        rounds: int = 1,
+        **kwargs: Any,
+    ) -> PrivateTrainer:
+        """A trainer whose noise multiplier spends exactly ``(target_epsilon, target_delta)`` (PLD
+        accountant) over ``rounds`` calls of :meth:`train` with ``epochs`` epochs each."""
+        if train_loader.batch_size is None:
+            raise DPSGDError("DP-SGD: train_loader must be built with batch_size")
+        num_examples = len(train_loader.dataset)  # type: ignore[arg-type]
+        q = poisson_sample_rate(num_examples, train_loader.batch_size)
+        steps = planned_steps(num_examples, train_loader.batch_size, epochs) * rounds
+        sigma = calibrate_noise_multiplier(target_epsilon, target_delta, q, steps)
+        return cls(model, optimizer_factory, train_loader, noise_multiplier=sigma, **kwargs)
 
     # -- what the caller needs to record a DP event ----------------------------------------
 
@@ -406,15 +491,15 @@ class PrivateTrainer:
 
     @property
     def noise_multiplier(self) -> float:
-        return float(self.parts.optimizer.noise_multiplier)
+        return float(self.parts.optimizer.noise_multiplier)  # type: ignore[attr-defined]
 
     @property
     def max_grad_norm(self) -> float:
-        return float(self.parts.optimizer.max_grad_norm)
+        return float(self.parts.optimizer.max_grad_norm)  # type: ignore[attr-defined]
 
     @property
     def sample_rate(self) -> float:
-        return float(self.parts.loader.sample_rate)
+        return float(self.parts.loader.sample_rate)  # type: ignore[attr-defined]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -423,11 +508,19 @@ class PrivateTrainer:
     @property
     def expected_batch_size(self) -> int:
         """The fixed denominator of the noisy mean: ``floor(N·q)``."""
-        return int(self.parts.optimizer.expected_batch_size)
+        return int(self.parts.optimizer.expected_batch_size)  # type: ignore[attr-defined]
 
     def accounted_steps(self) -> int:
         """Steps recorded by the accountant since this trainer was built."""
         return sum(steps for _, _, steps in self.accountant.history)
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta``, by fedvault's PLD accountant over the steps taken."""
+        events = [
+            DPEvent.dp_sgd(noise_multiplier=z, sample_rate=q, steps=steps, round=0, party="trainer")
+            for z, q, steps in self.accountant.history
+        ]
+        return epsilon(events, delta) if events else 0.0
 
     # -- per round ---------------------------------------------------------------------------
 
@@ -455,58 +548,44 @@ class PrivateTrainer:
         """The trained nn.Module (plain state-dict keys; the same Parameters Opacus updates)."""
         return self._model
 
-    @property
-    def learning_rate(self) -> float:
-        return float(self.parts.optimizer.original_optimizer.param_groups[0]["lr"])
-
-    def train_round(
-        self, global_state: Mapping[str, Any], epochs: int,
+    def train(
+        self,
+        task: Task,
+        epochs: int,
+        *,
+        global_state: Mapping[str, Any] | None = None,
+        learning_rate: float | None = None,
         make_hooks: Callable[[nn.Module], Sequence[TrainingHook]] | None = None,
-    ) -> LocalTrainResult:
-        """Load ``global_state``, train ``epochs`` local epochs with DP-SGD, return weights and steps.
+        amp: bool = False,
+    ) -> TrainResult:
+        """One round: load ``global_state`` (when given), run ``task.train`` for ``epochs`` epochs on the
+        wrapped module, optimizer and loader, at ``learning_rate`` (when given).
+
         ``make_hooks(model)`` builds the strategy's client steps on :attr:`model` once it holds
-        ``global_state``; they run on every step's private gradient (see :func:`train_step`)."""
+        ``global_state``; they run inside every logical step, after clipping and noising. The
+        result's ``steps`` counts logical steps, empty Poisson batches included (each is accounted).
+        """
         if epochs < 1:
             raise DPSGDError(f"DP-SGD: epochs must be >= 1, got {epochs}")
         parts = self.parts
-        self.load_global(global_state)
-        hooks = make_hooks(self._model) if make_hooks is not None else ()
-        parts.optimizer.original_optimizer.state.clear()
-        before = self.accounted_steps()
-        parts.module.train()
-        total_loss, seen = 0.0, 0
-        for _ in range(epochs):
-            manager = (
-                BatchMemoryManager(
-                    data_loader=parts.loader,
-                    max_physical_batch_size=self.max_physical_batch_size,
-                    optimizer=parts.optimizer,
-                )
-                if self.max_physical_batch_size
-                else nullcontext(parts.loader)
-            )
-            with manager as batches:
-                for x, y in batches:
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    loss = train_step(parts.module, parts.optimizer, parts.criterion, x, y, hooks)
-                    if len(y):
-                        total_loss += float(loss.item()) * len(y)
-                        seen += len(y)
+        if global_state is not None:
+            self.load_global(global_state)
+        hooks = list(make_hooks(self._model)) if make_hooks is not None else []
+        original = parts.optimizer.original_optimizer  # type: ignore[attr-defined]
+        original.state.clear()
+        if learning_rate is not None:
+            for group in original.param_groups:
+                group["lr"] = learning_rate
+        step = _PrivateStep(parts.optimizer, self._model, hooks, self._ghost)
+        settings = TrainSettings(epochs=epochs, device=self.device, amp=amp, criterion=self._ghost)
+        result = task.train(parts.module, _PoissonBatches(self._batches, step, self.device), step, settings)
         parts.optimizer.zero_grad(set_to_none=True)  # drop per-sample gradients between rounds
-        state = {key: value.detach().to("cpu", copy=True) for key, value in self._model.state_dict().items()}
-        return LocalTrainResult(
-            state_dict=state,
-            steps=self.accounted_steps() - before,
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            num_examples=self.num_examples,
-            loss=total_loss / seen if seen else math.nan,
-        )
+        return TrainResult(loss=result.loss, steps=step.steps)
 
     def close(self) -> None:
         """Remove Opacus' hooks and per-sample attributes; the trainer is unusable afterwards."""
         if self._parts is not None:
-            self._parts.module.cleanup()
+            self._parts.module.cleanup()  # type: ignore[operator]
             self._parts = None
 
     def __enter__(self) -> PrivateTrainer:

@@ -32,6 +32,8 @@ from fedvault.errors import FedvaultError
 
 KINDS = ("sample", "client")
 SAMPLINGS = ("poisson", "none")
+#: The party whose budget client-level DP-FedAvg events spend (the run's whole population).
+SERVER_PARTY = "server"
 
 
 class DPEventError(FedvaultError, ValueError):
@@ -99,8 +101,8 @@ class DPEvent:
 
     @classmethod
     def dp_fedavg(cls, *, noise_multiplier: float, sample_rate: float, round: int, poisson: bool = True) -> DPEvent:
-        """One round of client-level DP-FedAvg at the server (McMahan et al., ICLR 2018), spent by "server"."""
-        return cls("client", noise_multiplier, sample_rate, 1, "poisson" if poisson else "none", round, "server")
+        """One round of client-level DP-FedAvg at the server (McMahan et al., ICLR 2018), spent by SERVER_PARTY."""
+        return cls("client", noise_multiplier, sample_rate, 1, "poisson" if poisson else "none", round, SERVER_PARTY)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict with exactly the dataclass fields."""

@@ -1,8 +1,10 @@
 """Scenarios on the real Simulation Engine: robust run with attackers, client-level DP to its cap."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,19 @@ def test_scaffold_under_dp_sgd_learns_within_each_clients_budget(tmp_path):
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
     clients = [p for p in summary["privacy"]["parties"] if p["party"].startswith("client-")]
     assert len(clients) == 4 and all(len(p["rounds"]) == 3 and 0 < p["epsilon_pld"] <= 8.0 for p in clients)
+
+
+def test_a_strategy_subclassing_flowers_strategy_directly_runs_three_dp_rounds(tmp_path, monkeypatch):
+    """The round loop stamps server-round into every instruction, so DP clients record each round
+    as its own and none replies round-already-spent from round 2 on."""
+    here = str(Path(__file__).parent)  # the plug-in is the user's module, outside fedvault
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "run"
+    _, rounds, summary = simulate(
+        out, "num-clients=3", "num-server-rounds=3", "fraction-evaluate=0.0", "local-epochs=1",
+        "strategy.name=bare_strategy:MeanOfAll",
+    )
+    assert [r["replies_ok"] for r in rounds[1:]] == [3, 3, 3]
+    assert all(r["budget_exhausted"] == 0 and not r["dropped"] for r in rounds[1:])
+    clients = [p for p in summary["privacy"]["parties"] if p["party"].startswith("client-")]
+    assert len(clients) == 3 and all(p["rounds"] == [1, 2, 3] for p in clients)

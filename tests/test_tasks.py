@@ -31,7 +31,7 @@ def test_digits_train_then_evaluate_improves_accuracy():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     result = task.train(model, make_loader(data.train, 32, shuffle=True), optimizer, TrainSettings(epochs=2, device=device))
     after = task.evaluate(model, test_loader, device)["accuracy"]
-    assert result["steps"] == 2 * int(np.ceil(len(data.train) / 32))
+    assert result.steps == 2 * int(np.ceil(len(data.train) / 32))
     assert after > before + 0.5
 
 

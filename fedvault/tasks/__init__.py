@@ -6,12 +6,12 @@ from functools import lru_cache
 
 from fedvault.errors import TaskError
 from fedvault.plugins import PluginError, entry_point_names, load_plugin
-from fedvault.tasks.base import ArrayDataset, SupervisedTask, Task, TaskData, TrainSettings, make_loader
+from fedvault.tasks.base import ArrayDataset, SupervisedTask, Task, TaskData, TrainResult, TrainSettings, make_loader
 
 TASK_GROUP = "fedvault.tasks"
 
 __all__ = [
-    "ArrayDataset", "SupervisedTask", "Task", "TaskData", "TrainSettings",
+    "ArrayDataset", "SupervisedTask", "Task", "TaskData", "TrainResult", "TrainSettings",
     "available_tasks", "load_task", "load_task_data", "make_loader",
 ]
 

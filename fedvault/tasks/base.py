@@ -2,15 +2,17 @@
 
 A task owns what is specific to a learning problem. fedvault owns what is specific to
 federation: partitioning, the optimizer, privacy wrapping, devices and transport. The client
-builds the model, data loader and optimizer (so Opacus can wrap them) and hands them to
-``Task.train``; the server calls ``Task.evaluate`` on the held-out test set.
+builds the model, data loader and optimizer, wraps them (strategy client steps always; Opacus
+DP-SGD when sample-level DP is on, as ``make_private`` does) and hands them to ``Task.train``:
+the same loop runs with DP on and off. The server calls ``Task.evaluate`` on the held-out test set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -44,19 +46,31 @@ class TaskData:
 
 class TrainingHook(Protocol):
     """Client-side part of a strategy (FedProx term, SCAFFOLD correction, ...): edits the
-    gradients in place after each backward pass, before the optimizer step."""
+    gradients in place after each backward pass; the optimizer wrapper calls it inside ``step()``."""
 
     def after_backward(self, model: nn.Module) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
-    """How one round of local training runs."""
+    """How one round of local training runs.
+
+    ``criterion``, when set, is the loss ``Task.train`` must use instead of its own (DP-SGD with
+    ghost clipping hands over Opacus' loss wrapper; the trainer refuses a step without it).
+    """
 
     epochs: int
     device: torch.device
     amp: bool = False
-    hooks: Sequence[TrainingHook] = field(default_factory=tuple)
+    criterion: Callable[..., torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """One round of local training: mean loss over the examples trained on, optimizer steps taken."""
+
+    loss: float
+    steps: int
 
 
 @runtime_checkable
@@ -71,8 +85,11 @@ class Task(Protocol):
     def build_model(self) -> nn.Module:
         """A freshly initialised model (call ``torch.manual_seed`` first for determinism)."""
 
-    def train(self, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, settings: TrainSettings) -> dict[str, float]:
-        """Local training; returns metrics including ``loss`` and ``steps`` (optimizer steps taken)."""
+    def train(self, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, settings: TrainSettings) -> TrainResult:
+        """``settings.epochs`` passes over ``loader``: per batch zero the gradients, backward the loss,
+        ``optimizer.step()``. Call ``step`` for every batch the loader yields (the wrappers count on it:
+        strategy client steps and DP-SGD's clipping and noise run inside it); use
+        ``settings.criterion`` when it is set; autocast on CUDA when ``settings.amp``."""
 
     def evaluate(self, model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
         """Metrics including ``loss`` and ``accuracy`` over ``loader``."""
@@ -86,16 +103,14 @@ class SupervisedTask:
     def criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss()
 
-    def train(self, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, settings: TrainSettings) -> dict[str, float]:
+    def train(self, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, settings: TrainSettings) -> TrainResult:
         device, use_amp = settings.device, settings.amp and settings.device.type == "cuda"
-        criterion = self.criterion()
+        criterion = settings.criterion or self.criterion()
         scaler = torch.amp.GradScaler("cuda") if use_amp else None
         model.train()
         total_loss, seen, steps = 0.0, 0, 0
         for _ in range(settings.epochs):
             for x, y in loader:
-                if len(y) == 0:  # Poisson sampling (DP) can draw an empty batch
-                    continue
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
@@ -105,8 +120,6 @@ class SupervisedTask:
                     scaler.unscale_(optimizer)
                 else:
                     loss.backward()
-                for hook in settings.hooks:
-                    hook.after_backward(model)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -115,7 +128,7 @@ class SupervisedTask:
                 total_loss += loss.item() * len(y)
                 seen += len(y)
                 steps += 1
-        return {"loss": total_loss / max(seen, 1), "steps": float(steps)}
+        return TrainResult(loss=total_loss / seen if seen else math.nan, steps=steps)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
