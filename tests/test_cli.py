@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from fedvault.cli import main
+from waits import seconds
 
 
 @pytest.mark.parametrize(
@@ -31,7 +32,7 @@ def test_missing_dataset_package_from_the_real_console_script(tmp_path):
     (tmp_path / "mnist1d" / "__init__.py").write_text("raise ImportError('No module named mnist1d')\n")
     proc = subprocess.run(
         [sys.executable, "-m", "fedvault.cli", "simulate", "--set", "task=mnist1d"],
-        capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=seconds(120), env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == (

@@ -40,13 +40,14 @@ from fedvault.security.tls_keys import KeysError, init_keys
 from fedvault.deploy.processes import child_env, executable, free_port, start_process, stop, wait_for_log
 from fedvault.server.checkpoint import load_checkpoint
 from fedvault.deploy.superlink import start_superlink
+from waits import seconds
 
 ROUNDS = 2
 RUN = ["--set", 'task="digits"', "--set", "num-clients=3", "--set", f"num-server-rounds={ROUNDS}",
        "--set", "local-epochs=1", "--set", "privacy.sample-level=false", "--set", "fraction-evaluate=0.0",
        "--set", "fraction-train=1.0", "--set", "seed=7"]
-RUN_TIMEOUT_S = 150
-FAULT_TIMEOUT_S = 25
+RUN_TIMEOUT_S = seconds(150)
+FAULT_TIMEOUT_S = seconds(25)
 READY = re.compile(r"^ready$", re.MULTILINE)
 
 
@@ -118,7 +119,7 @@ class Processes:
 
     def stop_all(self) -> None:
         for process in reversed(self.managed):
-            stop(process, timeout=15)
+            stop(process, timeout=seconds(15))
         for pgid in self.groups:  # SuperLinks of servers that were SIGKILLed (their own sessions)
             _killpg(pgid, signal.SIGKILL)
 
@@ -133,7 +134,7 @@ def federation(tmp_path_factory):
         assert keys_out.returncode == 0, keys_out.stderr
         port = free_port()
         server = processes.start(_server_args(root, port, "reference"), root / "server.log", "fedvault server")
-        wait_for_log(server, READY, 60)
+        wait_for_log(server, READY, seconds(60))
         clients = [
             processes.start(["client", "--server", f"127.0.0.1:{port}", "--keys", str(root / "keys"),
                              "--client-id", str(i), "--num-partitions", "3", "--state", str(root / f"client-{i}")],
@@ -141,7 +142,7 @@ def federation(tmp_path_factory):
             for i in (1, 2, 3)
         ]
         for client in clients:
-            wait_for_log(client, READY, 60)
+            wait_for_log(client, READY, seconds(60))
         code = server.popen.wait(timeout=RUN_TIMEOUT_S)
         yield {"root": root, "port": port, "code": code, "server": server, "clients": clients,
                "processes": processes, "run_dir": root / "runs" / "reference", "keys": root / "keys"}
@@ -174,7 +175,7 @@ def test_unregistered_client_is_refused_with_one_line(federation, tmp_path):
     try:
         keys.ca_cert.write_bytes((federation["keys"] / "ca.pem").read_bytes())  # trusts the right CA
         done = _cli(["client", "--server", link.address, "--keys", str(keys.directory), "--client-id", "1",
-                     "--num-partitions", "3", "--state", str(tmp_path / "c"), "--startup-timeout", "30",
+                     "--num-partitions", "3", "--state", str(tmp_path / "c"), "--startup-timeout", str(seconds(30)),
                      "--server-identity", str(federation["keys"] / "identity.pub")])
     finally:
         link.stop()
@@ -194,13 +195,13 @@ def test_killed_server_resumes_from_its_checkpoint_to_the_same_model(federation)
     processes.groups.append(superlink)
     server.popen.send_signal(signal.SIGKILL)  # the whole server side dies at once
     _killpg(superlink, signal.SIGKILL)
-    server.popen.wait(timeout=10)
+    server.popen.wait(timeout=seconds(10))
     assert not (run_dir / "summary.json").exists()
 
     resumed = processes.start(["server", "--resume", str(run_dir), "--keys", str(federation["keys"]),
                                "--state", str(root / "state"), "--host", "127.0.0.1", "--port", str(federation["port"])],
                               root / "resumed.log", "fedvault server --resume")
-    assert resumed.popen.wait(timeout=RUN_TIMEOUT_S + 60) == 0, resumed.log_text()
+    assert resumed.popen.wait(timeout=RUN_TIMEOUT_S + seconds(60)) == 0, resumed.log_text()
     assert f"resuming {run_dir} at round 2" in resumed.log_text()
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
@@ -282,7 +283,7 @@ def _server_args(root: Path, port: int, run: str) -> list[str]:
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([executable("fedvault"), *args], capture_output=True, text=True, env=child_env(),
-                          timeout=120)
+                          timeout=seconds(120))
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:

@@ -28,6 +28,7 @@ from fedvault.deploy.processes import (
     wait_healthy,
 )
 from fedvault.deploy.superlink import list_nodes, start_superlink, wait_node_online
+from waits import seconds
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,7 @@ def started():
 
 
 def _node(superlink_address, tmp_path, name, **kwargs):
-    kwargs.setdefault("timeout", 30)
+    kwargs.setdefault("timeout", seconds(30))
     return start_supernode(superlink_address, tmp_path / name, partition_id=0, num_partitions=2,
                            **kwargs)
 
@@ -74,7 +75,7 @@ def test_superlink_with_tls_and_node_auth_is_healthy_and_has_the_keys_registered
     assert argv[argv.index("--ssl-certfile") + 1] == str(keys.server_cert)
     assert "--disable-runtime-dependency-installation" in argv
     assert superlink.database.is_file()
-    wait_healthy(superlink.health_address, 5, superlink.process)
+    wait_healthy(superlink.health_address, seconds(10), superlink.process)
     assert set(superlink.node_ids) == set(keys.client_public_keys())
     listed = {node["node-id"]: node["status"] for node in list_nodes(superlink.connection)}
     assert {listed[node_id] for node_id in superlink.node_ids.values()} == {"registered"}
@@ -85,7 +86,7 @@ def test_registered_supernode_connects_and_shows_online(superlink, keys, tmp_pat
                  root_certificates=keys.ca_cert, private_key=keys.client_key(1))
     started.append(node)
     assert node.node_id == superlink.node_ids[keys.client_public_key(1)]
-    assert wait_node_online(superlink.connection, node.node_id, 15)["status"] == "online"
+    assert wait_node_online(superlink.connection, node.node_id, seconds(15))["status"] == "online"
     assert "partition-id=0 num-partitions=2" in " ".join(node.process.popen.args)
 
 
@@ -115,12 +116,12 @@ def test_supernode_health_is_serving_before_it_reaches_any_superlink(keys, tmp_p
     node = _node(nowhere, tmp_path, "lonely", root_certificates=keys.ca_cert,
                  private_key=keys.client_key(1), wait_connected=False)
     started.append(node)
-    wait_for_log(node.process, "Connection attempt failed", 15)
+    wait_for_log(node.process, "Connection attempt failed", seconds(15))
     assert node.process.alive() and "SuperNode ID" not in node.process.log_text()
-    wait_healthy(node.health_address, 1, node.process)  # still "healthy": health != connected
+    wait_healthy(node.health_address, seconds(10), node.process)  # still "healthy": health != connected
     with pytest.raises(ProcessError, match="cannot reach SuperLink .*no connection"):
         _node(nowhere, tmp_path, "lonely2", root_certificates=keys.ca_cert,
-              private_key=keys.client_key(2), timeout=3)
+              private_key=keys.client_key(2), timeout=seconds(5))
 
 
 def test_insecure_superlink_warns_and_accepts_an_unauthenticated_supernode(tmp_path, caplog,
@@ -134,7 +135,7 @@ def test_insecure_superlink_warns_and_accepts_an_unauthenticated_supernode(tmp_p
         node = _node(link.address, tmp_path, "n", root_certificates=None, private_key=None,
                      insecure=True)
         started.append(node)
-        assert wait_node_online(link.connection, node.node_id, 15)["status"] == "online"
+        assert wait_node_online(link.connection, node.node_id, seconds(15))["status"] == "online"
     finally:
         for node in started:
             node.stop()
@@ -162,7 +163,7 @@ def test_child_that_dies_before_healthy_reports_its_log_tail(tmp_path):
     child = _python("print('boom: bad flag'); raise SystemExit(3)", tmp_path / "c.log")
     try:
         with pytest.raises(ProcessError) as caught:
-            wait_healthy(f"127.0.0.1:{free_port()}", 20, child)
+            wait_healthy(f"127.0.0.1:{free_port()}", seconds(20), child)
         message = str(caught.value)
         assert "exited with code 3 before becoming healthy" in message.splitlines()[0]
         assert "boom: bad flag" in message
@@ -182,10 +183,10 @@ def test_stop_reaches_grandchildren_and_escalates_to_sigkill(tmp_path):
     )
     child = _python(code, tmp_path / "c.log")
     try:
-        wait_for_log(child, "ready", 20)
+        wait_for_log(child, "ready", seconds(20))
         grandchild = int(pid_file.read_text())
         assert stop(child, timeout=1) == -signal.SIGKILL  # SIGTERM was ignored
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + seconds(5)
         while _running(grandchild) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _running(grandchild)

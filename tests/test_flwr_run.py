@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waits import seconds
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ def _stop_managed_superlink(flwr_home: Path) -> None:
     pids = [int(pid) for pid in found.stdout.split()]
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + seconds(20)
     while pids and time.monotonic() < deadline:
         pids = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
         time.sleep(0.2)
@@ -37,7 +38,7 @@ def test_flwr_run_dot_trains_with_fedvault_apps(tmp_path):
             ["flwr", "run", ".", "--stream", "--run-config",
              f'task="digits" num-clients=2 num-server-rounds=2 fraction-evaluate=0.0 run-dir="{run_dir}" '
              'sealing.mode="off"'],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=seconds(400),
         )
     finally:
         _stop_managed_superlink(flwr_home)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from waits import seconds
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +18,7 @@ def run_dir(tmp_path_factory):
         [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(out),
          "--set", "task=digits", "--set", "num-clients=5", "--set", "num-server-rounds=3",
          "--set", "partitioner=dirichlet", "--set", "dirichlet-alpha=1.0"],
-        capture_output=True, text=True, timeout=420,
+        capture_output=True, text=True, timeout=seconds(420),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
@@ -80,7 +81,7 @@ def test_private_run_ends_with_budget_summary_and_no_client_over_its_cap(run_dir
 def test_audit_cli_reads_the_run(run_dir):
     out, _ = run_dir
     proc = subprocess.run([sys.executable, "-m", "fedvault.cli", "audit", str(out), "--json"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=seconds(120))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["entries"] == 15 and not report["exceeded"]

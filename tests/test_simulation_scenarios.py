@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from waits import seconds
 
 pytestmark = pytest.mark.integration
 
@@ -15,7 +16,7 @@ def simulate(out, *settings):
     cmd = [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(out), "--set", "task=digits"]
     for item in settings:
         cmd += ["--set", item]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds(420))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return proc.stdout, rounds, json.loads((out / "summary.json").read_text())

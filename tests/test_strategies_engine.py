@@ -15,6 +15,7 @@ import pytest
 from fedvault.server.checkpoint import load_checkpoint
 from fedvault.strategies.fednova import TAU_KEY
 from fedvault.strategies.registry import builtin_strategies
+from waits import seconds
 
 pytestmark = pytest.mark.integration
 SWEEP = Path(__file__).with_name("strategy_sweep.py")
@@ -25,7 +26,7 @@ RUNS = [*builtin_strategies(), "plugin"]
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("strategies") / "out"
-    proc = subprocess.run([sys.executable, str(SWEEP), str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SWEEP), str(out)], capture_output=True, text=True, timeout=seconds(600))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

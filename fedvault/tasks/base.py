@@ -85,6 +85,10 @@ class Task(Protocol):
     def build_model(self) -> nn.Module:
         """A freshly initialised model (call ``torch.manual_seed`` first for determinism)."""
 
+    def criterion(self) -> nn.Module:
+        """The loss ``train`` minimises, reducing with ``"mean"`` or ``"sum"`` (DP-SGD wraps it for
+        ghost clipping and times grad-sample modes with it)."""
+
     def train(self, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, settings: TrainSettings) -> TrainResult:
         """``settings.epochs`` passes over ``loader``: per batch zero the gradients, backward the loss,
         ``optimizer.step()``. Call ``step`` for every batch the loader yields (the wrappers count on it:
