@@ -21,13 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> int:
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     with tempfile.TemporaryDirectory(prefix="fedvault-types-") as tmp:
-        root = Path(tmp)
-        for package, folder in sorted(setuptools["package-dir"].items(), key=lambda item: item[0].count(".")):
-            target = root.joinpath(*package.split("."))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(REPO / folder, target_is_directory=True)
+        core = Path(tmp) / "fedvault"  # a real folder: subpackage links must not land inside the repository
+        core.mkdir()
+        for entry in (REPO / setuptools["package-dir"]["fedvault"]).iterdir():
+            (core / entry.name).symlink_to(entry)
+        for package, folder in setuptools["package-dir"].items():
+            if package != "fedvault":
+                (core / package.removeprefix("fedvault.")).symlink_to(REPO / folder, target_is_directory=True)
         command = [sys.executable, "-m", "mypy", "--config-file", str(REPO / "pyproject.toml"), "-p", "fedvault"]
-        return subprocess.call(command, cwd=root)
+        return subprocess.call(command, cwd=tmp)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from fedvault.errors import ConfigError, FedvaultError
 
 NDArrays = dict[str, np.ndarray]
 UPDATE_ATTACKS = ("sign-flip", "scale", "gaussian")
-ATTACK_KINDS = ("none", *UPDATE_ATTACKS, "label-flip")
 
 
 class AttackError(FedvaultError, ValueError):

@@ -24,10 +24,6 @@ class BudgetError(FedvaultError, ValueError):
     """A budget is malformed (epsilon not > 0, delta not in (0, 1))."""
 
 
-class BudgetExceededError(FedvaultError, RuntimeError):
-    """A release would take a privacy unit over its epsilon cap; nothing was spent."""
-
-
 @dataclass(frozen=True)
 class Budget:
     """An (epsilon, delta) cap for one privacy unit; epsilon may be ``math.inf`` (track only)."""
@@ -45,22 +41,6 @@ class Budget:
 def projected_epsilon(events: Sequence[DPEvent], next_event: DPEvent, budget: Budget) -> float:
     """PLD epsilon at the budget's delta if ``next_event`` were spent after ``events``."""
     return epsilon_after(events, next_event, budget.delta, CLAIM_METHOD)
-
-
-def would_exceed(events: Sequence[DPEvent], next_event: DPEvent, budget: Budget) -> bool:
-    """True when spending ``next_event`` would take PLD epsilon strictly above the cap."""
-    return projected_epsilon(events, next_event, budget) > budget.epsilon
-
-
-def ensure_within(events: Sequence[DPEvent], next_event: DPEvent, budget: Budget) -> float:
-    """Return the projected epsilon, or raise :class:`BudgetExceededError` naming party and round."""
-    projected = projected_epsilon(events, next_event, budget)
-    if projected > budget.epsilon:
-        raise BudgetExceededError(
-            f"{next_event.party} round {next_event.round}: epsilon would reach {projected:.4f} "
-            f"> cap {budget.epsilon:g} at delta {budget.delta:g}; release refused"
-        )
-    return projected
 
 
 def remaining(events: Sequence[DPEvent], budget: Budget) -> float:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from fedvault.errors import FedvaultError
 from fedvault.tasks.base import TrainingHook as StepHook
 
 #: Prefix Opacus' GradSampleModule adds to parameter names.
@@ -28,7 +29,7 @@ _OPACUS_PREFIX = "_module."
 Extras = tuple[dict[str, ArrayRecord], dict[str, float]]
 
 
-class HookError(RuntimeError):
+class HookError(FedvaultError, RuntimeError):
     """A strategy hook cannot run with the message or model it was given."""
 
 

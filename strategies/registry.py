@@ -175,19 +175,6 @@ def format_strategies(infos: list[StrategyInfo]) -> str:
     return "\n".join(lines)
 
 
-def split_strategy_keys(flat: Mapping[str, Any]) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
-    """Split a flat config into ``(strategy.name, {param: value}, other keys)``."""
-    name, params, rest = None, {}, {}
-    for key, value in flat.items():
-        if key == CONFIG_PREFIX + "name":
-            name = str(value)
-        elif key.startswith(CONFIG_PREFIX):
-            params[key[len(CONFIG_PREFIX):]] = value
-        else:
-            rest[key] = value
-    return name, params, rest
-
-
 # ---- signature inspection --------------------------------------------------------------------
 
 

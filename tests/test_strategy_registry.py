@@ -21,7 +21,6 @@ from fedvault.strategies.registry import (
     builtin_strategies,
     format_strategies,
     list_strategies,
-    split_strategy_keys,
 )
 
 pytestmark = pytest.mark.timeout(60)  # Flower's node sampling waits forever for missing nodes
@@ -131,11 +130,6 @@ def test_listing_shows_params_defaults_and_doc():
     assert scaffold["server-learning-rate"] == 1.0 and scaffold["fraction-train"] == 1.0  # inherited via **kwargs
     assert "SCAFFOLD" in infos["scaffold"].doc
     assert "strategy.eta-l = 0.1" in format_strategies([infos["fedadam"]])
-
-
-def test_split_strategy_keys():
-    name, params, rest = split_strategy_keys({"strategy.name": "fedadam", "strategy.eta": 0.3, "num-clients": 5})
-    assert (name, params, rest) == ("fedadam", {"eta": 0.3}, {"num-clients": 5})
 
 
 # ---- plug-ins ------------------------------------------------------------------------------
