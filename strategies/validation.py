@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
+from fedvault.protocol import ARRAYS, NUM_EXAMPLES
 from fedvault.strategies.arrays import NDArrays, to_ndarrays
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ class ValidationRules:
 
     max_update_norm: float | None = None
     max_payload_bytes: int | None = None
-    arrays_key: str = "arrays"
-    weight_key: str = "num-examples"
+    arrays_key: str = ARRAYS
+    weight_key: str = NUM_EXAMPLES
     required_metrics: tuple[str, ...] = ()
     extra_array_records: tuple[str, ...] = ()
 

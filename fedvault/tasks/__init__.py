@@ -36,7 +36,7 @@ def load_task(name: str) -> Task:
     if not isinstance(task, Task):
         raise TaskError(
             f"task '{name}' is {type(task).__name__}, not a Task "
-            "(needs name, load_data, build_model, train, evaluate)"
+            "(needs name, load_data, build_model, criterion, train, evaluate)"
         )
     return task
 
