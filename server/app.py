@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
@@ -14,13 +14,14 @@ from fedvault.config import RunConfig
 from fedvault.device import resolve_device
 from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger
+from fedvault.privacy.report import privacy_summary
+from fedvault.protocol import train_config
 from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.server.client_level_dp import ClientLevelDP
-from fedvault.privacy.report import privacy_summary
 from fedvault.server.recorder import RunRecorder
 from fedvault.server.resume import checkpoint_round, restore
-from fedvault.server.sealing import ServerSealing, server_identity_path
 from fedvault.server.rounds import RoundLoop, RunStopped
+from fedvault.server.sealing import SealedGrid, ServerSealing, server_identity_path
 from fedvault.strategies.registry import build_strategy
 from fedvault.strategies.validation import ValidationRules
 from fedvault.tasks import Task, load_task, load_task_data, make_loader
@@ -75,8 +76,16 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
         run_dir.create(cfg.to_flat())
     task = load_task(cfg.task)
     model = initial_model(task, cfg)
-    strategy = make_strategy(cfg)
     private = cfg.privacy.sample_level or cfg.privacy.client_level
+    ledger = Ledger(run_dir.path / LEDGER_FILENAME, recover_truncated_tail=True) if private else None
+    base = make_strategy(cfg)
+    strategy: Strategy = base
+    if cfg.privacy.client_level:
+        assert ledger is not None  # client-level DP is private
+        strategy = ClientLevelDP.from_config(base, cfg, ledger)
+    if cfg.sealing.enabled(deployed):
+        sealing = ServerSealing(server_identity_path(cfg, run_dir.path), grid.run.run_id, cfg.sealing.suite)
+        grid = SealedGrid(grid, sealing)
     recorder = RunRecorder(run_dir, cfg.num_server_rounds, title=cfg.task, out=sys.stdout)
     loop = RoundLoop(
         strategy=strategy,
@@ -84,22 +93,19 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
         central_evaluate=central_evaluator(task, cfg),
         on_round=lambda record, arrays: _finish_round(run_dir, loop, recorder, record, arrays),
         timeout=cfg.round_timeout,
-        rules=validation_rules(cfg, strategy),
+        rules=validation_rules(cfg, base),
         min_replies=cfg.min_replies,
         client_evaluate=cfg.fraction_evaluate > 0 and cfg.test_fraction > 0,
-        ledger=Ledger(run_dir.path / LEDGER_FILENAME, recover_truncated_tail=True) if private else None,
-        client_dp=ClientLevelDP(cfg) if cfg.privacy.client_level else None,
-        sealing=(ServerSealing(server_identity_path(cfg, run_dir.path), grid.run.run_id, cfg.sealing.suite)
-                 if cfg.sealing.enabled(deployed) else None),
+        ledger=ledger,
     )
-    train_config = ConfigRecord({"lr": cfg.learning_rate, "local-epochs": cfg.local_epochs, "momentum": cfg.momentum})
     arrays, first_round = ArrayRecord(model.state_dict()), 1
     if cfg.resume:
         arrays, first_round = restore(run_dir, loop, arrays)
         print(f"resuming {run_dir.path} at round {first_round}", file=sys.stdout, flush=True)
+    config = train_config(cfg.learning_rate, cfg.local_epochs, cfg.momentum)
     stopped = None
     try:
-        arrays = loop.run(arrays, cfg.num_server_rounds, train_config, first_round)
+        arrays = loop.run(arrays, cfg.num_server_rounds, config, first_round)
     except RunStopped as exc:
         stopped = str(exc)
         print(f"run stopped: {stopped}", file=sys.stdout, flush=True)

@@ -1,64 +1,218 @@
-"""Client-level DP on the server: DP-FedAvg (McMahan et al., ICLR 2018, arXiv 1710.06963).
+"""Client-level DP as a strategy wrapper: DP-FedAvg (McMahan et al., ICLR 2018, arXiv 1710.06963).
 
-Each round every eligible client is included independently with probability q = fraction-train,
-drawn from ``secrets`` (true Poisson sampling: what the accountant's amplification assumes,
-unlike Flower's fixed-size ``random.sample``). Updates are clipped to C, summed, noised with
-N(0, (zC)^2) and divided by the fixed expected count qN; adaptive clipping follows Andrew et al.
-(NeurIPS 2021). The server's budget is checked before a round and the round's event is appended
-to the run ledger before the new global model is released.
+``ClientLevelDP(strategy, ...)`` wraps a strategy as Flower's ``DifferentialPrivacyServerSideFixedClipping``
+does, with what the accountant's claim needs:
+
+* ``configure_train`` checks the server's budget before the round (``RunStopped`` when it would be
+  passed), lets the wrapped strategy build the round's instruction (its config keys, e.g. FedProx's
+  ``proximal-mu``, and its per-round state, e.g. FedOpt's current arrays) and sends it to a Poisson
+  sample of the eligible nodes: each is included independently with probability q = fraction-train,
+  drawn from ``secrets`` (what amplification by sampling assumes; the wrapped strategy's own
+  fixed-size sample is not used);
+* ``aggregate_train`` clips each update to C, sums with uniform weights, adds N(0, (zC)^2) and divides
+  by the fixed expected count qN (:class:`fedvault.privacy.client_level.DPFedAvgAggregator`; adaptive
+  clipping after Andrew et al., NeurIPS 2021, arXiv 1905.03871), appends the round's DP event to the
+  run ledger, and only then hands the noised mean to the wrapped strategy as its sole reply (weight 1).
+  The wrapped strategy's weighted mean of that one reply is the release itself, and a server optimizer
+  (FedAvgM's momentum, FedAdam/FedYogi/FedAdagrad's moments) takes its pseudo-gradient from it:
+  post-processing, so no further privacy cost;
+* everything else (evaluation, summary) is the wrapped strategy's.
+
+Strategies whose aggregate needs the individual updates (SCAFFOLD, FedNova, robust aggregators,
+QFedAvg) cannot be wrapped: client-level DP releases only the noised sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Iterable
+from typing import Any, cast
 
-from flwr.app import ArrayRecord, Message
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from fedvault.config import RunConfig
+from fedvault.errors import ConfigError, FedvaultError
 from fedvault.privacy.budget import Budget, projected_epsilon
 from fedvault.privacy.client_level import DPFedAvgAggregator
-from fedvault.privacy.events import DPEvent
+from fedvault.privacy.events import SERVER_PARTY, DPEvent
+from fedvault.privacy.ledger import Ledger, events_by_party
 from fedvault.privacy.sampling import poisson_sample
+from fedvault.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, TRAIN_LOSS
+from fedvault.server.rounds import RunStopped
 from fedvault.strategies.arrays import to_ndarrays, to_record
+from fedvault.strategies.state import load_strategy_state, strategy_state
 
-SERVER_PARTY = "server"
+log = logging.getLogger("fedvault")
+
+#: Strategies whose ``aggregate_train`` is a weighted mean of the replies, optionally followed by a
+#: server-optimizer step on it; a subclass qualifies when it keeps one of these ``aggregate_train``.
+WRAPPABLE = (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad)
+_INNER, _DP = "inner/", "client-dp/"
 
 
-class ClientLevelDP:
-    """Poisson selection, DP-FedAvg aggregation and the server's DP events for one run."""
+def check_wrappable(strategy: Strategy) -> None:
+    """Raise :class:`ConfigError` naming ``strategy`` unless its aggregation is a weighted mean."""
+    aggregate = type(strategy).aggregate_train
+    if not any(aggregate is cls.aggregate_train for cls in WRAPPABLE):
+        names = ", ".join(cls.__name__ for cls in WRAPPABLE)
+        raise ConfigError(
+            f"client-level DP cannot wrap strategy {type(strategy).__qualname__}: its aggregate_train is not a "
+            f"weighted mean, and DP-FedAvg releases only the noised mean of the clipped updates (use one of "
+            f"{names} or a subclass keeping its aggregate_train, or privacy.client-level = false)"
+        )
 
-    def __init__(self, cfg: RunConfig) -> None:
+
+def _forward(name: str) -> property:
+    """The wrapped strategy's attribute ``name``, read and written through (the round loop caps minimums)."""
+    return property(lambda self: getattr(self.strategy, name), lambda self, value: setattr(self.strategy, name, value))
+
+
+class ClientLevelDP(Strategy):
+    """DP-FedAvg around a weighted-mean strategy: Poisson selection, clip + noise, ledger before release."""
+
+    min_available_nodes = _forward("min_available_nodes")
+    min_train_nodes = _forward("min_train_nodes")
+    min_evaluate_nodes = _forward("min_evaluate_nodes")
+
+    def __init__(
+        self, strategy: Strategy, *, aggregator: DPFedAvgAggregator, sample_rate: float, budget: Budget, ledger: Ledger
+    ) -> None:
+        check_wrappable(strategy)
+        self.strategy, self.aggregator, self.ledger = strategy, aggregator, ledger
+        self.sample_rate, self.budget = sample_rate, budget
+        self._current: ArrayRecord | None = None
+
+    @classmethod
+    def from_config(cls, strategy: Strategy, cfg: RunConfig, ledger: Ledger) -> ClientLevelDP:
+        """The wrapper ``cfg.privacy`` describes, with q = fraction-train and N = num-clients."""
         p = cfg.privacy
-        self.q = cfg.fraction_train
-        self.budget = Budget(p.client_level_target_epsilon, p.target_delta)
-        self.aggregator = DPFedAvgAggregator(
-            noise_multiplier=p.client_noise_multiplier, clip_norm=p.client_clip_norm,
-            expected_clients=self.q * cfg.num_clients, adaptive=p.adaptive_clipping,
+        aggregator = DPFedAvgAggregator(
+            noise_multiplier=p.client_noise_multiplier,
+            clip_norm=p.client_clip_norm,
+            expected_clients=cfg.fraction_train * cfg.num_clients,
+            adaptive=p.adaptive_clipping,
             target_quantile=p.target_quantile,
         )
-        self.noise_multiplier = p.client_noise_multiplier
+        return cls(
+            strategy,
+            aggregator=aggregator,
+            sample_rate=cfg.fraction_train,
+            budget=Budget(p.client_level_target_epsilon, p.target_delta),
+            ledger=ledger,
+        )
 
-    def sample(self, node_ids: Iterable[int]) -> list[int]:
-        return poisson_sample(sorted(node_ids), self.q)
+    def __repr__(self) -> str:
+        return f"ClientLevelDP({self.strategy!r})"
 
-    def planned_event(self, server_round: int) -> DPEvent:
-        return DPEvent(kind="client", noise_multiplier=self.noise_multiplier, sample_rate=self.q, steps=1,
-                       sampling="poisson", round=server_round, party=SERVER_PARTY)
+    # ---- train -----------------------------------------------------------------------------
 
-    def refusal(self, history: Sequence[DPEvent], server_round: int) -> str | None:
-        """Why round ``server_round`` may not run (server budget), or None."""
-        projected = projected_epsilon(history, self.planned_event(server_round), self.budget)
+    def event(self, server_round: int) -> DPEvent:
+        """The DP event of round ``server_round`` (one Poisson-sampled Gaussian mechanism, party "server")."""
+        return DPEvent.dp_fedavg(
+            noise_multiplier=self.aggregator.noise_multiplier, sample_rate=self.sample_rate, round=server_round
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Check the budget, then send the wrapped strategy's instruction to a Poisson sample of ``grid``."""
+        history = events_by_party(self.ledger.entries()).get(SERVER_PARTY, [])
+        projected = projected_epsilon(history, self.event(server_round), self.budget)
         if projected > self.budget.epsilon:
-            return (f"client-level privacy budget: round {server_round} would spend epsilon {projected:.3f} "
-                    f"> cap {self.budget.epsilon:.3f} (privacy.client-level-target-epsilon)")
-        return None
+            raise RunStopped(
+                f"client-level privacy budget: round {server_round} would spend epsilon {projected:.3f} "
+                f"> cap {self.budget.epsilon:.3f} (privacy.client-level-target-epsilon); "
+                f"stopping after round {server_round - 1}"
+            )
+        content = self._instruction(server_round, arrays, config, grid)
+        eligible = sorted(grid.get_node_ids())
+        sample = poisson_sample(eligible, self.sample_rate)
+        log.info(
+            "round %d: client-level DP sampled %d of %d clients (Poisson, q=%g)",
+            server_round,
+            len(sample),
+            len(eligible),
+            self.sample_rate,
+        )
+        self._current = arrays
+        return [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sample]
 
-    def aggregate(self, arrays: ArrayRecord, replies: Sequence[Message], server_round: int) -> tuple[ArrayRecord, DPEvent]:
-        """The noised new global model and the event to record before releasing it."""
-        reference = to_ndarrays(arrays)
-        keys = list(reference)
-        clients = [[to_ndarrays(r.content["arrays"])[k] for k in keys] for r in replies]
-        released = self.aggregator.aggregate([reference[k] for k in keys], clients)
-        event = DPEvent(kind="client", noise_multiplier=released.noise_multiplier, sample_rate=self.q, steps=1,
-                        sampling="poisson", round=server_round, party=SERVER_PARTY)
-        return to_record(dict(zip(keys, released.arrays)), like=reference), event
+    def _instruction(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> RecordDict:
+        """The one content the wrapped strategy addresses to its own sample (its node choice is discarded)."""
+        contents = {id(m.content): m.content for m in self.strategy.configure_train(server_round, arrays, config, grid)}
+        if len(contents) > 1:
+            raise FedvaultError(
+                f"client-level DP: {type(self.strategy).__qualname__}.configure_train built a different instruction "
+                "per node; DP-FedAvg sends one instruction to its Poisson sample"
+            )
+        if not contents:  # the wrapped strategy sampled nobody: the plain instruction
+            return RecordDict({ARRAYS: arrays, CONFIG: config})
+        return next(iter(contents.values()))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip, sum, noise, divide by qN; record the event; then let the wrapped strategy step on the release."""
+        if self._current is None:
+            raise FedvaultError("client-level DP: aggregate_train before configure_train")
+        replies = [r for r in replies if not r.has_error()]
+        key = getattr(self.strategy, "arrayrecord_key", ARRAYS)
+        reference = to_ndarrays(self._current)
+        updates = [to_ndarrays(r.content.array_records[key]) for r in replies]
+        released = self.aggregator.aggregate(list(reference.values()), [[u[k] for k in reference] for u in updates])
+        event = DPEvent.dp_fedavg(
+            noise_multiplier=released.noise_multiplier, sample_rate=self.sample_rate, round=server_round
+        )
+        self.ledger.append(event)  # durable before the noised model leaves this method
+        mean = to_record(dict(zip(reference, released.arrays)), like=reference)
+        new_arrays, _ = self.strategy.aggregate_train(server_round, [self._sole_reply(key, mean)])
+        return new_arrays, _mean_train_loss(replies)
+
+    def _sole_reply(self, key: str, mean: ArrayRecord) -> Message:
+        """The release as one reply of weight 1: the wrapped strategy's weighted mean of it is ``mean`` exactly."""
+        weight = getattr(self.strategy, "weighted_by_key", NUM_EXAMPLES)
+        content = RecordDict({key: mean, METRICS: MetricRecord({weight: 1})})
+        return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+    # ---- everything else is the wrapped strategy's ------------------------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log.info(
+            "client-level DP: z=%g, C=%g, q=%g",
+            self.aggregator.noise_multiplier,
+            self.aggregator.clip_norm,
+            self.sample_rate,
+        )
+        self.strategy.summary()
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped strategy's state under ``inner/`` and the aggregator's (clip norm) under ``client-dp/``."""
+        state = {_INNER + k: v for k, v in strategy_state(self.strategy).items()}
+        state.update({_DP + k: v for k, v in self.aggregator.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_strategy_state(self.strategy, {k[len(_INNER) :]: v for k, v in state.items() if k.startswith(_INNER)})
+        self.aggregator.load_state_dict(
+            {k[len(_DP) :]: np.asarray(v).item() for k, v in state.items() if k.startswith(_DP)}
+        )
+
+
+def _mean_train_loss(replies: list[Message]) -> MetricRecord | None:
+    """The clients' reported train loss, averaged uniformly (a metric outside the DP guarantee, as it always was)."""
+    metrics = [r.content.metric_records.get(METRICS, MetricRecord()) for r in replies]
+    losses = [float(cast(float, m[TRAIN_LOSS])) for m in metrics if TRAIN_LOSS in m]
+    return MetricRecord({TRAIN_LOSS: sum(losses) / len(losses)}) if losses else None

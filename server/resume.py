@@ -1,12 +1,12 @@
 """Checkpoint after every finished round and resume from the last one (Flower has no resume,
 flwr issue #599).
 
-A checkpoint holds the global arrays, the strategy's state (e.g. FedAdam moments, SCAFFOLD's
-control variate), the last finished round, Python's RNG state (Flower's node sampling uses it),
-the privacy ledger position, the clients known to be out of budget and the client-level DP
-aggregator's state. It is written after the round's metrics line, so a crash between the two
-re-runs that round; on resume the metrics file is cut back to the checkpoint's round (the ledger
-is never cut: a spend that happened stays recorded).
+A checkpoint holds the global arrays, the round loop's ``state_dict()`` (the strategy's state, e.g.
+FedAdam moments or SCAFFOLD's control variate, including a wrapper's own such as client-level DP's
+clip norm; the clients known to be out of budget), the last finished round, Python's RNG state
+(Flower's node sampling uses it) and the privacy ledger position. It is written after the round's
+metrics line, so a crash between the two re-runs that round; on resume the metrics file is cut
+back to the checkpoint's round (the ledger is never cut: a spend that happened stays recorded).
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from flwr.app import ArrayRecord
 
+from fedvault.atomic import atomic_write
 from fedvault.errors import ConfigError
 from fedvault.privacy.ledger import LEDGER_FILENAME, read_ledger
-from fedvault.atomic import atomic_write
 from fedvault.rundir import METRICS_FILE, RunDirectory
 from fedvault.server.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from fedvault.server.rounds import RoundLoop
 from fedvault.strategies.arrays import to_ndarrays, to_record
-from fedvault.strategies.state import load_strategy_state, strategy_state
 
 
 def _ledger_entries(run_dir: Path) -> int:
@@ -35,18 +35,19 @@ def _ledger_entries(run_dir: Path) -> int:
 
 def checkpoint_round(run_dir: Path, loop: RoundLoop, server_round: int, arrays: ArrayRecord) -> None:
     """Write the checkpoint of a finished round (atomically, by the checkpoint module)."""
-    state = random.getstate()
-    extra = {"exhausted": sorted(loop.exhausted)}
-    if loop.client_dp is not None:
-        extra["client_dp"] = loop.client_dp.aggregator.state_dict()
-    save_checkpoint(run_dir, Checkpoint(
-        round=server_round,
-        arrays=to_ndarrays(arrays),
-        strategy_state=strategy_state(loop.strategy),
-        rng_state={"python": [state[0], list(state[1]), state[2]]},
-        ledger_entries=_ledger_entries(run_dir),
-        extra=extra,
-    ))
+    rng = random.getstate()
+    state = loop.state_dict()
+    save_checkpoint(
+        run_dir,
+        Checkpoint(
+            round=server_round,
+            arrays=to_ndarrays(arrays),
+            strategy_state=state["strategy"],
+            rng_state={"python": [rng[0], list(rng[1]), rng[2]]},
+            ledger_entries=_ledger_entries(run_dir),
+            extra={"exhausted": state["exhausted"]},
+        ),
+    )
 
 
 def restore(run_dir: RunDirectory, loop: RoundLoop, like: ArrayRecord) -> tuple[ArrayRecord, int]:
@@ -54,13 +55,15 @@ def restore(run_dir: RunDirectory, loop: RoundLoop, like: ArrayRecord) -> tuple[
     ckpt = load_latest_checkpoint(run_dir.path)
     if ckpt is None:
         raise ConfigError(f"resume: no checkpoint in {run_dir.path} (nothing finished yet; start a new run)")
-    load_strategy_state(loop.strategy, ckpt.strategy_state)
+    loop.load_state_dict({"strategy": ckpt.strategy_state, "exhausted": ckpt.extra.get("exhausted", [])})
     version, internal, gauss = ckpt.rng_state["python"]
     random.setstate((version, tuple(internal), gauss))
-    loop.exhausted.update(ckpt.extra.get("exhausted", []))
-    if loop.client_dp is not None and "client_dp" in ckpt.extra:
-        loop.client_dp.aggregator.load_state_dict(ckpt.extra["client_dp"])
     kept = [r for r in run_dir.rounds() if r["round"] <= ckpt.round]
-    atomic_write(run_dir.path / METRICS_FILE, lambda fh: fh.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode()))
+    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode()
+
+    def write(fh: IO[bytes]) -> None:
+        fh.write(lines)
+
+    atomic_write(run_dir.path / METRICS_FILE, write)
     arrays = to_record({k: np.asarray(v) for k, v in ckpt.arrays.items()}, like=to_ndarrays(like))
     return arrays, ckpt.round + 1

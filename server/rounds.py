@@ -1,19 +1,25 @@
 """The server's round loop: Flower's ``Strategy.start`` made observable, private and robust.
 
-It calls the strategy's own hooks (``configure_train``, ``aggregate_train``,
-``configure_evaluate``, ``aggregate_evaluate``) as ``Strategy.start`` does, and around them:
+One round is the sequence configure -> exchange -> set aside ``budget-exhausted`` replies ->
+validate -> record the clients' DP events -> aggregate -> evaluate -> record. Features wrap the
+pieces instead of branching here: client-level DP wraps the strategy
+(:class:`fedvault.server.client_level_dp.ClientLevelDP`), sealing wraps the grid
+(:class:`fedvault.server.sealing.SealedGrid`). Around the strategy's hooks the loop
 
-1. waits up to the round timeout for the strategy's minimum of connected clients, then samples
-   only connected clients with privacy budget left (an exhausted client is never sampled again; a
-   client that left does not stall the run); with client-level DP the server samples by Poisson
-   itself and aggregates with DP-FedAvg;
-2. sets aside ``budget-exhausted`` replies, then validates every update before aggregation
-   (bad ones are dropped with a logged reason and counted);
-3. appends every DP event (clients' and the server's) to the run's hash-chained ledger before
-   the aggregate that paid for it is released;
-4. completes a round with the replies that came back before the timeout (the others are recorded
+1. waits up to the round timeout for the strategy's minimum of connected clients, then lets it
+   sample only connected clients with privacy budget left (an exhausted client is never sampled
+   again; a client that left does not stall the run);
+2. stamps ``server-round`` into every instruction, whatever the strategy (a sealing grid signs
+   them after that, when they are sent);
+3. sets aside ``budget-exhausted`` replies, then validates every update before aggregation
+   (bad ones are dropped with a logged reason and counted, with those the grid could not open);
+4. appends the clients' DP events to the run's hash-chained ledger before aggregating;
+5. completes a round with the replies that came back before the timeout (the others are recorded
    in ``failed_nodes``) and fails it with one clear line when fewer than ``min_replies`` survive;
-5. hands ``on_round`` a record (metrics, timing, bytes, failures, drops) after every round.
+6. hands ``on_round`` a record (metrics, timing, bytes, failures, drops) after every round.
+
+``state_dict()`` is what a restart needs: the strategy's state (a wrapper's includes its own) and
+the clients known to be out of budget.
 """
 
 from __future__ import annotations
@@ -25,17 +31,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
 
-from fedvault.protocol import BUDGET_EXHAUSTED, read_dp_event, reply_status, stamp_server_round
 from fedvault.errors import FedvaultError
 from fedvault.privacy.events import DPEvent
-from fedvault.privacy.ledger import Ledger, events_by_party
-from fedvault.server.client_level_dp import SERVER_PARTY, ClientLevelDP
-from fedvault.server.sealing import ServerSealing
+from fedvault.privacy.ledger import Ledger
+from fedvault.protocol import BUDGET_EXHAUSTED, read_dp_event, reply_status, stamp_server_round
 from fedvault.strategies.arrays import to_ndarrays, to_record
+from fedvault.strategies.state import load_strategy_state, strategy_state
 from fedvault.strategies.validation import ValidationRules, filter_replies
 
 CentralEvaluate = Callable[[int, ArrayRecord], MetricRecord]
@@ -47,18 +54,58 @@ class RunStopped(FedvaultError, RuntimeError):
     """The run cannot go on (budgets spent, too few replies); finished rounds are kept."""
 
 
-class EligibleGrid:
+class GridWrapper(Grid):
+    """A Grid that hands every call to the grid it wraps; a feature's wrapper overrides what it changes."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:  # what only the wrapped grid has (e.g. SealedGrid.take_dropped)
+        if name == "_grid":
+            raise AttributeError(name)
+        return getattr(self._grid, name)
+
+
+class EligibleGrid(GridWrapper):
     """A Grid whose ``get_node_ids`` is this round's eligible nodes (a snapshot), so any strategy
     samples only those, and a node dropping out mid-sampling cannot make it wait forever."""
 
     def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid, self._node_ids = grid, list(node_ids)
+        super().__init__(grid)
+        self._node_ids = list(node_ids)
 
     def get_node_ids(self) -> list[int]:
         return list(self._node_ids)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [node for node in self._grid.get_nodes() if node.node_id in self._node_ids]
 
 
 SAMPLING_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
@@ -68,8 +115,11 @@ SAMPLING_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nod
 def minimums_at_most(strategy: Strategy, available: int) -> Iterator[None]:
     """Temporarily cap the strategy's sampling minimums at ``available`` nodes (Flower's
     ``sample_nodes`` would otherwise wait forever for nodes that left)."""
-    saved = {name: getattr(strategy, name) for name in SAMPLING_MINIMUMS
-             if isinstance(getattr(strategy, name, None), int) and getattr(strategy, name) > available}
+    saved = {
+        name: getattr(strategy, name)
+        for name in SAMPLING_MINIMUMS
+        if isinstance(getattr(strategy, name, None), int) and getattr(strategy, name) > available
+    }
     for name in saved:
         setattr(strategy, name, available)
     try:
@@ -92,19 +142,29 @@ class RoundLoop:
     min_replies: int = 1
     client_evaluate: bool = True
     ledger: Ledger | None = None
-    client_dp: ClientLevelDP | None = None
-    sealing: ServerSealing | None = None
     exhausted: set[int] = field(default_factory=set)
     poll_seconds: float = 1.0
 
-    def run(self, arrays: ArrayRecord, num_rounds: int, train_config: ConfigRecord, first_round: int = 1) -> ArrayRecord:
+    def run(
+        self, arrays: ArrayRecord, num_rounds: int, train_config: ConfigRecord, first_round: int = 1
+    ) -> ArrayRecord:
         if first_round == 1:
             start = time.perf_counter()
-            self.on_round({"round": 0, "central": dict(self.central_evaluate(0, arrays)),
-                           "seconds": time.perf_counter() - start}, arrays)
+            self.on_round(
+                {"round": 0, "central": dict(self.central_evaluate(0, arrays)), "seconds": time.perf_counter() - start},
+                arrays,
+            )
         for server_round in range(first_round, num_rounds + 1):
             arrays = self._round(server_round, arrays, ConfigRecord(dict(train_config)))
         return arrays
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs from the loop: strategy state (npz-friendly) and the exhausted clients."""
+        return {"strategy": strategy_state(self.strategy), "exhausted": sorted(self.exhausted)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_strategy_state(self.strategy, state["strategy"])
+        self.exhausted = {int(node) for node in state["exhausted"]}
 
     # ---- one round -------------------------------------------------------------------------
 
@@ -113,8 +173,8 @@ class RoundLoop:
         record: RoundRecord = {"round": server_round}
         eligible = self._eligible_grid(server_round)
         with minimums_at_most(self.strategy, len(eligible.get_node_ids())):
-            sent = self._instruct(self._configure_train(server_round, arrays, config, eligible), server_round)
-        replies, unopened = self._exchange(sent, server_round, "train")
+            sent = self._instruct(self.strategy.configure_train(server_round, arrays, config, eligible), server_round)
+        replies, unopened = self._exchange(sent)
 
         exhausted = [r for r in replies if reply_status(r) == BUDGET_EXHAUSTED]
         self.exhausted.update(r.metadata.src_node_id for r in exhausted)
@@ -127,22 +187,26 @@ class RoundLoop:
             raise RunStopped(
                 f"round {server_round}: {len(kept)} usable updates < min-replies={self.min_replies} "
                 f"({len(sent)} sampled, {len(exhausted)} budget-exhausted, {len(dropped)} dropped"
-                + (f"; first drop: node {dropped[0][0]}: {dropped[0][1]}" if dropped else "") + ")"
+                + (f"; first drop: node {dropped[0][0]}: {dropped[0][1]}" if dropped else "")
+                + ")"
             )
         arrays, train_metrics = self._aggregate(server_round, arrays, kept)
 
         record.update(
-            train=train_metrics, clients_sampled=len(sent), replies_ok=len(kept),
-            failed_nodes=sorted(_failed(sent, replies)), budget_exhausted=len(exhausted),
+            train=train_metrics,
+            clients_sampled=len(sent),
+            replies_ok=len(kept),
+            failed_nodes=sorted(_failed(sent, replies)),
+            budget_exhausted=len(exhausted),
             dropped=[{"node": node, "reason": reason} for node, reason in dropped],
         )
         bytes_sent, bytes_received = _payload_bytes(sent), _payload_bytes(replies)
         if self.client_evaluate:
             with minimums_at_most(self.strategy, len(eligible.get_node_ids())):
                 sent_eval = self._instruct(
-                    list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), eligible)), server_round
+                    self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), eligible), server_round
                 )
-            eval_replies, _ = self._exchange(sent_eval, server_round, "evaluate")
+            eval_replies, _ = self._exchange(sent_eval)
             record["evaluate"] = dict(self.strategy.aggregate_evaluate(server_round, eval_replies) or {})
             bytes_sent += _payload_bytes(sent_eval)
             bytes_received += _payload_bytes(eval_replies)
@@ -152,17 +216,15 @@ class RoundLoop:
         self.on_round(record, arrays)
         return arrays
 
-    def _instruct(self, messages: list[Message], server_round: int) -> list[Message]:
-        """Stamp ``server-round`` into every instruction, whatever the strategy, then sign them."""
-        stamped = [stamp_server_round(message, server_round) for message in messages]
-        return self.sealing.sign(stamped, server_round) if self.sealing is not None else stamped
+    def _instruct(self, messages: Iterable[Message], server_round: int) -> list[Message]:
+        """Stamp ``server-round`` into every instruction, whatever the strategy (before any signing)."""
+        return [stamp_server_round(message, server_round) for message in messages]
 
-    def _exchange(self, sent: list[Message], server_round: int, kind: str) -> tuple[list[Message], list[tuple[int, str]]]:
-        """Send, wait (up to the timeout) and open the replies that came back."""
+    def _exchange(self, sent: list[Message]) -> tuple[list[Message], list[tuple[int, str]]]:
+        """Send, wait (up to the timeout); the replies, and ``(node, reason)`` of those the grid dropped."""
         replies = list(self.grid.send_and_receive(sent, timeout=self.timeout))
-        if self.sealing is None:
-            return replies, []
-        return self.sealing.open(replies, server_round, kind)
+        take_dropped = getattr(self.grid, "take_dropped", None)  # a wrapping grid that drops replies says so
+        return replies, (list(take_dropped()) if callable(take_dropped) else [])
 
     def _eligible_grid(self, server_round: int) -> EligibleGrid:
         """Wait up to the round timeout for the strategy's ``min_available_nodes``; then go on with
@@ -170,15 +232,25 @@ class RoundLoop:
         wanted = getattr(self.strategy, "min_available_nodes", 1)
         connected = list(self.grid.get_node_ids())
         if len(connected) < wanted:
-            log.info("round %d: waiting up to %g s for %d clients (%d connected)", server_round, self.timeout,
-                     wanted, len(connected))
+            log.info(
+                "round %d: waiting up to %g s for %d clients (%d connected)",
+                server_round,
+                self.timeout,
+                wanted,
+                len(connected),
+            )
             deadline = time.monotonic() + self.timeout
             while len(connected) < wanted and time.monotonic() < deadline:
                 time.sleep(self.poll_seconds)
                 connected = list(self.grid.get_node_ids())
             if len(connected) < wanted:
-                log.warning("round %d: only %d of %d clients connected after %g s; sampling among them",
-                            server_round, len(connected), wanted, self.timeout)
+                log.warning(
+                    "round %d: only %d of %d clients connected after %g s; sampling among them",
+                    server_round,
+                    len(connected),
+                    wanted,
+                    self.timeout,
+                )
         eligible = [node for node in connected if node not in self.exhausted]
         if len(eligible) < self.min_replies:
             raise RunStopped(
@@ -188,24 +260,7 @@ class RoundLoop:
             )
         return EligibleGrid(self.grid, eligible)
 
-    def _configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, eligible: EligibleGrid
-    ) -> list[Message]:
-        if self.client_dp is None:
-            return list(self.strategy.configure_train(server_round, arrays, config, eligible))
-        refusal = self.client_dp.refusal(self._events().get(SERVER_PARTY, []), server_round)
-        if refusal:
-            raise RunStopped(f"{refusal}; stopping after round {server_round - 1}")
-        content = RecordDict({"arrays": arrays, "config": config})
-        return [Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
-                for node in self.client_dp.sample(eligible.get_node_ids())]
-
     def _aggregate(self, server_round: int, arrays: ArrayRecord, kept: list[Message]) -> tuple[ArrayRecord, dict]:
-        if self.client_dp is not None:
-            new_arrays, event = self.client_dp.aggregate(arrays, kept, server_round)
-            self._append(event)  # before the noised model leaves this function
-            losses = [float(r.content["metrics"]["train_loss"]) for r in kept]
-            return new_arrays, {"train_loss": sum(losses) / len(losses)} if losses else {}
         new_arrays, metrics = self.strategy.aggregate_train(server_round, kept)
         if new_arrays is None:
             return arrays, dict(metrics or {})
@@ -225,18 +280,10 @@ class RoundLoop:
             raise RunStopped("a DP event arrived but this run has no privacy ledger")
         self.ledger.append(event)
 
-    def _events(self) -> dict[str, list[DPEvent]]:
-        return events_by_party(self.ledger.entries()) if self.ledger is not None else {}
-
 
 def _payload_bytes(messages: Iterable[Message]) -> int:
     """Bytes of the arrays carried by ``messages`` (what dominates traffic)."""
-    return sum(
-        rec.count_bytes()
-        for msg in messages
-        if msg.has_content()
-        for rec in msg.content.array_records.values()
-    )
+    return sum(rec.count_bytes() for msg in messages if msg.has_content() for rec in msg.content.array_records.values())
 
 
 def _failed(sent: list[Message], replies: list[Message]) -> set[int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -27,7 +27,7 @@ class MeanOfAll(Strategy):
         weights /= weights.sum()
         keys = list(replies[0].content["arrays"].keys())
         mean = {k: sum(w * r.content["arrays"][k].numpy() for w, r in zip(weights, replies)) for k in keys}
-        return ArrayRecord({k: v.astype(np.float32) for k, v in mean.items()}), MetricRecord({"replies": len(replies)})
+        return ArrayRecord({k: Array(v.astype(np.float32)) for k, v in mean.items()}), MetricRecord({"replies": len(replies)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []

@@ -38,7 +38,7 @@ def _ckpt(round_: int, **changes) -> Checkpoint:
         strategy_state={"strategy": "some.Strategy", "c/fc1.bias": np.full(4, 0.5 * round_)},
         rng_state={"python": [state[0], list(state[1]), state[2]]},
         ledger_entries=3 * round_,
-        extra={"exhausted": [7, 9], "client_dp": {"clip": 1.5}},
+        extra={"exhausted": [7, 9], "nested": {"x": 1.5}},
     )
     fields.update(changes)
     return Checkpoint(**fields)

@@ -1,13 +1,21 @@
-"""The round loop's client wait: bounded by the round timeout, then sampling among who is there."""
+"""The round loop's client wait (bounded by the round timeout, then sampling among who is there) and its state."""
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
+from fedvault.privacy.budget import Budget
+from fedvault.privacy.client_level import DPFedAvgAggregator
+from fedvault.privacy.ledger import Ledger
+from fedvault.rundir import RunDirectory
+from fedvault.server.client_level_dp import ClientLevelDP
+from fedvault.server.resume import checkpoint_round, restore
 from fedvault.server.rounds import RoundLoop, RunStopped, minimums_at_most
+from fedvault.strategies.arrays import to_ndarrays, to_record
 from fedvault.strategies.validation import ValidationRules
 
 
@@ -23,8 +31,16 @@ class ChangingNodes:
 
 
 def loop(grid, strategy, **kwargs) -> RoundLoop:
-    return RoundLoop(strategy=strategy, grid=grid, central_evaluate=None, on_round=None, timeout=kwargs.pop("timeout", 0.3),
-                     rules=ValidationRules(), poll_seconds=0.01, **kwargs)
+    return RoundLoop(
+        strategy=strategy,
+        grid=grid,
+        central_evaluate=None,
+        on_round=None,
+        timeout=kwargs.pop("timeout", 0.3),
+        rules=ValidationRules(),
+        poll_seconds=0.01,
+        **kwargs,
+    )
 
 
 def test_minimums_are_capped_for_the_block_and_restored_after():
@@ -60,6 +76,48 @@ def test_exhausted_clients_are_not_eligible_and_too_few_stops_the_run():
     rounds = loop(grid, FedAvg(min_available_nodes=3), exhausted={2})
     assert rounds._eligible_grid(2).get_node_ids() == [1, 3]
     rounds = loop(grid, FedAvg(min_available_nodes=3), exhausted={1, 3}, min_replies=2)
-    with pytest.raises(RunStopped, match=r"round 5: 1 of 3 connected clients can train \(2 out of privacy budget\) "
-                                         r"< min-replies=2; stopping after round 4"):
+    with pytest.raises(
+        RunStopped,
+        match=r"round 5: 1 of 3 connected clients can train \(2 out of privacy budget\) "
+        r"< min-replies=2; stopping after round 4",
+    ):
         rounds._eligible_grid(5)
+
+
+def test_state_dict_round_trips_through_a_checkpoint_bitwise(tmp_path):
+    """Strategy state (the client-level DP wrapper's: inner FedAvgM momentum + clip norm) and the exhausted set."""
+    rng = np.random.default_rng(3)
+    arrays = to_record({"w": rng.standard_normal((4, 3)).astype(np.float32)})
+
+    def wrapped() -> ClientLevelDP:
+        return ClientLevelDP(
+            FedAvgM(server_momentum=0.9),
+            aggregator=DPFedAvgAggregator(1.0, 1.0, expected_clients=2),
+            sample_rate=0.5,
+            budget=Budget(10.0, 1e-5),
+            ledger=Ledger(tmp_path / "ledger.jsonl"),
+        )
+
+    before = loop(ChangingNodes([1]), wrapped(), exhausted={4, 2})
+    before.strategy.strategy.current_arrays = arrays
+    before.strategy.strategy.momentum_vector = [rng.standard_normal((4, 3))]
+    before.strategy.aggregator.load_state_dict({"clip_norm": 0.1 + 0.2})
+    checkpoint_round(tmp_path, before, 3, arrays)
+
+    after = loop(ChangingNodes([1]), wrapped())
+    restored, first_round = restore(RunDirectory(tmp_path), after, arrays)
+    assert first_round == 4 and restored["w"].numpy().tobytes() == arrays["w"].numpy().tobytes()
+    assert after.exhausted == {2, 4} and after.strategy.aggregator.clip_norm == 0.1 + 0.2
+    assert after.strategy.strategy.momentum_vector[0].tobytes() == before.strategy.strategy.momentum_vector[0].tobytes()
+    assert to_ndarrays(after.strategy.strategy.current_arrays)["w"].tobytes() == arrays["w"].numpy().tobytes()
+    assert set(after.state_dict()["strategy"]) == set(before.state_dict()["strategy"])
+
+
+def test_state_dict_of_an_unwrapped_strategy():
+    strategy = FedAdam()
+    strategy.m_t, strategy.v_t, strategy.current_arrays = {"w": np.ones(3)}, {"w": np.full(3, 2.0)}, {"w": np.zeros(3)}
+    state = loop(ChangingNodes([1]), strategy, exhausted={5}).state_dict()
+    assert state["exhausted"] == [5] and str(state["strategy"]["strategy"]).endswith("FedAdam")
+    fresh = loop(ChangingNodes([1]), FedAdam())
+    fresh.load_state_dict(state)
+    assert fresh.exhausted == {5} and fresh.strategy.v_t["w"].tolist() == [2.0, 2.0, 2.0]

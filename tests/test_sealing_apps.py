@@ -1,14 +1,23 @@
 """Sealing through the apps' own code: server signs, client verifies and seals, server opens.
-Real Flower Messages; tampering, replay across rounds/nodes and a wrong pin are all refused."""
+Real Flower Messages; tampering, replay across rounds/nodes and a wrong pin are all refused.
+``SealedGrid`` does the same around any Grid, so the round loop never sees sealing."""
+
+import itertools
 
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 from fedvault.client.app import build_client_app
 from fedvault.config import RunConfig
+from fedvault.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, stamp_server_round, train_config
+from fedvault.security.envelope import SEAL_RECORD, SEALED_RECORD, SIGNATURE_RECORD
 from fedvault.security.identity import IdentityError, generate_identity
-from fedvault.server.sealing import ServerSealing
+from fedvault.server.rounds import RoundLoop
+from fedvault.server.sealing import SealedGrid, ServerSealing
+from fedvault.strategies.validation import ValidationRules
 from fedvault.tasks import load_task
 
 RUN_ID = 1  # the flower_task_identity fixture's run id
@@ -17,21 +26,37 @@ RUN_ID = 1  # the flower_task_identity fixture's run id
 @pytest.fixture
 def setup(tmp_path, flower_task_identity):
     files = generate_identity(tmp_path / "identity")
-    cfg = RunConfig.from_flat({"task": "digits", "num-clients": 4, "privacy.sample-level": False,
-                               "sealing.mode": "on", "sealing.server-identity": files.fingerprint})
+    cfg = RunConfig.from_flat(
+        {
+            "task": "digits",
+            "num-clients": 4,
+            "privacy.sample-level": False,
+            "sealing.mode": "on",
+            "sealing.server-identity": files.fingerprint,
+        }
+    )
     return cfg, ServerSealing(files.private_key, RUN_ID, "x25519")
 
 
 def _instruction(server: ServerSealing, server_round: int, node: int = 7) -> Message:
     torch.manual_seed(0)
-    content = RecordDict({"arrays": ArrayRecord(load_task("digits").build_model().state_dict()),
-                          "config": ConfigRecord({"server-round": server_round})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(load_task("digits").build_model().state_dict()),
+            "config": ConfigRecord({"server-round": server_round}),
+        }
+    )
     return server.sign([Message(content, dst_node_id=node, message_type=MessageType.TRAIN)], server_round)[0]
 
 
 def _context(node: int = 7) -> Context:
-    return Context(run_id=RUN_ID, node_id=node, node_config={"partition-id": 0, "num-partitions": 4},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=RUN_ID,
+        node_id=node,
+        node_config={"partition-id": 0, "num-partitions": 4},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def _as_received(reply: Message, node: int = 7) -> Message:
@@ -63,10 +88,7 @@ def test_replayed_in_another_round_or_moved_to_another_node_is_dropped(setup):
 def test_flipped_byte_is_dropped(setup):
     cfg, server = setup
     reply = build_client_app(cfg)(_instruction(server, 1), _context())
-    chunk = reply.content["fedvault.sealed"]["chunk-0"]
-    data = bytearray(chunk.data)
-    data[len(data) // 2] ^= 1
-    reply.content["fedvault.sealed"]["chunk-0"] = Array(dtype=chunk.dtype, shape=chunk.shape, stype=chunk.stype, data=bytes(data))
+    _flip_a_byte(reply.content)
     _, dropped = server.open([_as_received(reply)], 1, "train")
     assert dropped and "chunk 0" in dropped[0][1]
 
@@ -86,3 +108,111 @@ def test_client_refuses_a_tampered_model(setup):
     arrays[first] = type(arrays[first])(arrays[first].numpy() + 1.0)
     with pytest.raises(IdentityError):
         build_client_app(cfg)(msg, _context())
+
+
+# ---- SealedGrid ---------------------------------------------------------------------------------
+
+
+def _flip_a_byte(content: RecordDict) -> None:
+    chunk = content[SEALED_RECORD]["chunk-0"]
+    data = bytearray(chunk.data)
+    data[len(data) // 2] ^= 1
+    content[SEALED_RECORD]["chunk-0"] = Array(dtype=chunk.dtype, shape=chunk.shape, stype=chunk.stype, data=bytes(data))
+
+
+class Loopback(Grid):
+    """Hands each instruction to the real ClientApp of its node in this process (a transport, not an engine)."""
+
+    def __init__(self, app, nodes: list[int], tamper: set[int] = frozenset()) -> None:
+        self.app, self.tamper, self.ids = app, tamper, itertools.count()
+        self.contexts = {node: _context(node) for node in nodes}
+        for i, context in enumerate(self.contexts.values()):
+            context.node_config["partition-id"] = i
+        self.outbox: dict[str, Message] = {}
+        self.in_transit: list[RecordDict] = []  # what the transport saw of each reply
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = message_id = f"ins-{next(self.ids)}"
+            reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+            if msg.metadata.dst_node_id in self.tamper:
+                _flip_a_byte(reply.content)
+            self.in_transit.append(reply.content)
+            self.outbox[message_id] = reply
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        raise NotImplementedError
+
+
+def _unsigned(server_round: int, nodes: list[int]) -> list[Message]:
+    torch.manual_seed(0)
+    content = RecordDict({ARRAYS: ArrayRecord(load_task("digits").build_model().state_dict()), CONFIG: ConfigRecord()})
+    return [
+        stamp_server_round(Message(content, dst_node_id=node, message_type=MessageType.TRAIN), server_round)
+        for node in nodes
+    ]
+
+
+def test_sealed_grid_signs_under_the_stamped_round_and_opens_every_reply(setup):
+    cfg, server = setup
+    transport = Loopback(build_client_app(cfg), [7, 8])
+    grid = SealedGrid(transport, server)
+    sent = _unsigned(3, [7, 8])
+    replies = list(grid.send_and_receive(sent, timeout=5))
+    assert all(SIGNATURE_RECORD in m.content for m in sent)  # the client verified it for round 3, else no reply
+    assert all(set(content) == {SEAL_RECORD, SEALED_RECORD} for content in transport.in_transit)
+    assert sorted(r.metadata.src_node_id for r in replies) == [7, 8] and grid.take_dropped() == []
+    assert all(r.content[METRICS][NUM_EXAMPLES] > 0 and ARRAYS in r.content for r in replies)
+    assert grid.get_node_ids() == [7, 8]
+
+
+def test_sealed_grid_push_and_pull_open_too(setup):
+    cfg, server = setup
+    grid = SealedGrid(Loopback(build_client_app(cfg), [7, 8], tamper={7}), server)
+    ids = list(grid.push_messages(_unsigned(2, [7, 8])))
+    replies = list(grid.pull_messages(ids))
+    assert [r.metadata.src_node_id for r in replies] == [8] and ARRAYS in replies[0].content
+    ((node, reason),) = grid.take_dropped()
+    assert node == 7 and reason.startswith("sealing: ") and "chunk 0" in reason
+    assert grid.take_dropped() == []
+
+
+def test_round_loop_over_a_sealed_grid_records_the_drop_reason(setup):
+    """The loop stamps, the grid signs and opens; a tampered reply is dropped and named in the record."""
+    cfg, server = setup
+    records = []
+    torch.manual_seed(0)
+    arrays = ArrayRecord(load_task("digits").build_model().state_dict())
+    loop = RoundLoop(
+        strategy=FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=2, min_train_nodes=2),
+        grid=SealedGrid(Loopback(build_client_app(cfg), [7, 8], tamper={8}), server),
+        central_evaluate=lambda server_round, arrays: MetricRecord({}),
+        on_round=lambda record, arrays: records.append(record),
+        timeout=5,
+        rules=ValidationRules(),
+        client_evaluate=False,
+    )
+    loop.run(arrays, 1, train_config(0.05, 1, 0.0))
+    record = records[-1]
+    assert record["clients_sampled"] == 2 and record["replies_ok"] == 1 and record["failed_nodes"] == [8]
+    (dropped,) = record["dropped"]
+    assert dropped["node"] == 8 and dropped["reason"].startswith("sealing: ") and "chunk 0" in dropped["reason"]
