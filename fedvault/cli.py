@@ -6,28 +6,28 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fedvault import __version__
 from fedvault.cli_config import add_config_args, config_epilog
 from fedvault.config import RunConfig
-from fedvault.errors import ConfigError, FedvaultError
+from fedvault.errors import FedvaultError
+from fedvault.logs import show_progress
 
 EXIT_USAGE = 2
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f'run-dir="{args.out}"'] if args.out else [])
+    cfg = RunConfig.from_sources(args.config, overrides)  # config errors before torch, Flower and Ray load
     from fedvault.simulations.harness import simulate
 
-    overrides = list(args.overrides) + ([f'run-dir="{args.out}"'] if args.out else [])
-    cfg = RunConfig.from_sources(args.config, overrides)
-    run_dir = simulate(cfg, verbose=args.verbose)
-    from fedvault.rundir import RunDirectory
-
-    s = RunDirectory(run_dir).summary()
+    result = simulate(cfg, verbose=args.verbose)
+    s = result.summary
     final = f"{s['final_accuracy']:.4f}" if s["final_accuracy"] is not None else "n/a"
     print(
         f"done: {s['rounds']} rounds in {s['wall_seconds']:.1f}s; centralized accuracy "
-        f"{s['initial_accuracy']:.4f} -> {final}; run directory: {run_dir}"
+        f"{s['initial_accuracy']:.4f} -> {final}; run directory: {result.path}"
     )
     return 1 if s.get("stopped") and s["rounds"] == 0 else 0
 
@@ -40,24 +40,17 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from fedvault.privacy.audit import plot_epsilon, render_table, to_csv, to_json
+    from fedvault.privacy.report import EPSILON_PLOT, audit
 
-    from fedvault.privacy.audit import render_table, to_csv, to_json
-    from fedvault.privacy.report import EPSILON_PLOT, audit_for_config
-
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.toml").exists():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
-    report = audit_for_config(run_dir, RunConfig.from_sources(run_dir / "config.toml"))
+    report = audit(args.run_dir)
     if args.json:
         print(to_json(report))
     elif args.csv:
         print(to_csv(report), end="")
     else:
-        from fedvault.privacy.audit import plot_epsilon
-
         print(render_table(report))
-        print(f"plot: {plot_epsilon(report, run_dir / EPSILON_PLOT)}")
+        print(f"plot: {plot_epsilon(report, Path(args.run_dir) / EPSILON_PLOT)}")
     if report.exceeded:
         print(f"fedvault audit: cap exceeded by {', '.join(report.exceeded)}", file=sys.stderr)
         return 1
@@ -85,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     simulate.set_defaults(func=_cmd_simulate)
 
-    strategies = sub.add_parser("strategies", help="list the strategies a config can name, with parameters",
-                                description="Strategies for strategy.name, with their strategy.<param> keys and defaults.")
+    strategies = sub.add_parser(
+        "strategies", help="list the strategies a config can name, with parameters",
+        description="Strategies for strategy.name, with their strategy.<param> keys and defaults.",
+    )
     strategies.set_defaults(func=_cmd_strategies)
 
     audit = sub.add_parser(
@@ -109,13 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _log_to_console() -> None:
     """fedvault's own INFO lines on stderr; other libraries stay at their defaults."""
-    logger = logging.getLogger("fedvault")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    show_progress(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,13 @@ The same keys work in a TOML file, in ``fedvault simulate --set key=value``, and
 ``[tool.flwr.app.config]`` / ``flwr run --run-config``. A TOML table ``[privacy]`` with key
 ``target-epsilon`` is the key ``privacy.target-epsilon``; dataclass sections below mirror that.
 Every key is declared once here with its type, default, constraint and help text; unknown keys
-and invalid values raise :class:`~fedvault.errors.ConfigError` naming the key and the value.
+and invalid values raise :class:`~fedvault.errors.ConfigError` naming the key and the value, however
+the config is built: ``RunConfig(num_clients=0)`` fails the same way as ``--set num-clients=0``.
+
+From Python, :meth:`RunConfig.create` takes every key as a keyword: a top-level key by its field
+name (``num-clients`` -> ``num_clients``), a section key as ``<section>_<field>``
+(``privacy.target-epsilon`` -> ``privacy_target_epsilon``); ``strategy`` is short for
+``strategy_name`` and ``strategy_params={"proximal-mu": 0.1}`` sets ``strategy.<param>`` keys.
 """
 
 from __future__ import annotations
@@ -12,15 +18,28 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 from fedvault.errors import ConfigError
 
 Check = tuple[Callable[[Any], bool], str]
 STRATEGY_PREFIX = "strategy."
+#: Built-in strategies client-level DP cannot wrap: DP-FedAvg releases one noised mean of the clipped
+#: updates, and these aggregate something else (fedvault.server.client_level_dp checks plug-ins when built).
+NOT_CLIENT_LEVEL = {
+    "scaffold": "needs every client's control-variate update",
+    "fednova": "needs every client's step count",
+    "fedmedian": "is a robust aggregator over the individual updates",
+    "fedtrimmedavg": "is a robust aggregator over the individual updates",
+    "krum": "is a robust aggregator over the individual updates",
+    "multikrum": "is a robust aggregator over the individual updates",
+    "bulyan": "is a robust aggregator over the individual updates",
+    "qfedavg": "weights each client by its own loss",
+}
 
 
 def option(default: Any, help: str, check: Check | None = None, choices: tuple = ()) -> Any:
@@ -35,42 +54,81 @@ OPEN_FRACTION: Check = (lambda v: 0.0 <= v < 1.0, "must be >= 0 and < 1")
 GREATER_THAN_ZERO: Check = (lambda v: v > 0, "must be > 0")
 
 
+class _Validated:
+    """A config section that checks its keys on construction, with the checks ``from_flat`` runs."""
+
+    SECTION: ClassVar[str] = ""  # the section's key prefix ("privacy"); "" for RunConfig itself
+
+    def __post_init__(self) -> None:
+        prefix = self.SECTION + "." if self.SECTION else ""
+        for name, key, spec in _leaves(type(self)):
+            # frozen dataclass: store the coerced value (an int given for a float key becomes a float)
+            object.__setattr__(self, name, _coerce(prefix + key, getattr(self, name), spec))
+
+
 @dataclass(frozen=True)
-class StrategyConfig:
+class StrategyConfig(_Validated):
     """``strategy.name`` plus free ``strategy.<param>`` keys checked by the strategy registry."""
+
+    SECTION: ClassVar[str] = "strategy"
 
     name: str = option("fedavg", "aggregation strategy: see `fedvault strategies` (built-ins, module:Class, plug-ins)")
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
+class PrivacyConfig(_Validated):
     """Sample-level DP-SGD in clients and client-level DP-FedAvg on the server."""
 
-    sample_level: bool = option(True, "clients train with Opacus DP-SGD (per-client (epsilon, delta) for the whole run)")
-    target_epsilon: float = option(8.0, "per-client epsilon cap for the whole run; the noise is calibrated to it", GREATER_THAN_ZERO)
-    target_delta: float = option(1e-5, "delta for every (epsilon, delta) claim", (lambda v: 0 < v < 1, "must be > 0 and < 1"))
+    SECTION: ClassVar[str] = "privacy"
+
+    sample_level: bool = option(
+        True, "clients train with Opacus DP-SGD (per-client (epsilon, delta) for the whole run)"
+    )
+    target_epsilon: float = option(
+        8.0, "per-client epsilon cap for the whole run; the noise is calibrated to it", GREATER_THAN_ZERO
+    )
+    target_delta: float = option(
+        1e-5, "delta for every (epsilon, delta) claim", (lambda v: 0 < v < 1, "must be > 0 and < 1")
+    )
     max_grad_norm: float = option(1.0, "per-sample clipping norm for DP-SGD", GREATER_THAN_ZERO)
-    grad_sample_mode: str = option("auto", "Opacus per-sample gradients: auto (measured), hooks, ghost, ew", choices=("auto", "hooks", "ghost", "ew"))
-    client_level: bool = option(False, "server-side DP-FedAvg: clip each update, noise the sum, Poisson-sample clients with q = fraction-train")
-    client_noise_multiplier: float = option(1.0, "noise multiplier z for client-level DP (std z*C on the sum)", GREATER_THAN_ZERO)
-    client_clip_norm: float = option(1.0, "update clipping norm C for client-level DP (initial norm when adaptive)", GREATER_THAN_ZERO)
+    grad_sample_mode: str = option(
+        "auto", "Opacus per-sample gradients: auto (measured), hooks, ghost, ew",
+        choices=("auto", "hooks", "ghost", "ew"),
+    )
+    client_level: bool = option(
+        False, "server-side DP-FedAvg: clip each update, noise the sum, Poisson-sample clients with q = fraction-train"
+    )
+    client_noise_multiplier: float = option(
+        1.0, "noise multiplier z for client-level DP (std z*C on the sum)", GREATER_THAN_ZERO
+    )
+    client_clip_norm: float = option(
+        1.0, "update clipping norm C for client-level DP (initial norm when adaptive)", GREATER_THAN_ZERO
+    )
     adaptive_clipping: bool = option(False, "adapt C to the target quantile of update norms (Andrew et al. 2021)")
-    target_quantile: float = option(0.5, "quantile of update norms adaptive clipping tracks", (lambda v: 0 < v < 1, "must be > 0 and < 1"))
+    target_quantile: float = option(
+        0.5, "quantile of update norms adaptive clipping tracks", (lambda v: 0 < v < 1, "must be > 0 and < 1")
+    )
     client_level_target_epsilon: float = option(10.0, "the server's epsilon cap for client-level DP", GREATER_THAN_ZERO)
     node_ledger: str = option("", "client ledger SQLite file; empty = <run-dir>/node-ledger.sqlite (or ~/.fedvault/)")
 
 
 @dataclass(frozen=True)
-class ValidationConfig:
+class ValidationConfig(_Validated):
     """Checks every update passes before aggregation."""
 
-    max_update_norm: float = option(0.0, "drop updates whose L2 norm (reply - global) exceeds this; 0 = off", NON_NEGATIVE)
+    SECTION: ClassVar[str] = "validation"
+
+    max_update_norm: float = option(
+        0.0, "drop updates whose L2 norm (reply - global) exceeds this; 0 = off", NON_NEGATIVE
+    )
     max_payload_mb: float = option(512.0, "drop replies whose arrays exceed this many MiB; 0 = off", NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
-class AttackConfig:
+class AttackConfig(_Validated):
     """Simulated malicious clients (robustness experiments)."""
+
+    SECTION: ClassVar[str] = "attack"
 
     kind: str = option("none", "what attackers do", choices=("none", "sign-flip", "scale", "gaussian", "label-flip"))
     fraction: float = option(0.0, "fraction of clients that attack", FRACTION)
@@ -78,14 +136,18 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
-class SealingConfig:
+class SealingConfig(_Validated):
     """End-to-end sealed replies and signed instructions (see docs/threat_model.md)."""
+
+    SECTION: ClassVar[str] = "sealing"
 
     mode: str = option("auto", "auto = on under flwr run / fedvault server, off in fedvault simulate; on; off",
                        choices=("auto", "on", "off"))
     suite: str = option("x25519", "HPKE suite: x25519 (X25519+HKDF-SHA256+AES-128-GCM) or the mlkem768-x25519 hybrid",
                         choices=("x25519", "mlkem768-x25519"))
-    identity_key: str = option("", "server: Ed25519 identity key (fedvault keys init); empty = a fresh one in the run dir")
+    identity_key: str = option(
+        "", "server: Ed25519 identity key (fedvault keys init); empty = a fresh one in the run dir"
+    )
     server_identity: str = option("", "client: pinned server identity (fingerprint or identity.pub path); node config "
                                       "'server-identity' overrides")
 
@@ -95,7 +157,7 @@ class SealingConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Validated):
     """Everything a run needs; see README.md for the reference table."""
 
     task: str = option(
@@ -123,7 +185,9 @@ class RunConfig:
         0.5, "Dirichlet concentration for partitioner=dirichlet (smaller = more label skew)", GREATER_THAN_ZERO
     )
     shards_per_client: int = option(2, "label-sorted shards per client for partitioner=shards", POSITIVE)
-    test_fraction: float = option(0.2, "share of each client's partition held out for its local test split", OPEN_FRACTION)
+    test_fraction: float = option(
+        0.2, "share of each client's partition held out for its local test split", OPEN_FRACTION
+    )
     client_cpus: float = option(
         1.0, "CPUs reserved per simulated client (Ray); concurrency = cores / this (small models train faster "
         "as parallel single-threaded clients than one at a time)", GREATER_THAN_ZERO
@@ -132,10 +196,14 @@ class RunConfig:
         -1.0, "GPUs per simulated client; -1 = auto (share the GPU when CUDA is present, else 0)",
         (lambda v: v == -1.0 or v >= 0, "must be -1 (auto) or >= 0"),
     )
-    device: str = option("auto", "where clients train: auto (CUDA when present), cpu, cuda", choices=("auto", "cpu", "cuda"))
+    device: str = option(
+        "auto", "where clients train: auto (CUDA when present), cpu, cuda", choices=("auto", "cpu", "cuda")
+    )
     amp: bool = option(True, "mixed precision (float16 autocast) when training on CUDA")
     run_dir: str = option("", "run directory; empty = runs/<time>-<task>")
-    round_timeout: float = option(600.0, "seconds the server waits in a round for clients to connect, then for their replies", GREATER_THAN_ZERO)
+    round_timeout: float = option(
+        600.0, "seconds the server waits in a round for clients to connect, then for their replies", GREATER_THAN_ZERO
+    )
     min_replies: int = option(1, "a round with fewer successful train replies fails", POSITIVE)
     resume: bool = option(False, "continue the run in run-dir from its latest checkpoint")
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -147,9 +215,55 @@ class RunConfig:
 
     # ---- construction -------------------------------------------------------------------
 
+    def __post_init__(self) -> None:
+        """Check every key (sections check their own), the strategy parameters, then cross-key rules."""
+        super().__post_init__()
+        for name, key, section in _sections(type(self)):
+            value = getattr(self, name)
+            if not isinstance(value, section):
+                raise ConfigError(f"invalid value for '{key}': {value!r} (expected {section.__name__})")
+        object.__setattr__(self, "strategy_params", _strategy_params(self.strategy_params))
+        self.validate()
+
+    @classmethod
+    def create(cls, **options: Any) -> RunConfig:
+        """Defaults plus keyword ``options`` with Python names (see the module docstring).
+
+        ``RunConfig.create(task="digits", num_clients=4, privacy_target_epsilon=3.0, strategy="fedprox",
+        strategy_params={"proximal-mu": 0.1})``; an unknown keyword raises ConfigError with close matches.
+        """
+        return cls().with_options(**options)
+
+    def with_options(self, **options: Any) -> RunConfig:
+        """A copy with keyword ``options`` applied, named as in :meth:`create`.
+
+        ``strategy_params`` is merged into the current strategy parameters (as ``--set strategy.<param>``).
+        """
+        flat = self.to_flat()
+        origins: dict[str, str] = {}
+        names = keywords()
+        for name, value in options.items():
+            if name == "strategy_params":
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"invalid value for keyword 'strategy_params': {value!r} (expected a mapping "
+                                      "{param: value})")
+                for param, param_value in value.items():
+                    key = STRATEGY_PREFIX + _key(str(param))
+                    if key in names.values():
+                        raise ConfigError(f"strategy_params cannot set '{key}'; use the keyword 'strategy'")
+                    flat[key], origins[key] = param_value, "from keyword strategy_params"
+                continue
+            if name not in names:
+                hints = difflib.get_close_matches(name, [*names, "strategy_params"], n=3, cutoff=0.5)
+                suggestion = f"; close matches: {', '.join(hints)}" if hints else ""
+                raise ConfigError(f"unknown config keyword '{name}' (keywords are keys with '_' for '-' and '.', "
+                                  f"e.g. privacy_target_epsilon){suggestion}")
+            flat[names[name]], origins[names[name]] = value, f"from keyword {name}"
+        return type(self).from_flat(flat, origins)
+
     @classmethod
     def from_sources(
-        cls, file: str | Path | None = None, overrides: list[str] = (), run_config: Mapping[str, Any] | None = None
+        cls, file: str | Path | None = None, overrides: Sequence[str] = (), run_config: Mapping[str, Any] | None = None
     ) -> RunConfig:
         """Defaults <- TOML file <- Flower run_config <- ``key=value`` overrides, then validate."""
         values: dict[str, Any] = {}
@@ -188,9 +302,7 @@ class RunConfig:
                 nested[key] = _coerce(key, value, known[key])
             except ConfigError as exc:
                 raise ConfigError(f"{exc}{where}") from None
-        config = dataclasses.replace(_build(cls, nested, prefix=""), strategy_params=tuple(sorted(free.items())))
-        config.validate()
-        return config
+        return _build(cls, nested, prefix="", strategy_params=tuple(sorted(free.items())))
 
     # ---- output ---------------------------------------------------------------------------
 
@@ -201,16 +313,18 @@ class RunConfig:
         return flat
 
     def validate(self) -> None:
-        """Cross-key checks that a single key's constraint cannot express."""
+        """Cross-key checks that a single key's constraint cannot express (run on construction)."""
         if self.fraction_train * self.num_clients < 1 - 1e-9:
             raise ConfigError(
                 f"invalid value for 'fraction-train': {self.fraction_train} samples no client out of "
                 f"num-clients={self.num_clients}"
             )
-        if self.privacy.client_level and self.strategy.name.lower() != "fedavg":
+        refused = NOT_CLIENT_LEVEL.get(self.strategy.name.lower())
+        if self.privacy.client_level and refused:
             raise ConfigError(
-                f"invalid value for 'strategy.name': '{self.strategy.name}' (client-level DP aggregates with "
-                "DP-FedAvg; use strategy.name = \"fedavg\" or privacy.client-level = false)"
+                f"invalid value for 'strategy.name': '{self.strategy.name}' (client-level DP replaces the aggregate "
+                f"with one noised DP-FedAvg mean, and {self.strategy.name} {refused}; use fedavg, fedprox, fedavgm, "
+                "fedadam, fedyogi or fedadagrad, or privacy.client-level = false)"
             )
 
 
@@ -218,6 +332,15 @@ def reference() -> Iterator[tuple[str, str, Any, str]]:
     """(key, type name, default, help) for every key: the README's config reference."""
     for key, spec in _schema(RunConfig):
         yield key, spec.type.__name__, spec.default, spec.help
+
+
+@cache
+def keywords() -> dict[str, str]:
+    """Python keyword -> config key for :meth:`RunConfig.create`: ``num_clients`` -> ``num-clients``,
+    ``privacy_target_epsilon`` -> ``privacy.target-epsilon``, and ``strategy`` -> ``strategy.name``."""
+    names = {key.replace(".", "_").replace("-", "_"): key for key, _ in _schema(RunConfig)}
+    names["strategy"] = STRATEGY_PREFIX + "name"
+    return names
 
 
 # ---- schema plumbing ------------------------------------------------------------------------
@@ -236,50 +359,83 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
+_LEAVES: dict[type, tuple[tuple[str, str, _Spec], ...]] = {}
+_SECTIONS: dict[type, tuple[tuple[str, str, type], ...]] = {}
+
+
+def _leaves(cls: type) -> tuple[tuple[str, str, _Spec], ...]:
+    """(field name, key without section prefix, spec) for the plain keys ``cls`` declares itself."""
+    if cls not in _LEAVES:
+        _LEAVES[cls] = _read_leaves(cls)
+    return _LEAVES[cls]
+
+
+def _sections(cls: type) -> tuple[tuple[str, str, type], ...]:
+    """(field name, key, section class) for the nested sections of ``cls``."""
+    if cls not in _SECTIONS:
+        hints = get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        _SECTIONS[cls] = tuple(
+            (f.name, _key(f.name), hints[f.name]) for f in fields if dataclasses.is_dataclass(hints[f.name])
+        )
+    return _SECTIONS[cls]
+
+
+def _read_leaves(cls: type) -> tuple[tuple[str, str, _Spec], ...]:
+    hints = get_type_hints(cls)
+    return tuple(
+        (f.name, _key(f.name), _Spec(hints[f.name], f.default, f.metadata["help"], f.metadata["check"],
+                                     f.metadata["choices"]))
+        for f in dataclasses.fields(cls)
+        if "free" not in f.metadata and not dataclasses.is_dataclass(hints[f.name])
+    )
+
+
 def _schema(cls: type, prefix: str = "") -> Iterator[tuple[str, _Spec]]:
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = prefix + _key(f.name)
-        if "free" in f.metadata:
-            continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from _schema(hints[f.name], prefix=key + ".")
-        else:
-            meta = f.metadata
-            yield key, _Spec(hints[f.name], f.default, meta["help"], meta["check"], meta["choices"])
+    for _, key, spec in _leaves(cls):
+        yield prefix + key, spec
+    for _, key, section in _sections(cls):
+        yield from _schema(section, prefix=prefix + key + ".")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = prefix + _key(f.name)
-        if "free" in f.metadata:
-            continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], values, key + ".")
-        elif key in values:
-            kwargs[f.name] = values[key]
-    return cls(**kwargs)
+def _build(cls: type, values: dict[str, Any], prefix: str, **extra: Any) -> Any:
+    kwargs = {name: values[prefix + key] for name, key, _ in _leaves(cls) if prefix + key in values}
+    for name, key, section in _sections(cls):
+        kwargs[name] = _build(section, values, prefix + key + ".")
+    return cls(**kwargs, **extra)
 
 
 def _items(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
-    for f in dataclasses.fields(obj):
-        if "free" in f.metadata:
-            continue
-        value = getattr(obj, f.name)
-        key = prefix + _key(f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _items(value, key + ".")
-        else:
-            yield key, value
+    for name, key, _ in _leaves(type(obj)):
+        yield prefix + key, getattr(obj, name)
+    for name, key, _ in _sections(type(obj)):
+        yield from _items(getattr(obj, name), prefix + key + ".")
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _strategy_params(params: Any) -> tuple[tuple[str, Any], ...]:
+    """``strategy.<param>`` pairs, sorted, names hyphenated; a mapping or pairs of (name, scalar)."""
+    try:
+        pairs = list(params.items() if isinstance(params, Mapping) else params)
+        named = {}
+        for name, value in pairs:
+            key = _key(name) if isinstance(name, str) else None
+            if not key or not isinstance(value, _SCALARS) or key in named:
+                raise ValueError
+            named[key] = value
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid value for 'strategy_params': {params!r} (expected distinct (param, scalar) "
+                          "pairs or a mapping {param: scalar})") from None
+    return tuple(sorted(named.items()))
 
 
 def _coerce(key: str, value: Any, spec: _Spec) -> Any:
     expected = spec.type
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if expected is str and not isinstance(value, str):
+    if expected is str and isinstance(value, _SCALARS):
         value = str(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"invalid value for '{key}': {value!r} (expected {expected.__name__})")

@@ -1,14 +1,19 @@
-"""PNG plots of a run's per-round metrics (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of a run's per-round metrics.
+
+Drawn on a :class:`matplotlib.figure.Figure` with its own Agg canvas: no display needed, and the
+user's pyplot backend and global figure list are left alone (no ``matplotlib.use``, no pyplot).
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+from fedvault.atomic import atomic_write
 
 
 def _series(rounds: list[dict[str, Any]], section: str, key: str) -> tuple[list[int], list[float]]:
@@ -20,11 +25,14 @@ def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list[Pa
     """Write accuracy.png and loss.png (centralized and client-side curves per round)."""
     written = []
     for name, curves in {
-        "accuracy": [("central", "accuracy", "server (held-out test)"), ("evaluate", "eval_accuracy", "clients (local test)")],
+        "accuracy": [("central", "accuracy", "server (held-out test)"),
+                     ("evaluate", "eval_accuracy", "clients (local test)")],
         "loss": [("central", "loss", "server (held-out test)"), ("evaluate", "eval_loss", "clients (local test)"),
                  ("train", "train_loss", "clients (training)")],
     }.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
         for section, key, label in curves:
             xs, ys = _series(rounds, section, key)
             if xs:
@@ -36,7 +44,6 @@ def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list[Pa
         ax.legend()
         path = out_dir / f"{name}.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        atomic_write(path, partial(fig.savefig, format="png", dpi=100))
         written.append(path)
     return written

@@ -4,28 +4,89 @@ Uses ``flwr.simulation.run_simulation`` (Ray backend): it starts in-process in s
 ``flwr run`` with a managed local SuperLink costs about a minute per run on 2 cores
 (see shared notes). The ServerApp and ClientApp are fedvault's own, built with the resolved
 config baked in, so every simulated node sees the same config.
+
+:func:`simulate` is also fedvault's Python front door: it returns a :class:`SimulationResult`,
+raises a :class:`~fedvault.errors.FedvaultError` when the run fails (a ServerApp failure included),
+and leaves the process as it found it (``os.environ``, the ``flwr``, ``fedvault`` and root loggers),
+whatever Flower and Ray change while the simulation runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedvault.client.app import build_client_app
 from fedvault.config import RunConfig
+from fedvault.errors import ConfigError, FedvaultError
+from fedvault.logs import show_progress
 from fedvault.partition import partition
-from fedvault.rundir import RunDirectory, default_run_dir
+from fedvault.rundir import CONFIG_FILE, RunDirectory, default_run_dir
 from fedvault.security.identity import fingerprint, load_identity_public_key
 from fedvault.server.app import build_server_app, make_strategy
 from fedvault.server.sealing import server_identity_path
 from fedvault.tasks import load_task_data
 
 log = logging.getLogger("fedvault")
+
+
+class SimulationError(FedvaultError, RuntimeError):
+    """The simulation failed (the ServerApp raised, or the run ended before its rounds finished)."""
+
+
+@dataclass(frozen=True, eq=False)
+class SimulationResult:
+    """A finished simulation: its run directory, resolved config, ``summary.json`` and ``metrics.jsonl``.
+
+    ``rounds`` holds one record per round, round 0 (the initial model) first. ``os.fspath(result)``
+    is the run directory, so ``audit(result)`` and ``Path(result)`` work.
+    """
+
+    path: Path
+    config: RunConfig
+    summary: dict[str, Any]
+    rounds: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SimulationResult:
+        """Read a finished run directory (written by ``simulate`` or ``fedvault simulate``)."""
+        run_dir = RunDirectory(Path(os.fspath(path)))
+        if not (run_dir.path / "summary.json").is_file():
+            raise SimulationError(f"{run_dir.path} holds no finished run (no summary.json)")
+        config = RunConfig.from_sources(run_dir.path / CONFIG_FILE)
+        return cls(run_dir.path, config, run_dir.summary(), run_dir.rounds())
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """Centralized test accuracy of the final global model (None when no round finished)."""
+        return self.summary.get("final_accuracy")
+
+    @property
+    def initial_accuracy(self) -> float | None:
+        """Centralized test accuracy of the initial model (round 0)."""
+        return self.summary.get("initial_accuracy")
+
+    @property
+    def accuracy_curve(self) -> list[float]:
+        """Centralized accuracy after each round, round 0 first."""
+        return [r["central"]["accuracy"] for r in self.rounds if "accuracy" in r.get("central", {})]
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the run stopped early (a privacy budget, for example), or None when all rounds ran."""
+        return self.summary.get("stopped")
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -50,7 +111,9 @@ def with_simulation_identity(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """``sealing.mode = "on"`` in a simulation: a server identity in the run dir, pinned by every client."""
     path = server_identity_path(cfg, run_dir)
     pin = fingerprint(load_identity_public_key(path.with_suffix(".pub")))
-    sealing = dataclasses.replace(cfg.sealing, identity_key=str(path), server_identity=cfg.sealing.server_identity or pin)
+    sealing = dataclasses.replace(
+        cfg.sealing, identity_key=str(path), server_identity=cfg.sealing.server_identity or pin
+    )
     return dataclasses.replace(cfg, sealing=sealing)
 
 
@@ -61,32 +124,124 @@ def backend_config(cfg: RunConfig, verbose: bool) -> dict:
     }
 
 
-def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
-    """Run the configured simulation; returns the run directory."""
-    from flwr.simulation import run_simulation
+def simulate(
+    config: RunConfig | str | os.PathLike[str] | None = None,
+    /,
+    *,
+    verbose: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> SimulationResult:
+    """Run a simulation of ``config`` (a RunConfig, a TOML file, or None for the defaults).
 
-    preflight(cfg)
-    run_dir = RunDirectory(cfg.run_dir or default_run_dir(cfg.task))
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir.path))
-    if cfg.sealing.enabled(deployed=False):
-        cfg = with_simulation_identity(cfg, run_dir.path)
-    run_dir.create(cfg.to_flat())
-    _quiet_flower(verbose)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    log.info("simulating %d clients x %d rounds of %s -> %s", cfg.num_clients, cfg.num_server_rounds, cfg.task, run_dir.path)
-    started = time.perf_counter()
-    run_simulation(
-        server_app=build_server_app(cfg),
-        client_app=build_client_app(cfg),
-        num_supernodes=cfg.num_clients,
-        backend_config=backend_config(cfg, verbose),
-    )
+    ``options`` override keys by their Python names, as in :meth:`RunConfig.create`
+    (``simulate("run.toml", num_server_rounds=5)``). ``progress`` shows fedvault's log lines
+    (:func:`fedvault.logs.show_progress`) during the call; ``verbose`` also shows Flower's and Ray's.
+    Raises :class:`SimulationError` (or the FedvaultError the ServerApp raised) when the run fails.
+    """
+    cfg = _resolve(config).with_options(**options) if options else _resolve(config)
+    with _process_state_restored():  # also undoes what libraries set when first imported here (scikit-learn)
+        if progress:
+            show_progress()
+        preflight(cfg)
+        run_dir = RunDirectory(cfg.run_dir or default_run_dir(cfg.task))
+        cfg = dataclasses.replace(cfg, run_dir=str(run_dir.path))
+        if cfg.sealing.enabled(deployed=False):
+            cfg = with_simulation_identity(cfg, run_dir.path)
+        run_dir.create(cfg.to_flat())
+        log.info("simulating %d clients x %d rounds of %s -> %s", cfg.num_clients, cfg.num_server_rounds, cfg.task,
+                 run_dir.path)
+        started = time.perf_counter()
+        _run_flower_simulation(cfg, run_dir.path, verbose)
     if not (run_dir.path / "summary.json").exists():
-        raise RuntimeError(f"the simulation ended without finishing its rounds; see {run_dir.path}")
+        raise SimulationError(f"the simulation ended without finishing its rounds; see {run_dir.path}")
     summary = run_dir.summary()
     summary["wall_seconds"] = time.perf_counter() - started
     run_dir.write_summary(summary)
-    return run_dir.path
+    return SimulationResult(run_dir.path, cfg, summary, run_dir.rounds())
+
+
+def _resolve(config: RunConfig | str | os.PathLike[str] | None) -> RunConfig:
+    if config is None:
+        return RunConfig()
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return RunConfig.from_sources(Path(os.fspath(config)))
+    raise ConfigError(f"simulate() takes a RunConfig, a TOML file path or None, got {type(config).__name__}")
+
+
+def _run_flower_simulation(cfg: RunConfig, run_dir: Path, verbose: bool) -> None:
+    """``flwr.simulation.run_simulation``; a failure surfaces as a FedvaultError carrying its message."""
+    from flwr.simulation import run_simulation
+
+    _quiet_flower(verbose)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    try:
+        run_simulation(
+            server_app=build_server_app(cfg),
+            client_app=build_client_app(cfg),
+            num_supernodes=cfg.num_clients,
+            backend_config=backend_config(cfg, verbose),
+        )
+    except Exception as exc:  # noqa: BLE001 - whatever the ServerApp or the engine raised
+        chain = list(_causes(exc))
+        known = next((e for e in chain if isinstance(e, FedvaultError)), None)
+        if known is exc:
+            raise
+        if known is not None:
+            raise known.with_traceback(known.__traceback__) from known.__cause__  # names what and where
+        cause = chain[-1]  # Flower wraps engine failures in "An error was encountered. Ending simulation."
+        raise SimulationError(f"the simulation of {run_dir} failed: {type(cause).__name__}: {cause}") from exc
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from, outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+
+
+@contextlib.contextmanager
+def _process_state_restored() -> Iterator[None]:
+    """Put ``os.environ`` and the flwr, fedvault and root loggers back as they were on the way out.
+
+    Flower's Ray backend rewrites ``PYTHONPATH`` and may turn off the flwr logger's propagation;
+    this harness sets a Ray variable and the flwr logger's level and filter.
+    """
+    environ = dict(os.environ)
+    loggers = [_LoggerState(logging.getLogger(name)) for name in ("flwr", "fedvault", None)]
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        for key, value in environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        for state in loggers:
+            state.restore()
+
+
+class _LoggerState:
+    """A logger's level, propagation, filters and handlers (with their levels), to restore later."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.level, self.propagate = logger.level, logger.propagate
+        self.filters, self.handlers = list(logger.filters), list(logger.handlers)
+        self.handler_levels = [h.level for h in self.handlers]
+
+    def restore(self) -> None:
+        self.logger.setLevel(self.level)
+        self.logger.propagate = self.propagate
+        self.logger.filters[:] = self.filters
+        self.logger.handlers[:] = self.handlers
+        for handler, level in zip(self.handlers, self.handler_levels):
+            handler.setLevel(level)
 
 
 class _DropDeprecation(logging.Filter):

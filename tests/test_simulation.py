@@ -85,3 +85,36 @@ def test_audit_cli_reads_the_run(run_dir):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["entries"] == 15 and not report["exceeded"]
+
+
+def _failing_server_app(error: Exception):
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        raise error
+
+    return app
+
+
+def test_server_app_failure_is_a_fedvault_error_and_the_process_is_restored(tmp_path, monkeypatch):
+    """In-process simulate(): the ServerApp's exception reaches the caller as a SimulationError with its
+    message, and os.environ and Flower's logger are as before (Flower's Ray backend rewrites PYTHONPATH)."""
+    import logging
+    import os
+
+    from fedvault import FedvaultError, RunConfig, simulate
+    from fedvault.simulations import harness
+
+    monkeypatch.setattr(harness, "build_server_app", lambda cfg: _failing_server_app(ValueError("boom in round 1")))
+    environ, flwr_log = dict(os.environ), logging.getLogger("flwr")
+    flwr_state = (flwr_log.level, flwr_log.propagate, list(flwr_log.filters), list(flwr_log.handlers))
+    cfg = RunConfig.create(task="digits", num_clients=2, num_server_rounds=1, privacy_sample_level=False)
+    with pytest.raises(harness.SimulationError) as info:
+        simulate(cfg, run_dir=str(tmp_path / "run"))
+    assert isinstance(info.value, FedvaultError)
+    assert str(info.value) == f"the simulation of {tmp_path / 'run'} failed: ValueError: boom in round 1"
+    assert dict(os.environ) == environ
+    assert (flwr_log.level, flwr_log.propagate, list(flwr_log.filters), list(flwr_log.handlers)) == flwr_state
