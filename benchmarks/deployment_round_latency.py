@@ -33,14 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedvault.deploy.supernode import start_supernode
+from sweep import RESULTS, write_results
+
 from fedvault.config import RunConfig
 from fedvault.deploy.cli import follow_run, write_app_dir
-from fedvault.security.tls_keys import init_keys
-from fedvault.security.identity import generate_identity
 from fedvault.deploy.processes import child_env, free_port
 from fedvault.deploy.superlink import start_superlink, submit_run
-from sweep import RESULTS, write_results
+from fedvault.deploy.supernode import start_supernode
+from fedvault.security.identity import generate_identity
+from fedvault.security.tls_keys import init_keys
 
 TASK, SEED, LOCAL_EPOCHS = "digits", 7, 1
 POLL_S = 3.0  # flwr 1.41: supernode/start_client_internal.py and superlink/grid/http_grid.py sleep(3)
@@ -110,11 +111,22 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_config(clients: int, rounds: int, run_dir: Path, identity_key: Path) -> RunConfig:
-    return RunConfig.from_flat({
-        "task": TASK, "num-clients": clients, "num-server-rounds": rounds, "local-epochs": LOCAL_EPOCHS,
-        "seed": SEED, "fraction-train": 1.0, "fraction-evaluate": 0.0, "privacy.sample-level": False,
-        "run-dir": str(run_dir), "sealing.identity-key": str(identity_key),
-    })
+    return RunConfig.from_flat(
+        {
+            "task": TASK,
+            "num-clients": clients,
+            "num-server-rounds": rounds,
+            "local-epochs": LOCAL_EPOCHS,
+            "batch-size": 32,
+            "learning-rate": 0.05,
+            "seed": SEED,
+            "fraction-train": 1.0,
+            "fraction-evaluate": 0.0,
+            "privacy.sample-level": False,
+            "run-dir": str(run_dir),
+            "sealing.identity-key": str(identity_key),
+        }
+    )
 
 
 def run_app(link, app_dir: Path, log: Path) -> float:
@@ -134,12 +146,21 @@ def measure(clients: int, rounds: int, work: Path) -> dict:
     nodes = []
     try:
         for i in range(1, clients + 1):
-            nodes.append(start_supernode(
-                link.address, work / f"node-{i}", partition_id=i - 1, num_partitions=clients,
-                root_certificates=keys.ca_cert, private_key=keys.client_key(i), timeout=120,
-                node_config={"server-identity": str(identity.public_key),
-                             "ledger-path": str(work / f"node-{i}" / "ledger.sqlite")},
-            ))
+            nodes.append(
+                start_supernode(
+                    link.address,
+                    work / f"node-{i}",
+                    partition_id=i - 1,
+                    num_partitions=clients,
+                    root_certificates=keys.ca_cert,
+                    private_key=keys.client_key(i),
+                    timeout=120,
+                    node_config={
+                        "server-identity": str(identity.public_key),
+                        "ledger-path": str(work / f"node-{i}" / "ledger.sqlite"),
+                    },
+                )
+            )
         cfg = run_config(clients, rounds, work / "fedvault-run", identity.private_key)
         fedvault_wall = run_app(link, write_app_dir(work / "fedvault-app", cfg.to_flat()), work / "fedvault.log")
         records = [json.loads(line) for line in (work / "fedvault-run" / "metrics.jsonl").read_text().splitlines()]
@@ -148,12 +169,29 @@ def measure(clients: int, rounds: int, work: Path) -> dict:
         stock_dir = work / "stock-app"
         stock_dir.mkdir()
         (stock_dir / "stockapp.py").write_text(STOCK_APP)
-        stock_cfg = {k: v for k, v in cfg.to_flat().items()
-                     if k in ("task", "seed", "num-clients", "num-server-rounds", "local-epochs", "batch-size",
-                              "learning-rate", "momentum", "test-fraction")}
+        stock_cfg = {
+            k: v
+            for k, v in cfg.to_flat().items()
+            if k
+            in (
+                "task",
+                "seed",
+                "num-clients",
+                "num-server-rounds",
+                "local-epochs",
+                "batch-size",
+                "learning-rate",
+                "momentum",
+                "test-fraction",
+            )
+        }
         stock_cfg["out"] = str(work / "stock.json")
-        write_app_dir(stock_dir, stock_cfg, {"serverapp": "stockapp:server", "clientapp": "stockapp:client"},
-                      name="stock-flower-app")
+        write_app_dir(
+            stock_dir,
+            stock_cfg,
+            {"serverapp": "stockapp:server", "clientapp": "stockapp:client"},
+            name="stock-flower-app",
+        )
         stock_wall = run_app(link, stock_dir, work / "stock.log")
         stock = json.loads((work / "stock.json").read_text())
     finally:
@@ -170,8 +208,13 @@ def measure(clients: int, rounds: int, work: Path) -> dict:
 
 
 def _stats(seconds: list[float], wall: float, accuracy: float) -> dict:
-    return {"first_round_s": seconds[0], "steady_round_s": statistics.median(seconds[1:]),
-            "rounds_s": seconds, "submit_to_finish_s": wall, "final_accuracy": accuracy}
+    return {
+        "first_round_s": seconds[0],
+        "steady_round_s": statistics.median(seconds[1:]),
+        "rounds_s": seconds,
+        "submit_to_finish_s": wall,
+        "final_accuracy": accuracy,
+    }
 
 
 def clientapp_cold_start(module: str, cwd: Path | None = None) -> float:
@@ -192,14 +235,16 @@ def to_markdown(results: dict) -> str:
         f"{results['rounds']} rounds; fedvault with its deployment defaults (sealed updates). "
         f"Machine: {results['cpus']} CPU cores. Command: `{results['command']}`.",
         "",
-        "| clients | fedvault s/round | stock s/round | ratio | fedvault round 1 | stock round 1 | accuracy fedvault / stock |",
+        "| clients | fedvault s/round | stock s/round | ratio | fedvault round 1 | stock round 1 "
+        "| accuracy fedvault / stock |",
         "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in results["rows"]:
         f, s = row["fedvault"], row["stock"]
         lines.append(
             f"| {row['clients']} | {f['steady_round_s']:.2f} | {s['steady_round_s']:.2f} | {row['ratio']:.2f} | "
-            f"{f['first_round_s']:.2f} | {s['first_round_s']:.2f} | {f['final_accuracy']:.3f} / {s['final_accuracy']:.3f} |"
+            f"{f['first_round_s']:.2f} | {s['first_round_s']:.2f} | "
+            f"{f['final_accuracy']:.3f} / {s['final_accuracy']:.3f} |"
         )
     cold = results["clientapp_cold_start_s"]
     lines += [
@@ -226,16 +271,26 @@ def main() -> None:
         for clients in args.clients:
             row = measure(clients, args.rounds, Path(tmp) / f"n{clients}")
             row["ratio"] = row["fedvault"]["steady_round_s"] / row["stock"]["steady_round_s"]
-            print(f"{clients} clients: fedvault {row['fedvault']['steady_round_s']:.2f} s/round, "
-                  f"stock {row['stock']['steady_round_s']:.2f} s/round, ratio {row['ratio']:.2f}", flush=True)
+            print(
+                f"{clients} clients: fedvault {row['fedvault']['steady_round_s']:.2f} s/round, "
+                f"stock {row['stock']['steady_round_s']:.2f} s/round, ratio {row['ratio']:.2f}",
+                flush=True,
+            )
             rows.append(row)
         stock_dir = Path(tmp) / "cold"
         stock_dir.mkdir()
         (stock_dir / "stockapp.py").write_text(STOCK_APP)
-        cold = {"fedvault": clientapp_cold_start("fedvault.client.app"),
-                "stock": clientapp_cold_start("stockapp", cwd=stock_dir)}
-    results = {"rounds": args.rounds, "rows": rows, "clientapp_cold_start_s": cold, "cpus": os.cpu_count(),
-               "command": "python benchmarks/deployment_round_latency.py " + " ".join(sys.argv[1:])}
+        cold = {
+            "fedvault": clientapp_cold_start("fedvault.client.app"),
+            "stock": clientapp_cold_start("stockapp", cwd=stock_dir),
+        }
+    results = {
+        "rounds": args.rounds,
+        "rows": rows,
+        "clientapp_cold_start_s": cold,
+        "cpus": os.cpu_count(),
+        "command": "python benchmarks/deployment_round_latency.py " + " ".join(sys.argv[1:]),
+    }
     write_results("deployment_round_latency", results, to_markdown(results))
     print(f"cold start of a ClientApp import: fedvault {cold['fedvault']:.2f} s, stock {cold['stock']:.2f} s")
     print(f"wrote {RESULTS / 'deployment_round_latency.md'}")

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import opacus
 import torch
+from sweep import RESULTS, write_results
 from torch import nn
 
 from fedvault.privacy.dp_sgd import GRAD_SAMPLE_MODES, auto_grad_sample_mode, dp_compatible, measure_step_times
 from fedvault.tasks.digits import DigitsTask
 from fedvault.tasks.mnist1d import Mnist1dTask
-from sweep import RESULTS, write_results
 
 DEFAULT_MODEL = "mnist1d"  # the default task in fedvault's config
 MODELS = {  # name -> (model factory, input shape of one example)
@@ -80,9 +80,14 @@ def rss_growth_mib(rounds: int = 8) -> float:
     factory, shape = MODELS[DEFAULT_MODEL]
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(512, *shape), torch.randint(0, 10, (512,)))
-    trainer = PrivateTrainer(factory(), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
-                             DataLoader(data, batch_size=32), noise_multiplier=1.0, max_grad_norm=1.0,
-                             criterion=nn.CrossEntropyLoss())
+    trainer = PrivateTrainer(
+        factory(),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        DataLoader(data, batch_size=32),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        criterion=nn.CrossEntropyLoss(),
+    )
     sizes = []
     for _ in range(rounds):
         trainer.train(Task(), 1)
@@ -99,7 +104,8 @@ def to_markdown(report: dict) -> str:
         f"Device {env['device']}, {env['threads']} torch threads, torch {env['torch']}, opacus {env['opacus']}; "
         f"batch {report['batch_size']}, median of {report['reps']} interleaved repetitions x {report['steps']} steps.",
         "",
-        "| model | params | plain ms | " + " | ".join(f"{m} ms (x plain)" for m in GRAD_SAMPLE_MODES)
+        "| model | params | plain ms | "
+        + " | ".join(f"{m} ms (x plain)" for m in GRAD_SAMPLE_MODES)
         + " | auto picks | auto / fastest |",
         "|---|---|---|" + "---|" * len(GRAD_SAMPLE_MODES) + "---|---|",
     ]
@@ -115,8 +121,8 @@ def to_markdown(report: dict) -> str:
         "",
         f"Default model ({s['default_model']}): DP cost with the auto-picked mode = "
         f"{s['default_dp_cost_vs_plain']:.2f}x plain (target <= 2x: {'met' if s['default_within_2x'] else 'NOT met'}).",
-        f"Resident memory of one reused PrivateTrainer grew {s['rss_growth_mib_rounds_2_to_8']:.1f} MiB from round 2 to "
-        "round 8 (flat: the Opacus engine is built once).",
+        f"Resident memory of one reused PrivateTrainer grew {s['rss_growth_mib_rounds_2_to_8']:.1f} MiB "
+        "from round 2 to round 8 (flat: the Opacus engine is built once).",
         "",
     ]
     return "\n".join(lines)

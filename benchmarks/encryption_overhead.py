@@ -41,9 +41,10 @@ from pathlib import Path
 import cryptography
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from sweep import RESULTS, simulate, write_results
 
 from fedvault.security.envelope import open_reply, seal_reply, sign_instruction, verify_instruction
 from fedvault.security.identity import IdentityPin, announce_run_key, fingerprint
@@ -57,7 +58,6 @@ from fedvault.security.sealing import (
     seal_arrays,
 )
 from fedvault.tasks import load_task
-from sweep import RESULTS, simulate, write_results
 
 MB = 10**6
 TARGET_MB_S = 1000.0  # seal+open of a 100 MB update with the default suite
@@ -156,12 +156,18 @@ def measure_sealing(sizes: list[int], reps: int) -> dict:
         open_s = statistics.median(o for _, o in samples)
         total = [s + o for s, o in samples]
         nbytes = update_bytes[size]
-        rows.append({
-            "size_mb": size, "bytes": nbytes, "suite": suite, "level": level,
-            "seal_ms": 1000 * seal_s, "open_ms": 1000 * open_s,
-            "seal_open_mb_s": nbytes / MB / statistics.median(total),
-            "seal_open_mb_s_min_max": [nbytes / MB / max(total), nbytes / MB / min(total)],
-        })
+        rows.append(
+            {
+                "size_mb": size,
+                "bytes": nbytes,
+                "suite": suite,
+                "level": level,
+                "seal_ms": 1000 * seal_s,
+                "open_ms": 1000 * open_s,
+                "seal_open_mb_s": nbytes / MB / statistics.median(total),
+                "seal_open_mb_s_min_max": [nbytes / MB / max(total), nbytes / MB / min(total)],
+            }
+        )
     largest = max(sizes)
     row = {(r["size_mb"], r["suite"], r["level"]): r for r in rows}
     headline = row[(largest, DEFAULT_SUITE, "arrays")]
@@ -239,16 +245,30 @@ def measure_round_time(rounds: int, pairs: int) -> dict:
     round timed directly. A mean, not a median: Flower's 0.1 s polls round each round time to a
     step, and averaging many rounds whose work falls anywhere within a step recovers the difference."""
     clients = 10
-    base = ["task=mnist1d", f"num-clients={clients}", f"num-server-rounds={rounds}", "fraction-evaluate=0.0",
-            "privacy.sample-level=false"]
+    base = [
+        "task=mnist1d",
+        "batch-size=32",
+        "learning-rate=0.05",
+        f"num-clients={clients}",
+        f"num-server-rounds={rounds}",
+        "fraction-evaluate=0.0",
+        "privacy.sample-level=false",
+    ]
     runs: dict[str, list[list[float]]] = {"off": [], "on": []}
     for _ in range(pairs):
         for mode in ("off", "on"):
             runs[mode].append(simulate(base + [f"sealing.mode={mode}"])["round_seconds"][1:])
     off, on = (statistics.fmean(t for run in runs[mode] for t in run) for mode in ("off", "on"))
     work = sealing_work_per_round(clients)
-    return {"setup": " ".join(base), "runs": runs, "off": off, "on": on, "added_percent": 100 * (on / off - 1),
-            "work": work, "work_percent": 100 * work["seconds"] / off}
+    return {
+        "setup": " ".join(base),
+        "runs": runs,
+        "off": off,
+        "on": on,
+        "added_percent": 100 * (on / off - 1),
+        "work": work,
+        "work_percent": 100 * work["seconds"] / off,
+    }
 
 
 def round_time_markdown(section: dict) -> list[str]:
@@ -289,9 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per case")
     parser.add_argument("--rounds", type=int, default=16, help="rounds per simulation (round-time section)")
     parser.add_argument("--pairs", type=int, default=3, help="off/on simulation pairs (round-time section)")
-    parser.add_argument(
-        "--out", type=Path, default=RESULTS, help="folder for encryption_overhead.json and .md"
-    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for encryption_overhead.json and .md")
     args = parser.parse_args(argv)
     report = {
         "environment": {

@@ -25,10 +25,20 @@ STRATEGIES = ("fedavg", "fedprox", "scaffold", "fednova")
 
 def settings(strategy: str, seed: int, args: argparse.Namespace) -> list[str]:
     common = [
-        "task=digits", f"num-clients={args.clients}", f"num-server-rounds={args.rounds}", "partitioner=dirichlet",
-        f"dirichlet-alpha={args.alpha}", f"local-epochs={args.epochs}", f"batch-size={args.batch_size}",
-        f"learning-rate={args.lr}", f"momentum={args.momentum}", f"seed={seed}", "fraction-evaluate=0.0",
-        "test-fraction=0.05", "privacy.sample-level=false", f"strategy.name={strategy}",
+        "task=digits",
+        f"num-clients={args.clients}",
+        f"num-server-rounds={args.rounds}",
+        "partitioner=dirichlet",
+        f"dirichlet-alpha={args.alpha}",
+        f"local-epochs={args.epochs}",
+        f"batch-size={args.batch_size}",
+        f"learning-rate={args.lr}",
+        f"momentum={args.momentum}",
+        f"seed={seed}",
+        "fraction-evaluate=0.0",
+        "test-fraction=0.05",
+        "privacy.sample-level=false",
+        f"strategy.name={strategy}",
     ]
     return common + ([f"strategy.proximal-mu={args.mu}"] if strategy == "fedprox" else [])
 
@@ -73,10 +83,18 @@ def main() -> None:
         f"{seconds:.0f} s on CPU.\n\n" + table(mean, std, args.every) + "\n"
     )
     rounds = list(range(args.rounds + 1))
-    fig = line_plot({s: (rounds, list(m)) for s, m in mean.items()}, "round", "test accuracy (mean over seeds)",
-                    f"digits, Dirichlet({args.alpha}), {args.clients} clients")
-    write_results("non_iid_strategies", {"settings": vars(args), "seconds": seconds,
-                                         "accuracy": {s: c.tolist() for s, c in curves.items()}}, md, fig)
+    fig = line_plot(
+        {s: (rounds, list(m)) for s, m in mean.items()},
+        "round",
+        "test accuracy (mean over seeds)",
+        f"digits, Dirichlet({args.alpha}), {args.clients} clients",
+    )
+    write_results(
+        "non_iid_strategies",
+        {"settings": vars(args), "seconds": seconds, "accuracy": {s: c.tolist() for s, c in curves.items()}},
+        md,
+        fig,
+    )
     print(md)
 
 

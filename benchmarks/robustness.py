@@ -20,10 +20,12 @@ CLIENTS = 20
 
 def strategy_settings(name: str, attackers: int) -> list[str]:
     f = max(1, attackers)
-    extra = {"krum": [f"strategy.num-malicious-nodes={f}"],
-             "multikrum": [f"strategy.num-malicious-nodes={f}", f"strategy.num-nodes-to-select={CLIENTS - 2 * f}"],
-             "bulyan": [f"strategy.num-malicious-nodes={min(f, (CLIENTS - 3) // 4)}"],
-             "fedtrimmedavg": ["strategy.beta=0.3"]}
+    extra = {
+        "krum": [f"strategy.num-malicious-nodes={f}"],
+        "multikrum": [f"strategy.num-malicious-nodes={f}", f"strategy.num-nodes-to-select={CLIENTS - 2 * f}"],
+        "bulyan": [f"strategy.num-malicious-nodes={min(f, (CLIENTS - 3) // 4)}"],
+        "fedtrimmedavg": ["strategy.beta=0.3"],
+    }
     return [f"strategy.name={name}", *extra.get(name, [])]
 
 
@@ -32,8 +34,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3])
     args = parser.parse_args()
-    base = ["task=mnist1d", f"num-clients={CLIENTS}", f"num-server-rounds={args.rounds}", "fraction-evaluate=0.0",
-            "privacy.sample-level=false", "attack.kind=sign-flip", "attack.scale=1.0"]
+    base = [
+        "task=mnist1d",
+        "batch-size=32",
+        "learning-rate=0.05",
+        f"num-clients={CLIENTS}",
+        f"num-server-rounds={args.rounds}",
+        "fraction-evaluate=0.0",
+        "privacy.sample-level=false",
+        "attack.kind=sign-flip",
+        "attack.scale=1.0",
+    ]
     results: dict[str, dict[str, float]] = {}
     for name in STRATEGIES:
         for fraction in args.fractions:
@@ -45,10 +56,20 @@ def main() -> None:
     lines = [header, "|---" * (len(args.fractions) + 1) + "|"]
     for name, row in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[f'{f:g}']:.4f}" for f in args.fractions) + " |")
-    text = f"## Robustness to sign-flip attackers: mnist1d, {CLIENTS} clients, {args.rounds} rounds\n\n" + "\n".join(lines) + "\n"
+    text = (
+        f"## Robustness to sign-flip attackers: mnist1d, {CLIENTS} clients, {args.rounds} rounds\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     print(text)
-    fig = line_plot({name: ([100 * f for f in args.fractions], [row[f"{f:g}"] for f in args.fractions])
-                     for name, row in results.items()}, "% sign-flip attackers", "final centralized accuracy")
+    fig = line_plot(
+        {
+            name: ([100 * f for f in args.fractions], [row[f"{f:g}"] for f in args.fractions])
+            for name, row in results.items()
+        },
+        "% sign-flip attackers",
+        "final centralized accuracy",
+    )
     write_results("robustness", results, text, fig)
 
 

@@ -26,8 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-from fedvault.config import RunConfig
 from sweep import write_results
+
+from fedvault.config import RunConfig
 
 
 class TreeRssSampler:
@@ -58,7 +59,7 @@ class TreeRssSampler:
                     statm = Path(f"/proc/{entry}/statm").read_text().split()
                 except OSError:
                     continue
-                fields = stat[stat.rindex(")") + 2:].split()
+                fields = stat[stat.rindex(")") + 2 :].split()
                 parents[int(entry)] = int(fields[1])
                 rss[int(entry)] = int(statm[1]) * page
             tree, frontier = {self.pid}, [self.pid]
@@ -72,8 +73,16 @@ class TreeRssSampler:
 
 def settings(args: argparse.Namespace) -> list[str]:
     return [
-        f'task="{args.task}"', f"num-clients={args.clients}", f"num-server-rounds={args.rounds}",
-        f"local-epochs={args.epochs}", "fraction-train=1.0", "fraction-evaluate=0.0", f"seed={args.seed}", "privacy.sample-level=false",
+        f'task="{args.task}"',
+        f"num-clients={args.clients}",
+        f"num-server-rounds={args.rounds}",
+        f"local-epochs={args.epochs}",
+        "batch-size=32",
+        "learning-rate=0.05",
+        "fraction-train=1.0",
+        "fraction-evaluate=0.0",
+        f"seed={args.seed}",
+        "privacy.sample-level=false",
     ]
 
 
@@ -101,8 +110,12 @@ def run_simulation(args: argparse.Namespace, out: Path) -> dict:
 def run_plain_loop(args: argparse.Namespace) -> dict:
     """Runs in a child process so its memory and imports are measured on their own."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--plain-worker", *sys.argv[1:]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--plain-worker", *sys.argv[1:]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     with TreeRssSampler(proc.pid) as sampler:
         out, err = proc.communicate()
     if proc.returncode != 0:
@@ -127,8 +140,10 @@ def plain_worker(args: argparse.Namespace) -> None:
     global_state = task.build_model().state_dict()
     model, central_model = task.build_model(), task.build_model()
     test_loader = make_loader(load_task_data(cfg.task, cfg.seed).test, 512, shuffle=False)
-    clients = [client_data(DataSelection.from_run(cfg, {"partition-id": i, "num-partitions": cfg.num_clients}))[0]
-               for i in range(cfg.num_clients)]
+    clients = [
+        client_data(DataSelection.from_run(cfg, {"partition-id": i, "num-partitions": cfg.num_clients}))[0]
+        for i in range(cfg.num_clients)
+    ]
     round_seconds, accuracy = [], 0.0
     for server_round in range(1, cfg.num_server_rounds + 1):
         start = time.perf_counter()
@@ -145,11 +160,15 @@ def plain_worker(args: argparse.Namespace) -> None:
         central_model.load_state_dict(global_state)
         accuracy = task.evaluate(central_model, test_loader, device)["accuracy"]
         round_seconds.append(time.perf_counter() - start)
-    print(json.dumps({
-        "first_round_seconds": round_seconds[0],
-        "steady_seconds_per_round": statistics.median(round_seconds[1:]),
-        "final_accuracy": accuracy,
-    }))
+    print(
+        json.dumps(
+            {
+                "first_round_seconds": round_seconds[0],
+                "steady_seconds_per_round": statistics.median(round_seconds[1:]),
+                "final_accuracy": accuracy,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -169,8 +188,14 @@ def main() -> None:
         sim = run_simulation(args, Path(tmp) / "run")
     plain = run_plain_loop(args)
     ratio = sim["steady_seconds_per_round"] / plain["steady_seconds_per_round"]
-    result = {"setup": vars(args) | {"plain_worker": None}, "simulation": sim, "plain_loop": plain,
-              "steady_ratio": ratio, "target_ratio": 1.25, "meets_target": ratio <= 1.25}
+    result = {
+        "setup": vars(args) | {"plain_worker": None},
+        "simulation": sim,
+        "plain_loop": plain,
+        "steady_ratio": ratio,
+        "target_ratio": 1.25,
+        "meets_target": ratio <= 1.25,
+    }
     rows = [
         ("steady s/round", sim["steady_seconds_per_round"], plain["steady_seconds_per_round"]),
         ("round 1 s (engine start-up in sim)", sim["first_round_seconds"], plain["first_round_seconds"]),
@@ -179,13 +204,16 @@ def main() -> None:
         ("final accuracy", sim["final_accuracy"], plain["final_accuracy"]),
     ]
     table = "| measure | fedvault simulate | plain loop |\n|---|---|---|\n" + "\n".join(
-        f"| {name} | {a:.3f} | {b:.3f} |" for name, a, b in rows)
-    text = (f"## Simulation overhead: {args.clients} clients x {args.rounds} rounds of {args.task}, "
-            f"{args.epochs} local epochs\n\n{table}\n\nsteady-state ratio (simulate / plain): **{ratio:.3f}** "
-            f"(target <= 1.25: {'met' if ratio <= 1.25 else 'NOT met'})\n\n"
-            f"The simulation uses fedvault's defaults: {os.cpu_count()} cores / client-cpus = "
-            f"{max(1, int((os.cpu_count() or 1) // RunConfig().client_cpus))} single-threaded clients at a time; "
-            "the plain loop trains one client at a time with torch's default threads.\n")
+        f"| {name} | {a:.3f} | {b:.3f} |" for name, a, b in rows
+    )
+    text = (
+        f"## Simulation overhead: {args.clients} clients x {args.rounds} rounds of {args.task}, "
+        f"{args.epochs} local epochs\n\n{table}\n\nsteady-state ratio (simulate / plain): **{ratio:.3f}** "
+        f"(target <= 1.25: {'met' if ratio <= 1.25 else 'NOT met'})\n\n"
+        f"The simulation uses fedvault's defaults: {os.cpu_count()} cores / client-cpus = "
+        f"{max(1, int((os.cpu_count() or 1) // RunConfig().client_cpus))} single-threaded clients at a time; "
+        "the plain loop trains one client at a time with torch's default threads.\n"
+    )
     print(text)
     write_results("simulation_overhead", result, text)
 

@@ -17,8 +17,21 @@ from flwr.clientapp import ClientApp
 
 from fedvault.client.attacks import attack_update
 from fedvault.client.local_training import round_defaults, train_plain
-from fedvault.client.node import DataSelection, client_data, is_update_attacker, task_and_model, training_data
-from fedvault.client.private_training import BudgetExhausted, RoundAlreadySpent, node_ledger_path, run_key, train_private
+from fedvault.client.node import (
+    DataSelection,
+    batch_size_for,
+    client_data,
+    is_update_attacker,
+    task_and_model,
+    training_data,
+)
+from fedvault.client.private_training import (
+    BudgetExhausted,
+    RoundAlreadySpent,
+    node_ledger_path,
+    run_key,
+    train_private,
+)
 from fedvault.client.sealing import ClientSealing
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
@@ -29,6 +42,7 @@ from fedvault.protocol import (
     EVAL_LOSS,
     METRICS,
     NUM_EXAMPLES,
+    TRAIN_BATCH_SIZE,
     TRAIN_LOSS,
     TRAIN_SECONDS,
     TRAIN_STEPS,
@@ -66,14 +80,15 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         sel = DataSelection.from_run(cfg, context.node_config)
         rc = read_round_config(msg.content, round_defaults(cfg))
         device = resolve_device(str(context.node_config.get("device", cfg.device)))
-        global_state = msg.content[ARRAYS].to_torch_state_dict()
+        global_state = msg.content.array_records[ARRAYS].to_torch_state_dict()
         make_steps = lambda model: build_client_steps(msg.content, context.state, model)  # noqa: E731
         start = time.perf_counter()
         if cfg.privacy.sample_level:
             ledger = NodeLedger(node_ledger_path(cfg, context.node_config))
             try:
-                done = train_private(cfg, sel, rc, global_state, device, ledger, run_key(cfg, context.run_id),
-                                     make_steps)
+                done = train_private(
+                    cfg, sel, rc, global_state, device, ledger, run_key(cfg, context.run_id), make_steps
+                )
             except (BudgetExhausted, RoundAlreadySpent) as exc:
                 return reply(msg, refusal(exc.status, str(exc)), sealing, "train")
         else:
@@ -82,10 +97,17 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         if is_update_attacker(cfg, sel):
             state = _attacked(cfg, sel, global_state, state, rc.server_round)
 
-        metrics = MetricRecord({
-            TRAIN_LOSS: float(done.result.loss), TRAIN_STEPS: done.result.steps,
-            TRAIN_SECONDS: time.perf_counter() - start, NUM_EXAMPLES: len(training_data(cfg, sel)), **done.metrics,
-        })
+        examples = len(training_data(cfg, sel))
+        metrics = MetricRecord(
+            {
+                TRAIN_LOSS: float(done.result.loss),
+                TRAIN_STEPS: done.result.steps,
+                TRAIN_SECONDS: time.perf_counter() - start,
+                NUM_EXAMPLES: examples,
+                TRAIN_BATCH_SIZE: batch_size_for(cfg.batch_size, examples),
+                **done.metrics,
+            }
+        )
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
         return reply(msg, RecordDict({ARRAYS: arrays, METRICS: metrics, **done.records}), sealing, "train")
 
@@ -96,7 +118,7 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         device = resolve_device(str(context.node_config.get("device", cfg.device)))
         _, test_data = client_data(DataSelection.from_run(cfg, context.node_config))
         task, model = task_and_model(cfg.task, cfg.privacy.sample_level)
-        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+        model.load_state_dict(msg.content.array_records[ARRAYS].to_torch_state_dict())
         result = task.evaluate(model.to(device), make_loader(test_data, 256, shuffle=False), device)
         metrics = MetricRecord(
             {EVAL_LOSS: result["loss"], EVAL_ACCURACY: result["accuracy"], NUM_EXAMPLES: len(test_data)}

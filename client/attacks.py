@@ -28,12 +28,16 @@ class AttackError(FedvaultError, ValueError):
     """An attack cannot apply to the arrays or labels it was given."""
 
 
-def sign_flip(global_arrays: Mapping[str, np.ndarray], local_arrays: Mapping[str, np.ndarray], scale: float = 1.0) -> NDArrays:
+def sign_flip(
+    global_arrays: Mapping[str, np.ndarray], local_arrays: Mapping[str, np.ndarray], scale: float = 1.0
+) -> NDArrays:
     """``x - scale * (y - x)``."""
     return _on_floats(global_arrays, local_arrays, lambda x, y: x - scale * (y - x))
 
 
-def scaled_update(global_arrays: Mapping[str, np.ndarray], local_arrays: Mapping[str, np.ndarray], scale: float) -> NDArrays:
+def scaled_update(
+    global_arrays: Mapping[str, np.ndarray], local_arrays: Mapping[str, np.ndarray], scale: float
+) -> NDArrays:
     """``x + scale * (y - x)``."""
     return _on_floats(global_arrays, local_arrays, lambda x, y: x + scale * (y - x))
 
@@ -50,7 +54,9 @@ def flip_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """``C - 1 - y`` for integer class labels in ``[0, C)``."""
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise AttackError(f"label-flip attack: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+        raise AttackError(
+            f"label-flip attack: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
     return (num_classes - 1 - labels).astype(labels.dtype)
 
 
@@ -90,5 +96,7 @@ def _on_floats(
     out: NDArrays = {}
     for key, y in local_arrays.items():
         x = global_arrays[key]
-        out[key] = np.asarray(attack(x.astype(np.float64), y.astype(np.float64)), dtype=y.dtype) if y.dtype.kind == "f" else y
+        out[key] = (
+            np.asarray(attack(x.astype(np.float64), y.astype(np.float64)), dtype=y.dtype) if y.dtype.kind == "f" else y
+        )
     return out

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedvault.client.node import DataSelection, task_and_model, training_data
+from fedvault.client.node import DataSelection, batch_size_for, task_and_model, training_data
 from fedvault.config import RunConfig
 from fedvault.protocol import RoundConfig
 from fedvault.step_hooks import HookedOptimizer
@@ -37,20 +37,29 @@ class LocalRound:
 
 def round_defaults(cfg: RunConfig) -> RoundConfig:
     """What the client uses for a round-config key the instruction does not carry."""
-    return RoundConfig(server_round=0, learning_rate=cfg.learning_rate, local_epochs=cfg.local_epochs,
-                       momentum=cfg.momentum)
+    return RoundConfig(
+        server_round=0, learning_rate=cfg.learning_rate, local_epochs=cfg.local_epochs, momentum=cfg.momentum
+    )
 
 
-def train_plain(cfg: RunConfig, sel: DataSelection, rc: RoundConfig, global_state: dict, device: torch.device,
-                make_steps: StepFactory) -> LocalRound:
+def train_plain(
+    cfg: RunConfig,
+    sel: DataSelection,
+    rc: RoundConfig,
+    global_state: dict,
+    device: torch.device,
+    make_steps: StepFactory,
+) -> LocalRound:
     """Non-private local training through the task, with the strategy's client steps."""
     task, model = task_and_model(cfg.task)
     model.load_state_dict(global_state)
     model.to(device)
     steps = list(make_steps(model))
-    loader = make_loader(training_data(cfg, sel), cfg.batch_size, shuffle=True, seed=cfg.seed + rc.server_round)
-    optimizer = HookedOptimizer(torch.optim.SGD(model.parameters(), lr=rc.learning_rate, momentum=cfg.momentum),
-                                model, steps)
+    data = training_data(cfg, sel)
+    loader = make_loader(data, batch_size_for(cfg.batch_size, len(data)), shuffle=True, seed=cfg.seed + rc.server_round)
+    optimizer = HookedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=rc.learning_rate, momentum=cfg.momentum), model, steps
+    )
     result = task.train(model, loader, optimizer, TrainSettings(epochs=rc.local_epochs, device=device, amp=cfg.amp))
     result = TrainResult(loss=result.loss, steps=optimizer.steps)
     records, metrics = finish_client_steps(steps, model, result.steps, rc.learning_rate)

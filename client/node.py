@@ -7,8 +7,10 @@ once, not once per round.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 from torch import nn
@@ -16,9 +18,25 @@ from torch import nn
 from fedvault.client.attacks import UPDATE_ATTACKS, flip_labels, pick_attackers
 from fedvault.config import RunConfig
 from fedvault.errors import PartitionError
-from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.partition import partition, train_test_split
+from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.tasks import ArrayDataset, Task, load_task, load_task_data
+
+log = logging.getLogger("fedvault")
+AUTO_BATCH_RANGE = (16, 4096)
+
+
+@cache
+def batch_size_for(configured: int, num_examples: int) -> int:
+    """The local logical batch: ``configured``, or for 0 (auto) ``10 * sqrt(N)`` rounded to a multiple of 16
+    and clamped to 16..4096 (logged once per size). Under DP-SGD a larger batch averages the noise over
+    more examples (noise std z*C/B on the mean) while ``sqrt`` keeps enough steps per epoch on small data."""
+    if configured:
+        return configured
+    low, high = AUTO_BATCH_RANGE
+    chosen = max(low, min(high, 16 * round(10 * math.sqrt(num_examples) / 16), num_examples))
+    log.info("batch-size auto: %d local examples -> logical batch %d (10*sqrt(N))", num_examples, chosen)
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -51,12 +69,14 @@ class DataSelection:
 
 
 @lru_cache(maxsize=8)
-def _partitions(task: str, seed: int, scheme: str, alpha: float, shards: int, num_partitions: int) -> tuple[np.ndarray, ...]:
+def _partitions(
+    task: str, seed: int, scheme: str, alpha: float, shards: int, num_partitions: int
+) -> tuple[np.ndarray, ...]:
     labels = load_task_data(task, seed).train.y
     return tuple(partition(labels, num_partitions, scheme, seed, alpha=alpha, shards_per_client=shards))
 
 
-@lru_cache(maxsize=None)
+@cache
 def client_data(sel: DataSelection) -> tuple[ArrayDataset, ArrayDataset]:
     """This node's (train, local test) datasets: its partition of the task's data, or its own
     ``.npz`` file (arrays ``x`` and ``y``) when node config ``data-path`` names one."""
@@ -73,17 +93,21 @@ def _local_file_data(sel: DataSelection) -> tuple[ArrayDataset, ArrayDataset]:
         with np.load(sel.data_path, allow_pickle=False) as data:
             own = ArrayDataset(data["x"].astype(np.float32), data["y"].astype(np.int64))
     except (OSError, KeyError, ValueError) as exc:
-        raise PartitionError(f"data-path {sel.data_path}: cannot read arrays 'x' and 'y' from an .npz ({exc})") from None
+        raise PartitionError(
+            f"data-path {sel.data_path}: cannot read arrays 'x' and 'y' from an .npz ({exc})"
+        ) from None
     train_idx, test_idx = train_test_split(np.arange(len(own)), sel.test_fraction, sel.seed, sel.partition_id)
     return own.subset(train_idx), own.subset(test_idx)
 
 
-@lru_cache(maxsize=None)
+@cache
 def training_data(config: RunConfig, sel: DataSelection) -> ArrayDataset:
     """The node's training split, with labels flipped when the run makes it a label-flip attacker."""
     train, _ = client_data(sel)
     attack = config.attack
-    if attack.kind == "label-flip" and sel.partition_id in pick_attackers(sel.num_partitions, attack.fraction, config.seed):
+    if attack.kind == "label-flip" and sel.partition_id in pick_attackers(
+        sel.num_partitions, attack.fraction, config.seed
+    ):
         num_classes = load_task_data(sel.task, sel.seed).num_classes
         return ArrayDataset(train.x, flip_labels(train.y, num_classes))
     return train
@@ -92,7 +116,9 @@ def training_data(config: RunConfig, sel: DataSelection) -> ArrayDataset:
 def is_update_attacker(config: RunConfig, sel: DataSelection) -> bool:
     """Whether this node tampers with its update (sign-flip, scale, gaussian)."""
     attack = config.attack
-    return attack.kind in UPDATE_ATTACKS and sel.partition_id in pick_attackers(sel.num_partitions, attack.fraction, config.seed)
+    return attack.kind in UPDATE_ATTACKS and sel.partition_id in pick_attackers(
+        sel.num_partitions, attack.fraction, config.seed
+    )
 
 
 @lru_cache(maxsize=4)

@@ -8,13 +8,13 @@ epsilon instead of starting over (Flower issue #2216).
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
 
 from fedvault.client.local_training import LocalRound, StepFactory
-from fedvault.client.node import DataSelection, task_and_model, training_data
+from fedvault.client.node import DataSelection, batch_size_for, task_and_model, training_data
 from fedvault.config import RunConfig
 from fedvault.privacy.budget import Budget, projected_epsilon
 from fedvault.privacy.dp_sgd import PrivateTrainer
@@ -57,16 +57,17 @@ def run_key(cfg: RunConfig, run_id: int) -> str:
     return Path(cfg.run_dir).name if cfg.run_dir else f"flower-run-{run_id}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def private_trainer(cfg: RunConfig, sel: DataSelection, device_type: str) -> PrivateTrainer:
     """One Opacus engine per (node, config) for the life of the process, noise calibrated once
     to the per-client target over all planned rounds x local steps (PLD accountant)."""
     task, _ = task_and_model(cfg.task)
+    data = training_data(cfg, sel)
     torch.manual_seed(cfg.seed)
     return PrivateTrainer.with_budget(
         task.build_model(),
         lambda params: torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum),
-        make_loader(training_data(cfg, sel), cfg.batch_size, shuffle=False),
+        make_loader(data, batch_size_for(cfg.batch_size, len(data)), shuffle=False),
         target_epsilon=cfg.privacy.target_epsilon,
         target_delta=cfg.privacy.target_delta,
         epochs=cfg.local_epochs,
@@ -75,12 +76,19 @@ def private_trainer(cfg: RunConfig, sel: DataSelection, device_type: str) -> Pri
         criterion=task.criterion(),
         device=torch.device(device_type),
         grad_sample_mode=cfg.privacy.grad_sample_mode,
+        max_physical_batch_size=cfg.privacy.max_physical_batch_size or None,
     )
 
 
 def train_private(
-    cfg: RunConfig, sel: DataSelection, rc: RoundConfig, global_state: dict, device: torch.device,
-    ledger: NodeLedger, key: str, make_steps: StepFactory,
+    cfg: RunConfig,
+    sel: DataSelection,
+    rc: RoundConfig,
+    global_state: dict,
+    device: torch.device,
+    ledger: NodeLedger,
+    key: str,
+    make_steps: StepFactory,
 ) -> LocalRound:
     """Check the budget, run the task's training loop under DP-SGD, record the spend; raises
     :class:`BudgetExhausted` or :class:`RoundAlreadySpent` before anything is trained.
@@ -89,13 +97,20 @@ def train_private(
     ``global_state``; they run on the private gradient (post-processing)."""
     party = f"client-{sel.partition_id}"
     trainer = private_trainer(cfg, sel, device.type)
-    planned = DPEvent.dp_sgd(noise_multiplier=trainer.noise_multiplier, sample_rate=trainer.sample_rate,
-                             steps=trainer.steps_per_epoch * rc.local_epochs, round=rc.server_round, party=party)
+    planned = DPEvent.dp_sgd(
+        noise_multiplier=trainer.noise_multiplier,
+        sample_rate=trainer.sample_rate,
+        steps=trainer.steps_per_epoch * rc.local_epochs,
+        round=rc.server_round,
+        party=party,
+    )
     budget = Budget(cfg.privacy.target_epsilon, cfg.privacy.target_delta)
     history = ledger.events(key, party)
     if any(e.round == rc.server_round for e in history):
-        raise RoundAlreadySpent(f"{party}: round {rc.server_round} was already trained and paid for (a re-run after "
-                                "a server restart); a second update for it is never released")
+        raise RoundAlreadySpent(
+            f"{party}: round {rc.server_round} was already trained and paid for (a re-run after "
+            "a server restart); a second update for it is never released"
+        )
     projected = projected_epsilon(history, planned, budget)
     if projected > budget.epsilon:
         raise BudgetExhausted(party, projected, budget.epsilon)
@@ -107,12 +122,27 @@ def train_private(
 
     task, _ = task_and_model(cfg.task)
     before = trainer.accounted_steps()
-    result = trainer.train(task, rc.local_epochs, global_state=global_state, learning_rate=rc.learning_rate,
-                           make_hooks=build_steps, amp=cfg.amp)
-    event = DPEvent.dp_sgd(noise_multiplier=trainer.noise_multiplier, sample_rate=trainer.sample_rate,
-                           steps=trainer.accounted_steps() - before, round=rc.server_round, party=party)
+    result = trainer.train(
+        task,
+        rc.local_epochs,
+        global_state=global_state,
+        learning_rate=rc.learning_rate,
+        make_hooks=build_steps,
+        amp=cfg.amp,
+    )
+    event = DPEvent.dp_sgd(
+        noise_multiplier=trainer.noise_multiplier,
+        sample_rate=trainer.sample_rate,
+        steps=trainer.accounted_steps() - before,
+        round=rc.server_round,
+        party=party,
+    )
     ledger.record(key, party, event)  # before anything of this round leaves the client
     records, metrics = finish_client_steps(steps, trainer.model, result.steps, rc.learning_rate)
     state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
-    return LocalRound(state, result, {**records, DP_EVENT: dp_event_record(event)},
-                      {DP_EPSILON: projected_epsilon(history, event, budget), **metrics})
+    return LocalRound(
+        state,
+        result,
+        {**records, DP_EVENT: dp_event_record(event)},
+        {DP_EPSILON: projected_epsilon(history, event, budget), **metrics},
+    )

@@ -19,8 +19,10 @@ def pinned_identity(cfg: RunConfig, node_config: dict) -> IdentityPin:
     """Node config ``server-identity`` or ``sealing.server-identity``: a fingerprint or an identity.pub path."""
     value = str(node_config.get("server-identity") or cfg.sealing.server_identity)
     if not value:
-        raise ConfigError("sealing is on but no server identity is pinned (node config 'server-identity' or "
-                          "'sealing.server-identity': the fingerprint `fedvault keys init` printed)")
+        raise ConfigError(
+            "sealing is on but no server identity is pinned (node config 'server-identity' or "
+            "'sealing.server-identity': the fingerprint `fedvault keys init` printed)"
+        )
     return IdentityPin.from_public_key_file(value) if Path(value).is_file() else IdentityPin.from_fingerprint(value)
 
 

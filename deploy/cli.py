@@ -24,11 +24,9 @@ from typing import Any, TextIO
 import tomli_w
 from cryptography import x509
 
+from fedvault.atomic import atomic_write
 from fedvault.cli_config import add_config_args
 from fedvault.config import RunConfig
-from fedvault.errors import ConfigError, FedvaultError
-from fedvault.security import identity
-from fedvault.security.tls_keys import LOCAL_ADDRESSES, KeyLayout, KeysError, init_keys, load_layout
 from fedvault.deploy.processes import (
     ManagedProcess,
     ProcessError,
@@ -39,8 +37,10 @@ from fedvault.deploy.processes import (
     stop,
     supervise,
 )
-from fedvault.atomic import atomic_write
+from fedvault.errors import ConfigError, FedvaultError
 from fedvault.rundir import CONFIG_FILE, SUMMARY_FILE, default_run_dir
+from fedvault.security import identity
+from fedvault.security.tls_keys import LOCAL_ADDRESSES, KeyLayout, KeysError, init_keys, load_layout
 
 APP_DIR = "app"
 RUNS_DIR = "runs"
@@ -60,63 +60,100 @@ class DeployError(FedvaultError, RuntimeError):
 
 def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``keys``, ``server`` and ``client`` to the ``fedvault`` command's subparsers."""
-    keys = subparsers.add_parser("keys", help="make the CA, server certificate and client keys",
-                                 description="Key material for `fedvault server` / `fedvault client`.")
+    keys = subparsers.add_parser(
+        "keys",
+        help="make the CA, server certificate and client keys",
+        description="Key material for `fedvault server` / `fedvault client`.",
+    )
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     init = keys_sub.add_parser(
-        "init", help="create DIR with a CA, a server TLS certificate and N client keys",
+        "init",
+        help="create DIR with a CA, a server TLS certificate and N client keys",
         description="Create a CA, a SuperLink TLS certificate (for localhost and each --address) and one "
         "SuperNode authentication key per client, plus the server identity if available. Prints what "
         "to copy to each client machine.",
     )
     init.add_argument("dir", metavar="DIR")
     init.add_argument("--clients", type=int, required=True, metavar="N", help="number of client keys")
-    init.add_argument("--address", action="append", default=[], metavar="HOST",
-                      help="DNS name or IP clients will dial (repeatable; localhost is always included)")
+    init.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="DNS name or IP clients will dial (repeatable; localhost is always included)",
+    )
     init.add_argument("--force", action="store_true", help="replace existing key files")
     init.set_defaults(func=cmd_keys_init)
 
     server = subparsers.add_parser(
-        "server", help="run a SuperLink and one federated run on it (TLS + node auth by default)",
+        "server",
+        help="run a SuperLink and one federated run on it (TLS + node auth by default)",
         description="Start a Flower SuperLink with TLS and SuperNode authentication, register the client "
         "keys, submit a run with the resolved config, stream its log, and exit when it is finished "
         "(non-zero if it failed or stopped early).",
     )
     add_config_args(server)
     server.add_argument("--keys", metavar="DIR", help="keys directory from `fedvault keys init`")
-    server.add_argument("--state", required=True, metavar="DIR",
-                        help="SuperLink state (database, logs, app dir); run directories go to DIR/runs")
+    server.add_argument(
+        "--state",
+        required=True,
+        metavar="DIR",
+        help="SuperLink state (database, logs, app dir); run directories go to DIR/runs",
+    )
     server.add_argument("--host", help="interface to listen on (default 0.0.0.0; 127.0.0.1 with --insecure)")
     server.add_argument("--port", type=int, default=8000, help="SuperLink port (default 8000)")
-    server.add_argument("--insecure", action="store_true",
-                        help="no TLS and no SuperNode authentication (local experiments only)")
-    server.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue RUN_DIR from its latest checkpoint with its config.toml")
-    server.add_argument("--keep-running", action="store_true",
-                        help="keep the SuperLink serving after the run until Ctrl-C")
-    server.add_argument("--startup-timeout", type=float, default=60.0, metavar="S",
-                        help="seconds to wait for the SuperLink to become healthy")
+    server.add_argument(
+        "--insecure", action="store_true", help="no TLS and no SuperNode authentication (local experiments only)"
+    )
+    server.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint with its config.toml"
+    )
+    server.add_argument(
+        "--keep-running", action="store_true", help="keep the SuperLink serving after the run until Ctrl-C"
+    )
+    server.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for the SuperLink to become healthy",
+    )
     server.set_defaults(func=cmd_server)
 
     client = subparsers.add_parser(
-        "client", help="run a SuperNode that trains for a fedvault server",
+        "client",
+        help="run a SuperNode that trains for a fedvault server",
         description="Start a Flower SuperNode that verifies the SuperLink with the CA and authenticates "
         "with its client key; trains partition CLIENT_ID-1 of NUM_PARTITIONS. Runs until Ctrl-C.",
     )
     client.add_argument("--server", required=True, metavar="HOST:PORT", help="SuperLink address")
     client.add_argument("--keys", metavar="DIR", help="folder with ca.pem and clients/client-<I>.key")
     client.add_argument("--client-id", type=int, required=True, metavar="I", help="1-based client number")
-    client.add_argument("--num-partitions", type=int, required=True, metavar="N",
-                        help="number of data partitions (= num-clients of the run)")
-    client.add_argument("--data-path", metavar="PATH", help="train on this .npz (arrays x, y) instead of a partition of the task's data (node config)")
+    client.add_argument(
+        "--num-partitions",
+        type=int,
+        required=True,
+        metavar="N",
+        help="number of data partitions (= num-clients of the run)",
+    )
+    client.add_argument(
+        "--data-path",
+        metavar="PATH",
+        help="train on this .npz (arrays x, y) instead of a partition of the task's data (node config)",
+    )
     client.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (node config)")
-    client.add_argument("--server-identity", metavar="FINGERPRINT|FILE",
-                        help="pinned server identity for sealed updates (default KEYS/identity.pub if present)")
+    client.add_argument(
+        "--server-identity",
+        metavar="FINGERPRINT|FILE",
+        help="pinned server identity for sealed updates (default KEYS/identity.pub if present)",
+    )
     client.add_argument("--insecure", action="store_true", help="no TLS and no authentication")
-    client.add_argument("--state", metavar="DIR",
-                        help="SuperNode log and node privacy ledger (default ~/.fedvault/client-<I>)")
-    client.add_argument("--startup-timeout", type=float, default=60.0, metavar="S",
-                        help="seconds to wait for the SuperNode to join")
+    client.add_argument(
+        "--state", metavar="DIR", help="SuperNode log and node privacy ledger (default ~/.fedvault/client-<I>)"
+    )
+    client.add_argument(
+        "--startup-timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the SuperNode to join"
+    )
     client.set_defaults(func=cmd_client)
 
 
@@ -149,7 +186,8 @@ def describe_keys(layout: KeyLayout, clients: int, addresses: Sequence[str], fin
         ("identity.key, identity.pub", "server identity (Ed25519); identity.key stays on the server"),
     ]
     copies = [
-        (layout.ca_cert, "ca.pem"), (d / "clients" / "client-i.key", "clients/client-i.key"),
+        (layout.ca_cert, "ca.pem"),
+        (d / "clients" / "client-i.key", "clients/client-i.key"),
         (d / "identity.pub", "identity.pub"),
     ]
     lines = [f"keys written to {d}", *(f"  {name:<28} {what}" for name, what in made)]
@@ -208,10 +246,21 @@ def write_app_dir(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     document = {
-        "project": {"name": name, "version": "1.0.0", "license": "Apache-2.0",
-                    "description": "Generated by fedvault: the run config of one deployment run"},
-        "tool": {"flwr": {"app": {"publisher": "fedvault", "components": dict(components),
-                                  "config": unflatten_dict(dict(run_config))}}},
+        "project": {
+            "name": name,
+            "version": "1.0.0",
+            "license": "Apache-2.0",
+            "description": "Generated by fedvault: the run config of one deployment run",
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedvault",
+                    "components": dict(components),
+                    "config": unflatten_dict(dict(run_config)),
+                }
+            }
+        },
     }
     text = tomli_w.dumps(document).encode()
     atomic_write(directory / "pyproject.toml", lambda fh: fh.write(text))
@@ -239,23 +288,41 @@ def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         cfg = RunConfig.from_flat({**cfg.to_flat(), "sealing.identity-key": str(identity_key)})
     host = args.host or ("127.0.0.1" if args.insecure else "0.0.0.0")
     with _sigterm_as_interrupt():
-        superlink = start_superlink(state_dir, None if layout is None else layout.directory, host=host,
-                                    port=args.port, insecure=args.insecure, timeout=args.startup_timeout)
+        superlink = start_superlink(
+            state_dir,
+            None if layout is None else layout.directory,
+            host=host,
+            port=args.port,
+            insecure=args.insecure,
+            timeout=args.startup_timeout,
+        )
         try:
             dial = _client_address(layout, host, args.port)
-            _say(out, f"SuperLink (pid {superlink.process.pid}) listening on {join_host_port(host, args.port)}; "
-                      f"state {state_dir}")
+            _say(
+                out,
+                f"SuperLink (pid {superlink.process.pid}) listening on {join_host_port(host, args.port)}; "
+                f"state {state_dir}",
+            )
             keys_hint = "--insecure" if layout is None else "--keys KEYS"
-            _say(out, f"clients: fedvault client --server {dial} {keys_hint} --client-id <1..{cfg.num_clients}> "
-                      f"--num-partitions {cfg.num_clients}")
+            _say(
+                out,
+                f"clients: fedvault client --server {dial} {keys_hint} --client-id <1..{cfg.num_clients}> "
+                f"--num-partitions {cfg.num_clients}",
+            )
             if cfg.sealing.enabled(deployed=True):
-                _say(out, f"server identity fingerprint (clients pin it with --server-identity): "
-                          f"{_fingerprint(Path(cfg.sealing.identity_key))}")
+                _say(
+                    out,
+                    f"server identity fingerprint (clients pin it with --server-identity): "
+                    f"{_fingerprint(Path(cfg.sealing.identity_key))}",
+                )
             _say(out, "ready")
             app_dir = write_app_dir(state_dir / APP_DIR, cfg.to_flat())
             run_id = submit_run(superlink.connection, app_dir)
-            _say(out, f"run {run_id} submitted; run directory {cfg.run_dir}"
-                      + (" (resuming from its latest checkpoint)" if cfg.resume else ""))
+            _say(
+                out,
+                f"run {run_id} submitted; run directory {cfg.run_dir}"
+                + (" (resuming from its latest checkpoint)" if cfg.resume else ""),
+            )
             status = follow_run(superlink, run_id, state_dir / f"run-{run_id}.log", out)
             code = _report(out, run_id, status, Path(cfg.run_dir))
             if args.keep_running:
@@ -274,8 +341,12 @@ def follow_run(superlink: Any, run_id: int, log_path: Path, out: TextIO) -> str:
     from fedvault.deploy.superlink import run_status
 
     connection = superlink.connection
-    streamer = start_process([executable("flwr"), "log", str(run_id), connection.name, "--stream"],
-                             name="flwr log", log_path=log_path, env=connection.env())
+    streamer = start_process(
+        [executable("flwr"), "log", str(run_id), connection.name, "--stream"],
+        name="flwr log",
+        log_path=log_path,
+        env=connection.env(),
+    )
     printed, stream_ended_at, next_poll = 0, None, time.monotonic() + STATUS_POLL_S
     try:
         while True:
@@ -311,8 +382,10 @@ def _report(out: TextIO, run_id: int, status: str, run_dir: Path) -> int:
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
     if status != _COMPLETED or summary is None:
-        _say(out, f"run {run_id} {status}" + ("" if summary else f" without a summary in {run_dir}")
-             + " (its log is above)")
+        _say(
+            out,
+            f"run {run_id} {status}" + ("" if summary else f" without a summary in {run_dir}") + " (its log is above)",
+        )
         return 1
     final = summary.get("final_accuracy")
     accuracy = "n/a" if final is None else f"{summary['initial_accuracy']:.4f} -> {final:.4f}"
@@ -383,20 +456,32 @@ def cmd_client(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if pin:
         node_config["server-identity"] = str(Path(pin).resolve()) if Path(pin).is_file() else pin
     else:
-        print("fedvault client: warning: no server identity pinned (--server-identity); "
-              "runs with sealed updates will fail on this node", file=sys.stderr)
+        print(
+            "fedvault client: warning: no server identity pinned (--server-identity); "
+            "runs with sealed updates will fail on this node",
+            file=sys.stderr,
+        )
     with _sigterm_as_interrupt():
         try:
             node = start_supernode(
-                args.server, state_dir, partition_id=args.client_id - 1, num_partitions=args.num_partitions,
-                root_certificates=root_certificates, private_key=private_key, insecure=args.insecure,
-                node_config=node_config, timeout=args.startup_timeout,
+                args.server,
+                state_dir,
+                partition_id=args.client_id - 1,
+                num_partitions=args.num_partitions,
+                root_certificates=root_certificates,
+                private_key=private_key,
+                insecure=args.insecure,
+                node_config=node_config,
+                timeout=args.startup_timeout,
             )
         except ProcessError as err:
             first = str(err).splitlines()[0]
             raise DeployError(f"{first} (SuperNode log: {state_dir / 'supernode.log'})") from None
-        _say(out, f"SuperNode (pid {node.process.pid}) connected to {args.server} as node {node.node_id}, "
-                  f"partition {args.client_id - 1} of {args.num_partitions}; log {node.process.log_path}")
+        _say(
+            out,
+            f"SuperNode (pid {node.process.pid}) connected to {args.server} as node {node.node_id}, "
+            f"partition {args.client_id - 1} of {args.num_partitions}; log {node.process.log_path}",
+        )
         _say(out, "ready")
         code = supervise([node.process])
     if code != 0:

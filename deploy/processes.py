@@ -148,9 +148,7 @@ def wait_healthy(address: str, timeout: float, process: ManagedProcess | None = 
                 raise ProcessError(f"{who} not healthy at {address} after {timeout:g} s")
             started = time.monotonic()
             try:
-                reply = stub.Check(
-                    request, timeout=min(POLL_DEADLINE_S, remaining), wait_for_ready=True
-                )
+                reply = stub.Check(request, timeout=min(POLL_DEADLINE_S, remaining), wait_for_ready=True)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError as err:
@@ -160,17 +158,16 @@ def wait_healthy(address: str, timeout: float, process: ManagedProcess | None = 
             time.sleep(max(0.0, POLL_DEADLINE_S - (time.monotonic() - started)))
 
 
-def wait_for_log(
-    process: ManagedProcess, pattern: str | re.Pattern[str], timeout: float
-) -> re.Match[str]:
+def wait_for_log(process: ManagedProcess, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
     """Block until ``process``' log matches ``pattern``; return the match.
 
     Raises :class:`ProcessError` with the log tail if the process exits first or ``timeout``
     seconds pass.
     """
     wanted = re.compile(pattern)
-    return _poll(process, timeout, 0.2, lambda: wanted.search(process.log_text()),
-                 f"a log line matching {wanted.pattern!r}")
+    return _poll(
+        process, timeout, 0.2, lambda: wanted.search(process.log_text()), f"a log line matching {wanted.pattern!r}"
+    )
 
 
 def wait_listening(host: str, port: int, timeout: float, process: ManagedProcess) -> None:

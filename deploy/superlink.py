@@ -30,8 +30,7 @@ from typing import Any
 
 import tomli_w
 
-from fedvault.errors import ConfigError, FedvaultError
-from fedvault.security.tls_keys import KeyLayout, load_layout
+from fedvault.atomic import atomic_write
 from fedvault.deploy.processes import (
     ManagedProcess,
     child_env,
@@ -44,7 +43,8 @@ from fedvault.deploy.processes import (
     wait_healthy,
     wait_listening,
 )
-from fedvault.atomic import atomic_write
+from fedvault.errors import ConfigError, FedvaultError
+from fedvault.security.tls_keys import KeyLayout, load_layout
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +98,26 @@ def superlink_command(
     """The ``flower-superlink`` argv for fedvault: TLS + node auth with ``keys``, else insecure."""
     argv = [
         executable("flower-superlink"),
-        "--database", str(state_dir / STATE_DB),
+        "--database",
+        str(state_dir / STATE_DB),
         "--disable-runtime-dependency-installation",
-        "--health-server-address", health_address,
-        "--host", host,
-        "--port", str(port),
+        "--health-server-address",
+        health_address,
+        "--host",
+        host,
+        "--port",
+        str(port),
     ]
     if keys is None:
         return [*argv, "--insecure"]
     return [
         *argv,
-        "--ssl-ca-certfile", str(keys.ca_cert),
-        "--ssl-certfile", str(keys.server_cert),
-        "--ssl-keyfile", str(keys.server_key),
+        "--ssl-ca-certfile",
+        str(keys.ca_cert),
+        "--ssl-certfile",
+        str(keys.server_cert),
+        "--ssl-keyfile",
+        str(keys.server_key),
         "--enable-supernode-auth",
     ]
 
@@ -148,17 +155,11 @@ def start_superlink(
         keys = load_layout(keys_dir, server=True)
     state_dir.mkdir(parents=True, exist_ok=True)
     health_address = health_address or join_host_port("127.0.0.1", free_port())
-    argv = superlink_command(
-        state_dir=state_dir, keys=keys, host=host, port=port, health_address=health_address
-    )
+    argv = superlink_command(state_dir=state_dir, keys=keys, host=host, port=port, health_address=health_address)
     local_host = "127.0.0.1" if host in _ANY_HOST else host
     address = join_host_port(local_host, port)
-    connection = write_connection(
-        state_dir / FLWR_HOME_DIR, address, None if keys is None else keys.ca_cert
-    )
-    process = start_process(
-        argv, name="SuperLink", log_path=state_dir / LOG_FILE, env=connection.env()
-    )
+    connection = write_connection(state_dir / FLWR_HOME_DIR, address, None if keys is None else keys.ca_cert)
+    process = start_process(argv, name="SuperLink", log_path=state_dir / LOG_FILE, env=connection.env())
     superlink = SuperLink(process, address, connection, health_address, state_dir / STATE_DB)
     try:
         wait_healthy(health_address, timeout, process)
@@ -192,22 +193,16 @@ def write_connection(
     return Connection(name, flwr_home, address, root_certificates)
 
 
-def flwr_json(
-    connection: Connection, args: Sequence[str], timeout: float = CLI_TIMEOUT_S
-) -> dict[str, Any]:
+def flwr_json(connection: Connection, args: Sequence[str], timeout: float = CLI_TIMEOUT_S) -> dict[str, Any]:
     """Run ``flwr <args> --format json`` against ``connection``; return the JSON on success.
 
     Raises :class:`FlwrCliError` with Flower's error message when it reports failure.
     """
     command = [executable("flwr"), *args, "--format", "json"]
     try:
-        done = subprocess.run(
-            command, env=connection.env(), capture_output=True, text=True, timeout=timeout
-        )
+        done = subprocess.run(command, env=connection.env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise FlwrCliError(
-            f"'flwr {' '.join(args)}' did not finish within {timeout:g} s"
-        ) from None
+        raise FlwrCliError(f"'flwr {' '.join(args)}' did not finish within {timeout:g} s") from None
     try:
         reply = json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -246,15 +241,11 @@ def wait_node_online(connection: Connection, node_id: int, timeout: float) -> di
             return node
         if time.monotonic() > deadline:
             state = "unknown" if node is None else node["status"]
-            raise FlwrCliError(
-                f"SuperNode {node_id} not online after {timeout:g} s (status {state})"
-            )
+            raise FlwrCliError(f"SuperNode {node_id} not online after {timeout:g} s (status {state})")
         time.sleep(0.5)
 
 
-def submit_run(
-    connection: Connection, app_dir: str | Path, run_config: Mapping[str, Any] | None = None
-) -> int:
+def submit_run(connection: Connection, app_dir: str | Path, run_config: Mapping[str, Any] | None = None) -> int:
     """``flwr run APP_DIR <connection>``: build the app's FAB, start a run, return its run id.
 
     ``run_config`` overrides keys of ``[tool.flwr.app.config]`` (values are TOML-encoded).

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedvault.errors import ConfigError
 from fedvault.deploy.processes import (
     ManagedProcess,
     ProcessError,
@@ -37,6 +36,7 @@ from fedvault.deploy.processes import (
     wait_for_log,
     wait_healthy,
 )
+from fedvault.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,10 @@ FAILURES: dict[str, str] = {
         "given to 'fedvault keys' or re-issue the certificate with it"
     ),
     r"CERTIFICATE_VERIFY_FAILED|SSL/TLS handshake error": (
-        "TLS verification of the SuperLink failed: pass the fedvault CA certificate (ca.pem) "
-        "as root certificates"
+        "TLS verification of the SuperLink failed: pass the fedvault CA certificate (ca.pem) as root certificates"
     ),
     r"Server disconnected without sending a response": (
-        "the SuperLink closed the connection: this SuperNode speaks plain HTTP (insecure) "
-        "but the SuperLink expects TLS"
+        "the SuperLink closed the connection: this SuperNode speaks plain HTTP (insecure) but the SuperLink expects TLS"
     ),
     r"Unable to parse the private key file": (
         "the SuperNode private key is not an OpenSSH EC key (use clients/client-<i>.key)"
@@ -97,11 +95,16 @@ def supernode_command(
     Flower verify the SuperLink against the system trust store."""
     argv = [
         executable("flower-supernode"),
-        "--superlink", superlink,
-        "--node-config", format_config(node_config),
-        "--health-server-address", health_address,
-        "--host", "127.0.0.1",
-        "--port", str(runtime_port),
+        "--superlink",
+        superlink,
+        "--node-config",
+        format_config(node_config),
+        "--health-server-address",
+        health_address,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
     ]
     if insecure:
         return [*argv, "--insecure"]
@@ -139,9 +142,7 @@ def start_supernode(
     :data:`FAILURES`) and which quotes the log tail; the process is then stopped.
     """
     if not 0 <= partition_id < num_partitions:
-        raise ConfigError(
-            f"partition id {partition_id} must be in [0, {num_partitions}) (num-partitions)"
-        )
+        raise ConfigError(f"partition id {partition_id} must be in [0, {num_partitions}) (num-partitions)")
     if insecure:
         log.warning(
             "INSECURE SuperNode: no TLS and no authentication towards %s; the connection can "
@@ -155,8 +156,7 @@ def start_supernode(
     runtime_port = runtime_port or free_port()
     argv = supernode_command(
         superlink=superlink,
-        node_config={"partition-id": partition_id, "num-partitions": num_partitions,
-                     **(node_config or {})},
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions, **(node_config or {})},
         root_certificates=None if root_certificates is None else Path(root_certificates).resolve(),
         private_key=None if private_key is None else Path(private_key).resolve(),
         insecure=insecure,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None], mode: int = 0o644) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object], mode: int = 0o644) -> None:
     """Write ``path`` through a temp file in the same folder, then rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

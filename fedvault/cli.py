@@ -59,8 +59,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fedvault",
-        description="Federated, privacy-preserving training on Flower, PyTorch and Opacus.",
+        prog="fedvault", description="Federated, privacy-preserving training on Flower, PyTorch and Opacus."
     )
     parser.add_argument("--version", action="version", version=f"fedvault {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -79,13 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(func=_cmd_simulate)
 
     strategies = sub.add_parser(
-        "strategies", help="list the strategies a config can name, with parameters",
+        "strategies",
+        help="list the strategies a config can name, with parameters",
         description="Strategies for strategy.name, with their strategy.<param> keys and defaults.",
     )
     strategies.set_defaults(func=_cmd_strategies)
 
     audit = sub.add_parser(
-        "audit", help="privacy budget report of a run; verifies the ledger's hash chain",
+        "audit",
+        help="privacy budget report of a run; verifies the ledger's hash chain",
         description="Verify RUN_DIR/privacy_ledger.jsonl (exit 2 naming the first bad entry if it was altered) and "
         "report per client: rounds, epsilon by PLD (the claim), PRV and RDP (cross-checks), delta, cap, remaining; "
         "the run's client-level epsilon; a plot of epsilon per round. Exit 1 if any cap was exceeded.",

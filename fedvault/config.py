@@ -91,8 +91,15 @@ class PrivacyConfig(_Validated):
         1e-5, "delta for every (epsilon, delta) claim", (lambda v: 0 < v < 1, "must be > 0 and < 1")
     )
     max_grad_norm: float = option(1.0, "per-sample clipping norm for DP-SGD", GREATER_THAN_ZERO)
+    max_physical_batch_size: int = option(
+        0,
+        "split each logical DP-SGD batch into physical batches of at most this many examples (Opacus' "
+        "BatchMemoryManager: same privacy, bounded memory); 0 = no split",
+        NON_NEGATIVE,
+    )
     grad_sample_mode: str = option(
-        "auto", "Opacus per-sample gradients: auto (measured), hooks, ghost, ew",
+        "auto",
+        "Opacus per-sample gradients: auto (measured), hooks, ghost, ew",
         choices=("auto", "hooks", "ghost", "ew"),
     )
     client_level: bool = option(
@@ -141,15 +148,22 @@ class SealingConfig(_Validated):
 
     SECTION: ClassVar[str] = "sealing"
 
-    mode: str = option("auto", "auto = on under flwr run / fedvault server, off in fedvault simulate; on; off",
-                       choices=("auto", "on", "off"))
-    suite: str = option("x25519", "HPKE suite: x25519 (X25519+HKDF-SHA256+AES-128-GCM) or the mlkem768-x25519 hybrid",
-                        choices=("x25519", "mlkem768-x25519"))
+    mode: str = option(
+        "auto",
+        "auto = on under flwr run / fedvault server, off in fedvault simulate; on; off",
+        choices=("auto", "on", "off"),
+    )
+    suite: str = option(
+        "x25519",
+        "HPKE suite: x25519 (X25519+HKDF-SHA256+AES-128-GCM) or the mlkem768-x25519 hybrid",
+        choices=("x25519", "mlkem768-x25519"),
+    )
     identity_key: str = option(
         "", "server: Ed25519 identity key (fedvault keys init); empty = a fresh one in the run dir"
     )
-    server_identity: str = option("", "client: pinned server identity (fingerprint or identity.pub path); node config "
-                                      "'server-identity' overrides")
+    server_identity: str = option(
+        "", "client: pinned server identity (fingerprint or identity.pub path); node config 'server-identity' overrides"
+    )
 
     def enabled(self, deployed: bool) -> bool:
         """``auto`` seals in deployment (``flwr run``, ``fedvault server``) and not in ``fedvault simulate``."""
@@ -161,12 +175,12 @@ class RunConfig(_Validated):
     """Everything a run needs; see README.md for the reference table."""
 
     task: str = option(
-        "mnist1d",
-        "built-in task (mnist1d, digits), a 'module:attr' path, or a name in the entry point "
-        "group fedvault.tasks",
+        "mnist1d-large",
+        "built-in task (mnist1d-large, mnist1d, digits, fashion-mnist), a 'module:attr' path, or a name in the "
+        "entry point group fedvault.tasks",
     )
-    num_clients: int = option(10, "number of clients (simulated SuperNodes)", POSITIVE)
-    num_server_rounds: int = option(20, "federated rounds", POSITIVE)
+    num_clients: int = option(4, "number of clients (simulated SuperNodes)", POSITIVE)
+    num_server_rounds: int = option(6, "federated rounds", POSITIVE)
     fraction_train: float = option(
         1.0, "fraction of clients sampled to train each round", (lambda v: 0 < v <= 1, "must be > 0 and <= 1")
     )
@@ -174,8 +188,17 @@ class RunConfig(_Validated):
         0.5, "fraction of clients sampled to evaluate on their local test split (0 = none)", FRACTION
     )
     local_epochs: int = option(5, "local epochs per round", POSITIVE)
-    batch_size: int = option(32, "local batch size", POSITIVE)
-    learning_rate: float = option(0.05, "local SGD learning rate", GREATER_THAN_ZERO)
+    batch_size: int = option(
+        0,
+        "local (logical) batch size; 0 = auto: 10*sqrt(N) for a client holding N examples (16..4096), logged",
+        NON_NEGATIVE,
+    )
+    learning_rate: float = option(2.0, "local SGD learning rate (of round 1 under lr-schedule)", GREATER_THAN_ZERO)
+    lr_schedule: str = option(
+        "constant",
+        "learning rate across rounds: constant, or cosine (lr * (1 + cos(pi (r - 1) / R)) / 2 in round r of R)",
+        choices=("constant", "cosine"),
+    )
     momentum: float = option(0.9, "local SGD momentum", OPEN_FRACTION)
     seed: int = option(42, "seed for partitioning, model initialisation and client sampling", NON_NEGATIVE)
     partitioner: str = option(
@@ -189,11 +212,14 @@ class RunConfig(_Validated):
         0.2, "share of each client's partition held out for its local test split", OPEN_FRACTION
     )
     client_cpus: float = option(
-        1.0, "CPUs reserved per simulated client (Ray); concurrency = cores / this (small models train faster "
-        "as parallel single-threaded clients than one at a time)", GREATER_THAN_ZERO
+        1.0,
+        "CPUs reserved per simulated client (Ray); concurrency = cores / this (small models train faster "
+        "as parallel single-threaded clients than one at a time)",
+        GREATER_THAN_ZERO,
     )
     client_gpus: float = option(
-        -1.0, "GPUs per simulated client; -1 = auto (share the GPU when CUDA is present, else 0)",
+        -1.0,
+        "GPUs per simulated client; -1 = auto (share the GPU when CUDA is present, else 0)",
         (lambda v: v == -1.0 or v >= 0, "must be -1 (auto) or >= 0"),
     )
     device: str = option(
@@ -245,8 +271,9 @@ class RunConfig(_Validated):
         for name, value in options.items():
             if name == "strategy_params":
                 if not isinstance(value, Mapping):
-                    raise ConfigError(f"invalid value for keyword 'strategy_params': {value!r} (expected a mapping "
-                                      "{param: value})")
+                    raise ConfigError(
+                        f"invalid value for keyword 'strategy_params': {value!r} (expected a mapping {{param: value}})"
+                    )
                 for param, param_value in value.items():
                     key = STRATEGY_PREFIX + _key(str(param))
                     if key in names.values():
@@ -256,8 +283,10 @@ class RunConfig(_Validated):
             if name not in names:
                 hints = difflib.get_close_matches(name, [*names, "strategy_params"], n=3, cutoff=0.5)
                 suggestion = f"; close matches: {', '.join(hints)}" if hints else ""
-                raise ConfigError(f"unknown config keyword '{name}' (keywords are keys with '_' for '-' and '.', "
-                                  f"e.g. privacy_target_epsilon){suggestion}")
+                raise ConfigError(
+                    f"unknown config keyword '{name}' (keywords are keys with '_' for '-' and '.', "
+                    f"e.g. privacy_target_epsilon){suggestion}"
+                )
             flat[names[name]], origins[names[name]] = value, f"from keyword {name}"
         return type(self).from_flat(flat, origins)
 
@@ -292,7 +321,7 @@ class RunConfig(_Validated):
         for key, value in values.items():
             where = f" ({origins[key]})" if origins and key in origins else ""
             if key.startswith(STRATEGY_PREFIX) and key not in known:
-                free[key[len(STRATEGY_PREFIX):]] = value  # checked against the strategy by its registry
+                free[key[len(STRATEGY_PREFIX) :]] = value  # checked against the strategy by its registry
                 continue
             if key not in known:
                 hint = difflib.get_close_matches(key, known, n=1)
@@ -384,8 +413,11 @@ def _sections(cls: type) -> tuple[tuple[str, str, type], ...]:
 def _read_leaves(cls: type) -> tuple[tuple[str, str, _Spec], ...]:
     hints = get_type_hints(cls)
     return tuple(
-        (f.name, _key(f.name), _Spec(hints[f.name], f.default, f.metadata["help"], f.metadata["check"],
-                                     f.metadata["choices"]))
+        (
+            f.name,
+            _key(f.name),
+            _Spec(hints[f.name], f.default, f.metadata["help"], f.metadata["check"], f.metadata["choices"]),
+        )
         for f in dataclasses.fields(cls)
         if "free" not in f.metadata and not dataclasses.is_dataclass(hints[f.name])
     )
@@ -426,8 +458,10 @@ def _strategy_params(params: Any) -> tuple[tuple[str, Any], ...]:
                 raise ValueError
             named[key] = value
     except (TypeError, ValueError):
-        raise ConfigError(f"invalid value for 'strategy_params': {params!r} (expected distinct (param, scalar) "
-                          "pairs or a mapping {param: scalar})") from None
+        raise ConfigError(
+            f"invalid value for 'strategy_params': {params!r} (expected distinct (param, scalar) "
+            "pairs or a mapping {param: scalar})"
+        ) from None
     return tuple(sorted(named.items()))
 
 

@@ -17,9 +17,7 @@ class MissingPackageError(FedvaultError, ImportError):
     """An optional package a dataset or feature needs is not installed."""
 
     def __init__(self, package: str, needed_for: str) -> None:
-        super().__init__(
-            f"missing package '{package}' needed for {needed_for} (pip install {package})"
-        )
+        super().__init__(f"missing package '{package}' needed for {needed_for} (pip install {package})")
         self.package = package
 
 

@@ -72,8 +72,7 @@ def _shards(labels: np.ndarray, num_clients: int, k: int, rng: np.random.Generat
     num_shards = num_clients * k
     if num_shards > len(labels):
         raise PartitionError(
-            f"num-clients={num_clients} x shards-per-client={k} is more shards than the "
-            f"{len(labels)} training samples"
+            f"num-clients={num_clients} x shards-per-client={k} is more shards than the {len(labels)} training samples"
         )
     # Shuffle first so ties within a class are broken by the seed, then sort stably by label.
     shuffled = rng.permutation(len(labels))
@@ -83,7 +82,9 @@ def _shards(labels: np.ndarray, num_clients: int, k: int, rng: np.random.Generat
     return [np.sort(np.concatenate([shards[s] for s in row])) for row in dealt]
 
 
-def train_test_split(indices: np.ndarray, test_fraction: float, seed: int, client: int) -> tuple[np.ndarray, np.ndarray]:
+def train_test_split(
+    indices: np.ndarray, test_fraction: float, seed: int, client: int
+) -> tuple[np.ndarray, np.ndarray]:
     """A client's own train/test split of its partition, deterministic per (seed, client)."""
     rng = np.random.default_rng([seed, client])
     shuffled = rng.permutation(indices)

@@ -25,10 +25,15 @@ def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list[Pa
     """Write accuracy.png and loss.png (centralized and client-side curves per round)."""
     written = []
     for name, curves in {
-        "accuracy": [("central", "accuracy", "server (held-out test)"),
-                     ("evaluate", "eval_accuracy", "clients (local test)")],
-        "loss": [("central", "loss", "server (held-out test)"), ("evaluate", "eval_loss", "clients (local test)"),
-                 ("train", "train_loss", "clients (training)")],
+        "accuracy": [
+            ("central", "accuracy", "server (held-out test)"),
+            ("evaluate", "eval_accuracy", "clients (local test)"),
+        ],
+        "loss": [
+            ("central", "loss", "server (held-out test)"),
+            ("evaluate", "eval_loss", "clients (local test)"),
+            ("train", "train_loss", "clients (training)"),
+        ],
     }.items():
         fig = Figure(figsize=(6, 4))
         FigureCanvasAgg(fig)

@@ -33,5 +33,5 @@ def load_plugin(spec: str, group: str) -> Any:
         raise PluginError(f"no entry point '{spec}' in group '{group}'")
     try:
         return matches[0].load()
-    except Exception as exc:  # an entry point's module may fail in any way on import
+    except Exception as exc:  # noqa: BLE001 - an entry point's module may fail in any way on import
         raise PluginError(f"entry point '{spec}' in group '{group}' failed to load: {exc}") from None

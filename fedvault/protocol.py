@@ -50,6 +50,7 @@ ROUND_ALREADY_SPENT = "round-already-spent"  # this round was already trained an
 TRAIN_LOSS = "train_loss"
 TRAIN_STEPS = "train_steps"
 TRAIN_SECONDS = "train_seconds"
+TRAIN_BATCH_SIZE = "train_batch_size"  # the logical batch the client used (batch-size 0 = auto)
 DP_EPSILON = "dp_epsilon"
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
@@ -70,20 +71,37 @@ def train_config(learning_rate: float, local_epochs: int, momentum: float) -> Co
     return ConfigRecord({LEARNING_RATE: learning_rate, LOCAL_EPOCHS: local_epochs, MOMENTUM: momentum})
 
 
+def record_scalar(value: object, key: str) -> int | float | str | bytes:
+    """A config or metric record value that ``int()``/``float()`` can take; TypeError for a list or other type."""
+    if not isinstance(value, int | float | str | bytes):
+        raise TypeError(f"record value {key!r} must be a scalar, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def config_int(config: Mapping[str, object], key: str, default: int) -> int:
+    """``int(config[key])``, ``default`` when the key is missing; TypeError if the value is not a scalar."""
+    return int(record_scalar(config.get(key, default), key))
+
+
+def config_float(config: Mapping[str, object], key: str, default: float) -> float:
+    """``float(config[key])``, ``default`` when the key is missing; TypeError if the value is not a scalar."""
+    return float(record_scalar(config.get(key, default), key))
+
+
 def read_round_config(content: RecordDict, defaults: RoundConfig) -> RoundConfig:
     """The instruction's round config, each missing key from ``defaults``."""
     config = content.config_records.get(CONFIG, ConfigRecord())
     return RoundConfig(
-        server_round=int(config.get(SERVER_ROUND, defaults.server_round)),
-        learning_rate=float(config.get(LEARNING_RATE, defaults.learning_rate)),
-        local_epochs=int(config.get(LOCAL_EPOCHS, defaults.local_epochs)),
-        momentum=float(config.get(MOMENTUM, defaults.momentum)),
+        server_round=config_int(config, SERVER_ROUND, defaults.server_round),
+        learning_rate=config_float(config, LEARNING_RATE, defaults.learning_rate),
+        local_epochs=config_int(config, LOCAL_EPOCHS, defaults.local_epochs),
+        momentum=config_float(config, MOMENTUM, defaults.momentum),
     )
 
 
 def read_server_round(content: RecordDict) -> int:
     """The instruction's ``server-round`` (0 when a non-fedvault server sent none)."""
-    return int(content.config_records.get(CONFIG, ConfigRecord()).get(SERVER_ROUND, 0))
+    return config_int(content.config_records.get(CONFIG, ConfigRecord()), SERVER_ROUND, 0)
 
 
 def stamp_server_round(message: Message, server_round: int) -> Message:
@@ -97,7 +115,9 @@ def stamp_server_round(message: Message, server_round: int) -> Message:
 
 def refusal(status: str, reason: str) -> RecordDict:
     """The reply of a client that refused to train: no arrays, zero examples, the status and why."""
-    return RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 0}), STATUS: ConfigRecord({STATUS: status, "reason": reason})})
+    return RecordDict(
+        {METRICS: MetricRecord({NUM_EXAMPLES: 0}), STATUS: ConfigRecord({STATUS: status, "reason": reason})}
+    )
 
 
 def reply_status(reply: Message) -> str | None:

@@ -53,7 +53,9 @@ class RunDirectory:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write(self.path / SUMMARY_FILE, lambda fh: fh.write(json.dumps(summary, indent=2, sort_keys=True).encode()))
+        atomic_write(
+            self.path / SUMMARY_FILE, lambda fh: fh.write(json.dumps(summary, indent=2, sort_keys=True).encode())
+        )
 
     def summary(self) -> dict[str, Any]:
         return json.loads((self.path / SUMMARY_FILE).read_text(encoding="utf-8"))

@@ -31,16 +31,16 @@ class HookedOptimizer(torch.optim.Optimizer):
         self.hooks = list(hooks)
         self.steps = 0
 
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]  # read-only: delegated to the wrapped optimizer
         return self.inner.param_groups
 
-    @property  # type: ignore[override]
-    def state(self) -> Any:
+    @property
+    def state(self) -> Any:  # type: ignore[override]  # read-only: delegated to the wrapped optimizer
         return self.inner.state
 
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]  # read-only: delegated to the wrapped optimizer
         return self.inner.defaults
 
     def zero_grad(self, set_to_none: bool = True) -> None:

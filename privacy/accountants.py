@@ -36,7 +36,8 @@ from fedvault.privacy.events import DPEvent
 METHODS = ("pld", "prv", "rdp")
 CLAIM_METHOD = "pld"
 PLD_DISCRETIZATION = 1e-3
-"""PLD ``value_discretization_interval``; pessimistic, so coarser only over-counts (MNIST row: 2.3905 vs 2.3817 at 1e-4)."""
+"""PLD ``value_discretization_interval``; pessimistic, so coarser only over-counts
+(MNIST row: 2.3905 vs 2.3817 at 1e-4)."""
 PRV_EPS_ERROR = 0.01
 MIN_NOISE_MULTIPLIER = 0.1
 MAX_NOISE_MULTIPLIER = 1e4
@@ -84,9 +85,7 @@ def _groups(events: Sequence[DPEvent]) -> tuple[Group, ...]:
         steps[(event.noise_multiplier, event.sample_rate)] += event.steps
     if len(units) > 1:
         shown = ", ".join(f"{p!r}/{k}" for p, k in sorted(units))
-        raise AccountingError(
-            f"events mix privacy units ({shown}); compose each party's events of one kind separately"
-        )
+        raise AccountingError(f"events mix privacy units ({shown}); compose each party's events of one kind separately")
     return tuple(sorted((z, q, n) for (z, q), n in steps.items()))
 
 
@@ -167,9 +166,7 @@ def epsilon(events: Sequence[DPEvent], delta: float, method: str = CLAIM_METHOD)
     return _epsilon(_groups(events), float(delta), method)
 
 
-def epsilon_after(
-    events: Sequence[DPEvent], extra_event: DPEvent, delta: float, method: str = CLAIM_METHOD
-) -> float:
+def epsilon_after(events: Sequence[DPEvent], extra_event: DPEvent, delta: float, method: str = CLAIM_METHOD) -> float:
     """Projected epsilon if ``extra_event`` were spent after ``events`` (nothing is recorded)."""
     return epsilon([*events, extra_event], delta, method)
 
@@ -183,9 +180,7 @@ def _common_prefix(a: tuple[Group, ...], b: tuple[Group, ...]) -> int:
     return n
 
 
-def cumulative_epsilons(
-    histories: Mapping[str, Sequence[DPEvent]], delta: float
-) -> dict[str, list[tuple[int, float]]]:
+def cumulative_epsilons(histories: Mapping[str, Sequence[DPEvent]], delta: float) -> dict[str, list[tuple[int, float]]]:
     """PLD epsilon of each party after each of its rounds: ``{party: [(round, epsilon), ...]}``.
 
     Composes incrementally, one PLD composition per event. Parties are visited sorted by their
@@ -248,12 +243,7 @@ def _calibration_event(noise_multiplier: float, sample_rate: float, steps: int) 
 
 @lru_cache(maxsize=256)
 def calibrate_noise_multiplier(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    method: str = CLAIM_METHOD,
-    rtol: float = 1e-3,
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, method: str = CLAIM_METHOD, rtol: float = 1e-3
 ) -> float:
     """Smallest noise multiplier (to relative tolerance ``rtol``) with epsilon <= ``target_epsilon``.
 

@@ -23,10 +23,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedvault.atomic import atomic_write
 from fedvault.errors import FedvaultError
 from fedvault.privacy.accountants import METHODS, cumulative_epsilons, epsilon
 from fedvault.privacy.ledger import GENESIS_HASH, LEDGER_FILENAME, events_by_party, read_ledger
-from fedvault.atomic import atomic_write
 
 SERVER_PARTY = "server"
 
@@ -82,10 +82,7 @@ def _check_cap(name: str, cap: float | None) -> None:
 
 
 def audit_run(
-    run_dir: str | Path,
-    delta: float,
-    epsilon_cap: float | None = None,
-    client_level_epsilon_cap: float | None = None,
+    run_dir: str | Path, delta: float, epsilon_cap: float | None = None, client_level_epsilon_cap: float | None = None
 ) -> AuditReport:
     """Verify ``RUN_DIR/privacy_ledger.jsonl`` and account every party's events at ``delta``.
 
@@ -168,7 +165,8 @@ def render_table(report: AuditReport) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         f"privacy audit of {report.run_dir}",
-        f"ledger: {report.ledger_path}, {report.entries} entries, head {report.head_hash[:16]}…, integrity {report.integrity}",
+        f"ledger: {report.ledger_path}, {report.entries} entries, head {report.head_hash[:16]}…, "
+        f"integrity {report.integrity}",
         "",
         "  ".join(h.ljust(w) for h, w in zip(header, widths)),
         "  ".join("-" * w for w in widths),
@@ -203,16 +201,36 @@ def to_csv(report: AuditReport) -> str:
     """One CSV row per party; ``rounds`` is space-separated; empty cells for no cap."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    columns = ["party", "kind", "rounds", "num_rounds", "epsilon_pld", "epsilon_prv", "epsilon_rdp",
-               "delta", "cap", "remaining", "exceeded"]
+    columns = [
+        "party",
+        "kind",
+        "rounds",
+        "num_rounds",
+        "epsilon_pld",
+        "epsilon_prv",
+        "epsilon_rdp",
+        "delta",
+        "cap",
+        "remaining",
+        "exceeded",
+    ]
     writer.writerow(columns)
     for p in report.parties:
-        writer.writerow([
-            p.party, p.kind, " ".join(map(str, p.rounds)), len(p.rounds), repr(p.epsilon_pld),
-            repr(p.epsilon_prv), repr(p.epsilon_rdp), repr(p.delta),
-            "" if p.cap is None else repr(p.cap), "" if p.remaining is None else repr(p.remaining),
-            str(p.exceeded).lower(),
-        ])
+        writer.writerow(
+            [
+                p.party,
+                p.kind,
+                " ".join(map(str, p.rounds)),
+                len(p.rounds),
+                repr(p.epsilon_pld),
+                repr(p.epsilon_prv),
+                repr(p.epsilon_rdp),
+                repr(p.delta),
+                "" if p.cap is None else repr(p.cap),
+                "" if p.remaining is None else repr(p.remaining),
+                str(p.exceeded).lower(),
+            ]
+        )
     return out.getvalue()
 
 
@@ -224,20 +242,26 @@ def plot_epsilon(report: AuditReport, path: str | Path) -> Path:
     axes = figure.add_subplot()
     for party in sorted(report.curves, key=_natural_key):
         rounds, values = zip(*report.curves[party])
-        style = {"color": "black", "linewidth": 2.5} if party == SERVER_PARTY else {}
+        style: dict[str, Any] = {"color": "black", "linewidth": 2.5} if party == SERVER_PARTY else {}
         axes.plot(rounds, values, marker="o", markersize=3, label=party, **style)
     caps = {(p.kind, p.cap) for p in report.parties if p.cap is not None}
     for kind, cap in sorted(caps):
-        axes.axhline(cap, linestyle="--", color="red" if kind == "sample" else "black", linewidth=1,
-                     label=f"cap ({'client' if kind == 'sample' else 'client-level'}) {cap:g}")
+        axes.axhline(
+            cap,
+            linestyle="--",
+            color="red" if kind == "sample" else "black",
+            linewidth=1,
+            label=f"cap ({'client' if kind == 'sample' else 'client-level'}) {cap:g}",
+        )
     axes.set_xlabel("round")
     axes.set_ylabel(f"cumulative epsilon (PLD, delta={report.delta:g})")
     axes.set_title(f"privacy spent: {Path(report.run_dir).name}")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(True, alpha=0.3)
     if report.curves:
-        axes.legend(fontsize="small", ncol=2 if len(report.curves) > 12 else 1,
-                    loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        axes.legend(
+            fontsize="small", ncol=2 if len(report.curves) > 12 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: figure.savefig(handle, format="png", bbox_inches="tight"))
     return path

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import wrap_data_loader
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
@@ -157,7 +158,9 @@ def make_private_parts(
     return PrivateParts(engine, module, dp_optimizer, dp_criterion, dp_loader)
 
 
-def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable[..., Any], x: Any, y: Any) -> Any:
+def train_step(
+    module: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable[..., Any], x: Any, y: Any
+) -> Any:
     """One optimizer step on a non-empty batch (x, y), as the trainer's task loop takes it; returns the loss."""
     optimizer.zero_grad(set_to_none=True)
     loss = criterion(module(x), y)
@@ -203,13 +206,19 @@ def measure_step_times(
         else:
             loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=len(y))
             parts = make_private_parts(
-                copy_, optimizer, loader, criterion=criterion, noise_multiplier=1.0, max_grad_norm=1.0,
-                grad_sample_mode=mode, poisson_sampling=False,
+                copy_,
+                optimizer,
+                loader,
+                criterion=criterion,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                grad_sample_mode=mode,
+                poisson_sampling=False,
             )
             runners[mode] = (parts.module, parts.optimizer, parts.criterion)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     try:
-        for mode, runner in runners.items():
+        for runner in runners.values():
             for _ in range(warmup):
                 train_step(*runner, x, y)
         for _ in range(reps):
@@ -222,8 +231,9 @@ def measure_step_times(
                 times[mode].append((time.perf_counter() - start) / steps)
     finally:
         for module, _, _ in runners.values():
-            if hasattr(module, "cleanup"):
-                module.cleanup()
+            cleanup = getattr(module, "cleanup", None)
+            if callable(cleanup):
+                cleanup()
     return times
 
 
@@ -261,14 +271,18 @@ def auto_grad_sample_mode(
     return _MODE_CHOICES[key]
 
 
-def _runs(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], criterion: nn.Module, device: torch.device,
-          mode: str) -> bool:
+def _runs(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], criterion: nn.Module, device: torch.device, mode: str
+) -> bool:
     """Whether ``mode`` can take a step on this model and device (not every mode supports every layer)."""
     try:
         measure_step_times(model, batch, criterion, device, (mode,), reps=1, steps=1, warmup=0)
     except Exception as exc:  # noqa: BLE001 - any failure rules the mode out; the reason is logged
-        log.warning("DP-SGD: grad-sample mode %r cannot train this model (%s); 'auto' leaves it out", mode,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.warning(
+            "DP-SGD: grad-sample mode %r cannot train this model (%s); 'auto' leaves it out",
+            mode,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
         return False
     return True
 
@@ -318,24 +332,27 @@ class _PrivateStep(HookedOptimizer):
     """``DPOptimizer`` as the task sees it: ``step()`` clips and noises (Opacus' ``pre_step``), then
     runs the strategy hooks on the private gradient (post-processing), then the plain update."""
 
-    def __init__(self, dp_optimizer: Any, model: nn.Module, hooks: Sequence[TrainingHook], ghost: _GhostLoss | None):
+    def __init__(
+        self, dp_optimizer: DPOptimizer, model: nn.Module, hooks: Sequence[TrainingHook], ghost: _GhostLoss | None
+    ):
         super().__init__(dp_optimizer, model, hooks)
+        self.dp = dp_optimizer
         self.ghost = ghost
         self._noise_only = False
 
     def ready(self) -> bool:
         if self.ghost is not None and not self._noise_only:
             self.ghost.consume()
-        return bool(self.inner.pre_step())
+        return bool(self.dp.pre_step())
 
     def update(self) -> None:
-        self.inner.original_optimizer.step()
+        self.dp.original_optimizer.step()
 
     def noise_only_step(self) -> None:
         """The accounted step of an empty Poisson batch: no per-sample gradients, only noise.
         Skipping it would reveal that the batch was empty (and under-count the steps)."""
-        self.inner.zero_grad(set_to_none=True)
-        for p in self.inner.params:
+        self.dp.zero_grad(set_to_none=True)
+        for p in self.dp.params:
             if self.ghost is not None:
                 p.grad = torch.zeros_like(p)  # ghost mode sums p.grad
             else:
@@ -441,7 +458,9 @@ class PrivateTrainer:
         )
         parts = self._parts
         self._batches: Iterable[Any] = (
-            wrap_data_loader(data_loader=parts.loader, max_batch_size=max_physical_batch_size, optimizer=parts.optimizer)
+            wrap_data_loader(
+                data_loader=parts.loader, max_batch_size=max_physical_batch_size, optimizer=parts.optimizer
+            )
             if max_physical_batch_size
             else parts.loader
         )

@@ -121,4 +121,3 @@ class DPEvent:
         if unknown:
             raise DPEventError(f"DP event field '{unknown[0]}' is unknown")
         return cls(**data)
-

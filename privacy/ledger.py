@@ -23,13 +23,13 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedvault.atomic import fsync_dir
 from fedvault.errors import FedvaultError
 from fedvault.privacy.events import DPEvent, DPEventError
-from fedvault.atomic import fsync_dir
 
 LEDGER_FILENAME = "privacy_ledger.jsonl"
 GENESIS_HASH = "0" * 64
@@ -169,7 +169,6 @@ def events_by_party(entries: Iterable[LedgerEntry]) -> dict[str, list[DPEvent]]:
     return dict(grouped)
 
 
-
 class Ledger:
     """Appender for one ledger file; safe with several appenders (flock + re-sync)."""
 
@@ -217,19 +216,17 @@ class Ledger:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             if os.fstat(handle.fileno()).st_size != self._size:
                 self._sync()
-            body = {
-                "seq": self._seq + 1,
-                "timestamp": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-                "event": event.to_dict(),
-                "prev_hash": self._head,
-            }
+            seq = self._seq + 1
+            timestamp = datetime.now(UTC).isoformat(timespec="microseconds")
+            prev_hash = self._head
+            body = {"seq": seq, "timestamp": timestamp, "event": event.to_dict(), "prev_hash": prev_hash}
             digest = entry_hash(body)
             line = canonical_json({**body, "hash": digest}) + b"\n"
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
-            self._seq, self._head, self._size = self._seq + 1, digest, self._size + len(line)
-        return LedgerEntry(body["seq"], body["timestamp"], event, body["prev_hash"], digest)
+            self._seq, self._head, self._size = seq, digest, self._size + len(line)
+        return LedgerEntry(seq, timestamp, event, prev_hash, digest)
 
     def entries(self) -> list[LedgerEntry]:
         """All entries, re-read and verified from disk."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from contextlib import closing
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fedvault.errors import FedvaultError
@@ -91,7 +91,7 @@ class NodeLedger:
                 if row is None:
                     con.execute(
                         "INSERT INTO dp_events VALUES (?, ?, ?, ?, ?)",
-                        (*key, canonical_json(event.to_dict()).decode(), datetime.now(timezone.utc).isoformat()),
+                        (*key, canonical_json(event.to_dict()).decode(), datetime.now(UTC).isoformat()),
                     )
                 con.execute("COMMIT")
             except sqlite3.Error as exc:

@@ -32,7 +32,8 @@ def audit_for_config(run_dir: Path, cfg: RunConfig) -> AuditReport:
     """Audit ``run_dir``'s ledger against the caps in ``cfg``."""
     p = cfg.privacy
     return audit_run(
-        run_dir, p.target_delta,
+        run_dir,
+        p.target_delta,
         epsilon_cap=p.target_epsilon if p.sample_level else None,
         client_level_epsilon_cap=p.client_level_target_epsilon if p.client_level else None,
     )

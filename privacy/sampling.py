@@ -39,9 +39,7 @@ class SamplingError(FedvaultError, ValueError):
     """Invalid client-sampling input (rate outside [0, 1], duplicate population members)."""
 
 
-def poisson_sample(
-    population: Sequence[int], q: float, rng: random.Random = secrets.SystemRandom()
-) -> list[int]:
+def poisson_sample(population: Sequence[int], q: float, rng: random.Random | None = None) -> list[int]:
     """Include each member of ``population`` independently with probability ``q``.
 
     Returns the included members in population order. ``rng`` defaults to the operating
@@ -51,4 +49,5 @@ def poisson_sample(
         raise SamplingError(f"poisson_sample: sampling rate q must be a number in [0, 1], got {q!r}")
     if len(set(population)) != len(population):
         raise SamplingError("poisson_sample: population contains duplicate members")
-    return [member for member in population if rng.random() < q]
+    draw = rng or secrets.SystemRandom()
+    return [member for member in population if draw.random() < q]

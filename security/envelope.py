@@ -85,36 +85,24 @@ def content_digest(content: RecordDict) -> bytes:
             digest.update(struct.pack(">Q", len(record)))
             for key, array in record.items():
                 shape = canonical_json(list(array.shape))
-                _update(
-                    digest, key.encode(), array.dtype.encode(), shape, array.stype.encode(),
-                    array.data,
-                )
+                _update(digest, key.encode(), array.dtype.encode(), shape, array.stype.encode(), array.data)
         else:
             _update(digest, canonical_json(sorted(_encode_values(record))))
     return digest.digest()
 
 
 def sign_instruction(
-    content: RecordDict,
-    identity: Ed25519PrivateKey,
-    announcement: RunKeyAnnouncement,
-    *,
-    run_id: int,
-    round: int,
+    content: RecordDict, identity: Ed25519PrivateKey, announcement: RunKeyAnnouncement, *, run_id: int, round: int
 ) -> RecordDict:
     """``content`` plus the run key announcement and a signature over both (a new RecordDict)."""
     signed = RecordDict(dict(content.items()))
-    signed[RUN_KEY_RECORD] = ConfigRecord(announcement.to_dict())
+    signed[RUN_KEY_RECORD] = ConfigRecord(dict(announcement.to_dict()))  # dict() widens the value type
     signature = sign_arrays(identity, run_id, round, content_digest(signed))
-    signed[SIGNATURE_RECORD] = ConfigRecord(
-        {"identity": identity_public_bytes(identity), "signature": signature}
-    )
+    signed[SIGNATURE_RECORD] = ConfigRecord({"identity": identity_public_bytes(identity), "signature": signature})
     return signed
 
 
-def verify_instruction(
-    content: RecordDict, *, pin: IdentityPin, run_id: int, round: int
-) -> RunPublicKey:
+def verify_instruction(content: RecordDict, *, pin: IdentityPin, run_id: int, round: int) -> RunPublicKey:
     """Check the server's signature and run key announcement; the run key to seal replies to.
 
     Raises :class:`IdentityError` when the instruction is unsigned, signed by a key other than
@@ -162,14 +150,10 @@ def seal_reply(
         else:
             values = canonical_json(_encode_values(record))
             frames.append(({"record": name, "type": record_type}, values))
-    sealed = seal_frames(
-        frames, recipient, SealContext(run_id, round, node_id, kind), chunk_size=chunk_size
-    )
+    sealed = seal_frames(frames, recipient, SealContext(run_id, round, node_id, kind), chunk_size=chunk_size)
     chunks = ArrayRecord()
     for index, chunk in enumerate(sealed.chunks):
-        chunks[f"chunk-{index}"] = Array(
-            dtype="uint8", shape=(len(chunk),), stype=CHUNK_STYPE, data=chunk
-        )
+        chunks[f"chunk-{index}"] = Array(dtype="uint8", shape=(len(chunk),), stype=CHUNK_STYPE, data=chunk)
     seal = ConfigRecord({"header": sealed.header, "key": sealed.key})
     return RecordDict({SEAL_RECORD: seal, SEALED_RECORD: chunks})
 
@@ -186,9 +170,7 @@ def open_reply(
     if seal is None:
         raise SealingError(SEAL_RECORD, "reply is not sealed (no such ConfigRecord)")
     sealed = Sealed(
-        header=_bytes(seal, "header", SEAL_RECORD),
-        key=_bytes(seal, "key", SEAL_RECORD),
-        chunks=tuple(_chunks(content)),
+        header=_bytes(seal, "header", SEAL_RECORD), key=_bytes(seal, "key", SEAL_RECORD), chunks=tuple(_chunks(content))
     )
     frames = iter(open_frames(sealed, run_key, SealContext(run_id, round, node_id, kind)))
     try:
@@ -207,16 +189,18 @@ def _rebuild(frames: Iterator[tuple[dict[str, Any], memoryview]]) -> RecordDict:
         if name in content:
             raise ValueError(f"record {name!r} appears twice")
         if record_type == "arrays":
-            items = [next(frames, None) for _ in range(meta["count"])]
-            if None in items:
-                raise ValueError(f"record {name!r} has fewer arrays than its count")
+            items = []
+            for _ in range(meta["count"]):
+                frame = next(frames, None)
+                if frame is None:
+                    raise ValueError(f"record {name!r} has fewer arrays than its count")
+                items.append(frame)
             arrays = ArrayRecord()
             for item, array_data in items:
                 if item["key"] in arrays:
                     raise ValueError(f"array {item['key']!r} appears twice in record {name!r}")
                 arrays[item["key"]] = Array(
-                    dtype=item["dtype"], shape=tuple(item["shape"]), stype=item["stype"],
-                    data=bytes(array_data),
+                    dtype=item["dtype"], shape=tuple(item["shape"]), stype=item["stype"], data=bytes(array_data)
                 )
             content[name] = arrays
         elif record_type in ("metrics", "config"):
@@ -271,6 +255,7 @@ def _record_type(record: Any) -> str:
 
 def _encode_values(record: MetricRecord | ConfigRecord) -> list[list[Any]]:
     """Record items as JSON ``[key, value]`` pairs in order; bytes become ``{"b64": ...}``."""
+
     def encode(value: Any) -> Any:
         if isinstance(value, bytes):
             return {"b64": base64.b64encode(value).decode()}

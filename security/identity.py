@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedvault.atomic import atomic_write
 from fedvault.security.sealing import (
     DEFAULT_SUITE,
     RunKeyPair,
@@ -39,7 +40,6 @@ from fedvault.security.sealing import (
     generate_run_key,
     parse_canonical_json,
 )
-from fedvault.atomic import atomic_write
 
 IDENTITY_KEY = "identity.key"
 IDENTITY_PUB = "identity.pub"
@@ -80,9 +80,7 @@ def generate_identity(directory: str | Path, overwrite: bool = False) -> Identit
     if not overwrite:
         for path in (private_path, public_path):
             if path.exists():
-                raise IdentityError(
-                    f"identity file {path} already exists (pass overwrite to replace it)"
-                )
+                raise IdentityError(f"identity file {path} already exists (pass overwrite to replace it)")
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -160,9 +158,7 @@ class IdentityPin:
             raise IdentityError("server identity key is not a 32-byte Ed25519 key") from None
         seen = fingerprint(key)
         if not hmac.compare_digest(seen, self.fingerprint):
-            raise IdentityError(
-                f"signed by server identity {seen}, but this client pins {self.fingerprint}"
-            )
+            raise IdentityError(f"signed by server identity {seen}, but this client pins {self.fingerprint}")
         return key
 
 
@@ -205,17 +201,19 @@ def announce_run_key(
     run_key = generate_run_key(suite)
     statement = canonical_json(
         {
-            "v": 1, "type": "run-key", "run": run_id, "suite": suite,
-            "kem": run_key.public.public_bytes.hex(), "created": int(time.time()),
+            "v": 1,
+            "type": "run-key",
+            "run": run_id,
+            "suite": suite,
+            "kem": run_key.public.public_bytes.hex(),
+            "created": int(time.time()),
             "identity": identity.public_key().public_bytes_raw().hex(),
         }
     )
     return run_key, RunKeyAnnouncement(statement, identity.sign(_RUN_KEY_DOMAIN + statement))
 
 
-def verify_announcement(
-    announcement: RunKeyAnnouncement, *, pin: IdentityPin, run_id: int
-) -> RunPublicKey:
+def verify_announcement(announcement: RunKeyAnnouncement, *, pin: IdentityPin, run_id: int) -> RunPublicKey:
     """The run public key to seal to, once the announcement is pinned, signed and for ``run_id``."""
     fields = announcement.fields()
     key = pin.check(_unhex(fields["identity"], "announcement identity"))
@@ -224,9 +222,7 @@ def verify_announcement(
     except InvalidSignature:
         raise IdentityError("run key announcement signature is invalid", "announcement") from None
     if fields["run"] != run_id:
-        raise IdentityError(
-            f"run key announcement is for run {fields['run']}, this is run {run_id}", "announcement"
-        )
+        raise IdentityError(f"run key announcement is for run {fields['run']}, this is run {run_id}", "announcement")
     return RunPublicKey.from_bytes(fields["suite"], _unhex(fields["kem"], "announcement kem"))
 
 
@@ -235,21 +231,13 @@ def identity_public_bytes(identity: Ed25519PrivateKey) -> bytes:
     return identity.public_key().public_bytes_raw()
 
 
-def sign_arrays(
-    identity: Ed25519PrivateKey, run_id: int, round: int, arrays_digest: bytes
-) -> bytes:
+def sign_arrays(identity: Ed25519PrivateKey, run_id: int, round: int, arrays_digest: bytes) -> bytes:
     """Ed25519 signature binding a model digest to one run and round."""
     return identity.sign(_MODEL_DOMAIN + _model_statement(run_id, round, arrays_digest))
 
 
 def verify_arrays_signature(
-    signature: bytes,
-    *,
-    identity_public_key: bytes,
-    pin: IdentityPin,
-    run_id: int,
-    round: int,
-    arrays_digest: bytes,
+    signature: bytes, *, identity_public_key: bytes, pin: IdentityPin, run_id: int, round: int, arrays_digest: bytes
 ) -> None:
     """Raise :class:`IdentityError` unless the pinned identity signed this digest for run/round."""
     key = pin.check(identity_public_key)
@@ -264,9 +252,7 @@ def verify_arrays_signature(
 
 
 def _model_statement(run_id: int, round: int, digest: bytes) -> bytes:
-    return canonical_json(
-        {"v": 1, "type": "model", "run": run_id, "round": round, "digest": digest.hex()}
-    )
+    return canonical_json({"v": 1, "type": "model", "run": run_id, "round": round, "digest": digest.hex()})
 
 
 def _unhex(value: Any, what: str) -> bytes:

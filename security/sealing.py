@@ -71,9 +71,7 @@ TAG_SIZE = 16
 ALIGNMENT = 64
 _HEADER_DOMAIN = b"fedvault/seal/v1/header\x00"
 _KEY_DOMAIN = b"fedvault/seal/v1/key\x00"
-_HEADER_FIELDS = frozenset(
-    {"v", "suite", "run", "round", "node", "kind", "chunk", "length", "count"}
-)
+_HEADER_FIELDS = frozenset({"v", "suite", "run", "round", "node", "kind", "chunk", "length", "count"})
 _X25519_BYTES = 32
 _MLKEM768_BYTES = 1184
 
@@ -108,9 +106,7 @@ class Suite:
 
 
 SUITES: dict[str, Suite] = {
-    "x25519": Suite(
-        "x25519", hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM, 16, _X25519_BYTES
-    ),
+    "x25519": Suite("x25519", hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM, 16, _X25519_BYTES),
     "mlkem768-x25519": Suite(
         "mlkem768-x25519",
         hpke.KEM.MLKEM768_X25519,
@@ -165,8 +161,7 @@ class RunPublicKey:
         spec = get_suite(suite)
         if len(public_bytes) != spec.public_key_size:
             raise SealingError(
-                "kem public key",
-                f"{len(public_bytes)} bytes, expected {spec.public_key_size} for suite {suite}",
+                "kem public key", f"{len(public_bytes)} bytes, expected {spec.public_key_size} for suite {suite}"
             )
         try:
             x_key = x25519.X25519PublicKey.from_public_bytes(public_bytes[-_X25519_BYTES:])
@@ -226,7 +221,7 @@ def parse_canonical_json(data: bytes, what: str) -> Any:
 
 
 def seal_bytes(
-    payload: Buffer | Sequence[Buffer],
+    payload: Buffer | list[Buffer] | tuple[Buffer, ...],
     recipient: RunPublicKey,
     context: SealContext,
     *,
@@ -245,9 +240,15 @@ def seal_bytes(
     suite = get_suite(recipient.suite)
     header = canonical_json(
         {
-            "v": FORMAT_VERSION, "suite": suite.name, "run": context.run_id,
-            "round": context.round, "node": context.node_id, "kind": context.kind,
-            "chunk": chunk_size, "length": length, "count": count,
+            "v": FORMAT_VERSION,
+            "suite": suite.name,
+            "run": context.run_id,
+            "round": context.round,
+            "node": context.node_id,
+            "kind": context.kind,
+            "chunk": chunk_size,
+            "length": length,
+            "count": count,
         }
     )
     header_hash = hashlib.sha256(_HEADER_DOMAIN + header).digest()
@@ -273,9 +274,7 @@ def open_bytes(sealed: Sealed, run_key: RunKeyPair, context: SealContext) -> mem
     chunk_size, length, count = fields["chunk"], fields["length"], fields["count"]
     if len(sealed.chunks) != count:
         problem = "truncated" if len(sealed.chunks) < count else "extended"
-        raise SealingError(
-            "chunks", f"{problem}: {len(sealed.chunks)} chunks, header says {count}"
-        )
+        raise SealingError("chunks", f"{problem}: {len(sealed.chunks)} chunks, header says {count}")
     for i, chunk in enumerate(sealed.chunks):
         expected = min(chunk_size, length - i * chunk_size) + TAG_SIZE
         if len(chunk) != expected:
@@ -283,15 +282,13 @@ def open_bytes(sealed: Sealed, run_key: RunKeyPair, context: SealContext) -> mem
     suite = get_suite(run_key.suite)
     header_hash = hashlib.sha256(_HEADER_DOMAIN + sealed.header).digest()
     try:
-        data_key = suite.hpke_suite.decrypt(
-            sealed.key, run_key.private_key, info=_KEY_DOMAIN + header_hash
-        )
+        data_key = suite.hpke_suite.decrypt(sealed.key, run_key.private_key, info=_KEY_DOMAIN + header_hash)
     except (InvalidTag, ValueError):
         raise SealingError(
             "key", "key block does not open: header or encapsulated key edited, or another run key"
         ) from None
     aead = AESGCM(data_key)
-    plaintext = memoryview(np.empty(length, dtype=np.uint8)).cast("B")
+    plaintext = np.empty(length, dtype=np.uint8).data.cast("B")
     for i, chunk in enumerate(sealed.chunks):
         start = i * chunk_size
         out = plaintext[start : start + len(chunk) - TAG_SIZE]
@@ -313,9 +310,7 @@ def seal_frames(
 ) -> Sealed:
     """Seal ``(meta, buffer)`` frames; ``meta`` is any JSON object (see the module docstring)."""
     views = [memoryview(data).cast("B") for _, data in frames]
-    manifest = canonical_json(
-        {"frames": [{"meta": dict(meta), "size": len(v)} for (meta, _), v in zip(frames, views)]}
-    )
+    manifest = canonical_json({"frames": [{"meta": dict(meta), "size": len(v)} for (meta, _), v in zip(frames, views)]})
     segments: list[Any] = [struct.pack(">I", len(manifest)), manifest]
     offset = 4 + len(manifest)
     for view in views:
@@ -325,9 +320,7 @@ def seal_frames(
     return seal_bytes(segments, recipient, context, chunk_size=chunk_size)
 
 
-def open_frames(
-    sealed: Sealed, run_key: RunKeyPair, context: SealContext
-) -> list[tuple[dict[str, Any], memoryview]]:
+def open_frames(sealed: Sealed, run_key: RunKeyPair, context: SealContext) -> list[tuple[dict[str, Any], memoryview]]:
     """Open a :func:`seal_frames` message: ``(meta, view)`` pairs, views into one buffer."""
     plaintext = open_bytes(sealed, run_key, context)
     if len(plaintext) < 4:
@@ -340,8 +333,12 @@ def open_frames(
     frames = []
     offset = 4 + size
     for entry in entries:
-        if not (isinstance(entry, dict) and set(entry) == {"meta", "size"}
-                and isinstance(entry["meta"], dict) and _is_count(entry["size"])):
+        if not (
+            isinstance(entry, dict)
+            and set(entry) == {"meta", "size"}
+            and isinstance(entry["meta"], dict)
+            and _is_count(entry["size"])
+        ):
             raise SealingError("payload manifest", f"bad frame entry {entry!r}")
         offset += -offset % ALIGNMENT
         frames.append((entry["meta"], plaintext[offset : offset + entry["size"]]))
@@ -352,28 +349,20 @@ def open_frames(
 
 
 def seal_arrays(
-    arrays: Mapping[str, np.ndarray],
-    recipient: RunPublicKey,
-    context: SealContext,
-    *,
-    chunk_size: int = CHUNK_SIZE,
+    arrays: Mapping[str, np.ndarray], recipient: RunPublicKey, context: SealContext, *, chunk_size: int = CHUNK_SIZE
 ) -> Sealed:
     """Seal named numpy arrays (plain dtypes, any shape); C-contiguous ones are not copied."""
-    frames = []
+    frames: list[tuple[Mapping[str, Any], Buffer]] = []
     for name, array in arrays.items():
         array = np.asarray(array, order="C")
         if array.dtype.hasobject or array.dtype.fields is not None:
-            raise SealingError(
-                "payload", f"array {name!r} has dtype {array.dtype}: only plain dtypes are sealed"
-            )
+            raise SealingError("payload", f"array {name!r} has dtype {array.dtype}: only plain dtypes are sealed")
         meta = {"name": name, "dtype": array.dtype.str, "shape": list(array.shape)}
-        frames.append((meta, array.reshape(-1).view(np.uint8)))
+        frames.append((meta, array.reshape(-1).view(np.uint8).data))
     return seal_frames(frames, recipient, context, chunk_size=chunk_size)
 
 
-def open_arrays(
-    sealed: Sealed, run_key: RunKeyPair, context: SealContext
-) -> dict[str, np.ndarray]:
+def open_arrays(sealed: Sealed, run_key: RunKeyPair, context: SealContext) -> dict[str, np.ndarray]:
     """Open a :func:`seal_arrays` message; the arrays are writable views into one buffer."""
     arrays: dict[str, np.ndarray] = {}
     for meta, view in open_frames(sealed, run_key, context):
@@ -398,14 +387,16 @@ def _check_header(header: bytes, suite: str, context: SealContext) -> dict[str, 
     if not isinstance(fields, dict) or set(fields) != _HEADER_FIELDS:
         raise SealingError("header", f"fields must be {sorted(_HEADER_FIELDS)}")
     expected = {
-        "v": FORMAT_VERSION, "suite": suite, "run": context.run_id, "round": context.round,
-        "node": context.node_id, "kind": context.kind,
+        "v": FORMAT_VERSION,
+        "suite": suite,
+        "run": context.run_id,
+        "round": context.round,
+        "node": context.node_id,
+        "kind": context.kind,
     }
     for name, value in expected.items():
         if fields[name] != value or type(fields[name]) is not type(value):
-            raise SealingError(
-                f"header.{name}", f"message is for {name} {fields[name]!r}, expected {value!r}"
-            )
+            raise SealingError(f"header.{name}", f"message is for {name} {fields[name]!r}, expected {value!r}")
     chunk, length, count = fields["chunk"], fields["length"], fields["count"]
     if not (_is_count(chunk) and MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE):
         raise SealingError("header.chunk", f"bad chunk size {chunk!r}")
@@ -460,4 +451,3 @@ def _chunk_aad(header_hash: bytes, index: int, count: int) -> bytes:
 
 def _is_count(value: Any) -> bool:
     return type(value) is int and value >= 0
-

@@ -25,15 +25,17 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import IO
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedvault.errors import FedvaultError
 from fedvault.atomic import atomic_write
+from fedvault.errors import FedvaultError
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -95,15 +97,11 @@ class KeyLayout:
         folder = self.directory / CLIENTS_DIR
         if not folder.is_dir():
             return []
-        found = [
-            (int(m.group(1)), p) for p in folder.iterdir() if (m := _CLIENT_KEY.match(p.name))
-        ]
+        found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CLIENT_KEY.match(p.name))]
         return [path for _, path in sorted(found)]
 
 
-def load_layout(
-    directory: str | Path, *, server: bool = False, client: int | None = None
-) -> KeyLayout:
+def load_layout(directory: str | Path, *, server: bool = False, client: int | None = None) -> KeyLayout:
     """Return the layout of ``directory``, checking the files a role needs exist.
 
     Every role needs ``ca.pem``. ``server=True`` also needs ``server.pem``, ``server.key`` and at
@@ -112,9 +110,7 @@ def load_layout(
     """
     layout = KeyLayout(Path(directory).expanduser().resolve())
     if not layout.directory.is_dir():
-        raise KeysError(
-            f"keys directory {layout.directory} does not exist (create it with 'fedvault keys')"
-        )
+        raise KeysError(f"keys directory {layout.directory} does not exist (create it with 'fedvault keys')")
     needed = [layout.ca_cert]
     if server:
         needed += [layout.server_cert, layout.server_key]
@@ -132,10 +128,7 @@ def load_layout(
 
 
 def init_keys(
-    directory: str | Path,
-    clients: int,
-    server_addresses: Iterable[str] = (),
-    overwrite: bool = False,
+    directory: str | Path, clients: int, server_addresses: Iterable[str] = (), overwrite: bool = False
 ) -> KeyLayout:
     """Create a CA, a server TLS certificate and ``clients`` SuperNode key pairs in ``directory``.
 
@@ -157,16 +150,19 @@ def init_keys(
     (layout.directory / CLIENTS_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
     for path, (content, private) in files.items():
         mode = 0o600 if private else 0o644  # temp file is created 0600 (mkstemp), then chmod'ed
-        atomic_write(path, lambda handle, data=content: handle.write(data), mode)
+        atomic_write(path, partial(_write_bytes, content), mode)  # partial binds this iteration's content
     for stale in layout.client_public_keys()[clients:]:  # left by an earlier, larger init
         stale.with_suffix(".key").unlink(missing_ok=True)
         stale.unlink()
     return layout
 
 
-def _generate(
-    layout: KeyLayout, clients: int, sans: x509.SubjectAlternativeName
-) -> dict[Path, tuple[bytes, bool]]:
+def _write_bytes(data: bytes, handle: IO[bytes]) -> None:
+    """An :func:`atomic_write` callback that writes ``data``."""
+    handle.write(data)
+
+
+def _generate(layout: KeyLayout, clients: int, sans: x509.SubjectAlternativeName) -> dict[Path, tuple[bytes, bool]]:
     """Every file of the layout as ``path -> (content, is_private)``, generated in memory."""
     pem = serialization.Encoding.PEM
     ca_key = ec.generate_private_key(_CURVE())
@@ -181,12 +177,8 @@ def _generate(
     }
     for index in range(1, clients + 1):
         key = ec.generate_private_key(_CURVE())
-        private = key.private_bytes(
-            pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
+        private = key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         comment = f" fedvault-{client_key_name(index)}\n".encode()
         files[layout.client_key(index)] = (private, True)
         files[layout.client_public_key(index)] = (public + comment, False)
@@ -205,8 +197,7 @@ def _subject_alternative_names(addresses: Iterable[str]) -> x509.SubjectAlternat
         except ValueError:
             if not _DNS_NAME.match(address) or address.replace(".", "").isdigit():
                 raise KeysError(
-                    f"server address {raw!r} is not a DNS name or IP address "
-                    "(give a host without scheme or port)"
+                    f"server address {raw!r} is not a DNS name or IP address (give a host without scheme or port)"
                 ) from None
             name = x509.DNSName(address.rstrip(".").lower())
         if name not in names:
@@ -217,7 +208,7 @@ def _subject_alternative_names(addresses: Iterable[str]) -> x509.SubjectAlternat
 def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
     """Self-signed CA certificate (RFC 5280 section 4.2.1.9: cA=TRUE, pathLen=0)."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedvault CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     public = key.public_key()
     return (
         x509.CertificateBuilder()
@@ -230,9 +221,15 @@ def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -248,13 +245,11 @@ def _server_certificate(
     sans: x509.SubjectAlternativeName,
 ) -> x509.Certificate:
     """TLS server certificate for the SuperLink, signed by the CA (serverAuth, the given SANs)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     first = sans[0].value
     return (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedvault SuperLink {first}")])
-        )
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedvault SuperLink {first}")]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -263,18 +258,22 @@ def _server_certificate(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(sans, critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, _SIGNATURE_HASH())
     )
 

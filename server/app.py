@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
@@ -56,10 +57,21 @@ def make_strategy(cfg: RunConfig) -> Strategy:
 def validation_rules(cfg: RunConfig, strategy: Strategy) -> ValidationRules:
     v = cfg.validation
     return ValidationRules.for_strategy(
-        strategy,
-        max_update_norm=v.max_update_norm or None,
-        max_payload_bytes=int(v.max_payload_mb * 2**20) or None,
+        strategy, max_update_norm=v.max_update_norm or None, max_payload_bytes=int(v.max_payload_mb * 2**20) or None
     )
+
+
+def round_learning_rate(cfg: RunConfig, server_round: int) -> float:
+    """``learning-rate`` under ``lr-schedule``: constant, or cosine decay over the run's rounds
+    (Loshchilov & Hutter, ICLR 2017, without restarts): ``lr (1 + cos(pi (r - 1) / R)) / 2``."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.learning_rate * (1 + math.cos(math.pi * (server_round - 1) / cfg.num_server_rounds)) / 2
+    return cfg.learning_rate
+
+
+def round_config(cfg: RunConfig, server_round: int) -> ConfigRecord:
+    """Round ``server_round``'s train config (``server-round`` itself is stamped by the round loop)."""
+    return train_config(round_learning_rate(cfg, server_round), cfg.local_epochs, cfg.momentum)
 
 
 def initial_model(task: Task, cfg: RunConfig) -> torch.nn.Module:
@@ -102,15 +114,14 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     if cfg.resume:
         arrays, first_round = restore(run_dir, loop, arrays)
         print(f"resuming {run_dir.path} at round {first_round}", file=sys.stdout, flush=True)
-    config = train_config(cfg.learning_rate, cfg.local_epochs, cfg.momentum)
     stopped = None
     try:
-        arrays = loop.run(arrays, cfg.num_server_rounds, config, first_round)
+        arrays = loop.run(arrays, cfg.num_server_rounds, lambda r: round_config(cfg, r), first_round)
     except RunStopped as exc:
         stopped = str(exc)
         print(f"run stopped: {stopped}", file=sys.stdout, flush=True)
         arrays = recorder.last_arrays or arrays
-    extra = {"task": cfg.task, "run_dir": str(Path(run_dir.path)), "stopped": stopped}
+    extra: dict[str, object] = {"task": cfg.task, "run_dir": str(Path(run_dir.path)), "stopped": stopped}
     if private:
         report, text = privacy_summary(run_dir.path, cfg)
         print(text, file=sys.stdout, flush=True)
@@ -118,7 +129,9 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     return recorder.finish(arrays.to_torch_state_dict(), extra=extra)
 
 
-def _finish_round(run_dir: RunDirectory, loop: RoundLoop, recorder: RunRecorder, record: dict, arrays: ArrayRecord) -> None:
+def _finish_round(
+    run_dir: RunDirectory, loop: RoundLoop, recorder: RunRecorder, record: dict, arrays: ArrayRecord
+) -> None:
     recorder.on_round(record, arrays)
     checkpoint_round(run_dir.path, loop, record["round"], arrays)
 
@@ -131,7 +144,7 @@ def central_evaluator(task: Task, cfg: RunConfig):
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return MetricRecord(task.evaluate(model, loader, device))
+        return MetricRecord(dict(task.evaluate(model, loader, device)))
 
     return evaluate
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from fedvault.errors import FedvaultError
 from fedvault.atomic import atomic_write, fsync_dir
+from fedvault.errors import FedvaultError
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -78,8 +78,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = DEFAULT_K
         raise CheckpointError(f"checkpoint keep must be >= 1, got {keep}")
     if ckpt.round < 0:
         raise CheckpointError(f"checkpoint round must be >= 0, got {ckpt.round}")
-    members = {**_members(_ARRAYS, ckpt.arrays, "arrays"),
-               **_members(_STATE, ckpt.strategy_state, "strategy_state")}
+    members = {**_members(_ARRAYS, ckpt.arrays, "arrays"), **_members(_STATE, ckpt.strategy_state, "strategy_state")}
     meta = {
         "format": FORMAT_VERSION,
         "round": int(ckpt.round),
@@ -95,7 +94,8 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = DEFAULT_K
         raise CheckpointError(f"checkpoint of round {ckpt.round}: rng_state/extra not JSON-able ({err})") from None
     path = checkpoint_path(run_dir, ckpt.round)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda fh: np.savez(fh, **members))
+    # allow_pickle given explicitly so no member name can bind it; _members already refused object arrays
+    atomic_write(path, lambda fh: np.savez(fh, allow_pickle=False, **members))
     fsync_dir(path.parent)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -137,9 +137,7 @@ def load_latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
         return load_checkpoint(found[-1][1])
     except CheckpointError as err:
         if len(found) > 1:
-            raise CheckpointError(
-                f"{err}; move it away to resume from {found[-2][1].name} instead"
-            ) from None
+            raise CheckpointError(f"{err}; move it away to resume from {found[-2][1].name} instead") from None
         raise
 
 
@@ -152,4 +150,3 @@ def _members(prefix: str, values: dict[str, Any], what: str) -> dict[str, np.nda
             raise CheckpointError(f"checkpoint {what}[{name!r}] is an object array (not storable without pickle)")
         out[prefix + name] = array
     return out
-

@@ -25,7 +25,8 @@ class RunRecorder:
         self.run_dir.append_round(record)
         self.last_arrays = arrays
         central = record.get("central", {})
-        line = f"round {record['round']:>3}/{self.num_rounds}  accuracy {central.get('accuracy', float('nan')):.4f}  loss {central.get('loss', float('nan')):.4f}"
+        accuracy, loss = central.get("accuracy", float("nan")), central.get("loss", float("nan"))
+        line = f"round {record['round']:>3}/{self.num_rounds}  accuracy {accuracy:.4f}  loss {loss:.4f}"
         if "train" in record:
             line += f"  train_loss {record['train'].get('train_loss', float('nan')):.4f}"
             line += f"  clients {record['replies_ok']}/{record['clients_sampled']}"

@@ -146,8 +146,9 @@ class RoundLoop:
     poll_seconds: float = 1.0
 
     def run(
-        self, arrays: ArrayRecord, num_rounds: int, train_config: ConfigRecord, first_round: int = 1
+        self, arrays: ArrayRecord, num_rounds: int, round_config: Callable[[int], ConfigRecord], first_round: int = 1
     ) -> ArrayRecord:
+        """Rounds ``first_round``..``num_rounds``; ``round_config(r)`` is round r's train config."""
         if first_round == 1:
             start = time.perf_counter()
             self.on_round(
@@ -155,7 +156,7 @@ class RoundLoop:
                 arrays,
             )
         for server_round in range(first_round, num_rounds + 1):
-            arrays = self._round(server_round, arrays, ConfigRecord(dict(train_config)))
+            arrays = self._round(server_round, arrays, round_config(server_round))
         return arrays
 
     def state_dict(self) -> dict[str, Any]:
@@ -170,7 +171,7 @@ class RoundLoop:
 
     def _round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
         start = time.perf_counter()
-        record: RoundRecord = {"round": server_round}
+        record: RoundRecord = {"round": server_round, "train_config": dict(config)}
         eligible = self._eligible_grid(server_round)
         with minimums_at_most(self.strategy, len(eligible.get_node_ids())):
             sent = self._instruct(self.strategy.configure_train(server_round, arrays, config, eligible), server_round)

@@ -93,8 +93,14 @@ def preflight(cfg: RunConfig) -> None:
     """Fail fast, before Ray starts: the task loads and its data splits as configured."""
     make_strategy(cfg)  # unknown strategy or bad strategy.<param> fails here, not in a Ray worker
     data = load_task_data(cfg.task, cfg.seed)
-    partition(data.train.y, cfg.num_clients, cfg.partitioner, cfg.seed,
-              alpha=cfg.dirichlet_alpha, shards_per_client=cfg.shards_per_client)
+    partition(
+        data.train.y,
+        cfg.num_clients,
+        cfg.partitioner,
+        cfg.seed,
+        alpha=cfg.dirichlet_alpha,
+        shards_per_client=cfg.shards_per_client,
+    )
 
 
 def client_gpus(cfg: RunConfig) -> float:
@@ -149,8 +155,13 @@ def simulate(
         if cfg.sealing.enabled(deployed=False):
             cfg = with_simulation_identity(cfg, run_dir.path)
         run_dir.create(cfg.to_flat())
-        log.info("simulating %d clients x %d rounds of %s -> %s", cfg.num_clients, cfg.num_server_rounds, cfg.task,
-                 run_dir.path)
+        log.info(
+            "simulating %d clients x %d rounds of %s -> %s",
+            cfg.num_clients,
+            cfg.num_server_rounds,
+            cfg.task,
+            run_dir.path,
+        )
         started = time.perf_counter()
         _run_flower_simulation(cfg, run_dir.path, verbose)
     if not (run_dir.path / "summary.json").exists():

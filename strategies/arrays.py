@@ -30,7 +30,10 @@ def cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
 def to_record(arrays: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray] | None = None) -> ArrayRecord:
     """An ``ArrayRecord`` of ``arrays``, each cast to the dtype of the same key in ``like``."""
     return ArrayRecord(
-        {key: Array(cast_like(value, like[key]) if like is not None else np.asarray(value)) for key, value in arrays.items()}
+        {
+            key: Array(cast_like(value, like[key]) if like is not None else np.asarray(value))
+            for key, value in arrays.items()
+        }
     )
 
 
@@ -47,5 +50,5 @@ def pack(prefix: str, arrays: Mapping[str, np.ndarray] | None) -> dict[str, np.n
 def unpack(state: Mapping[str, object], prefix: str) -> NDArrays | None:
     """The group written by :func:`pack` (``None`` when absent), in stored order."""
     head = prefix + "/"
-    group = {key[len(head):]: np.asarray(value) for key, value in state.items() if key.startswith(head)}
+    group = {key[len(head) :]: np.asarray(value) for key, value in state.items() if key.startswith(head)}
     return group or None

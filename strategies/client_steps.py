@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedvault.protocol import config_float
 from fedvault.strategies.fednova import CONFIG_FLAG as FEDNOVA_FLAG
 from fedvault.strategies.fednova import FedNovaHook
 from fedvault.strategies.fedprox import PROXIMAL_MU_KEY, ProximalHook
@@ -23,9 +24,9 @@ MOMENTUM_KEY = "momentum"
 def build_client_steps(content: RecordDict, context_state: RecordDict, model: torch.nn.Module) -> list[ClientStep]:
     """The client halves a train message asks for, in order FedProx, SCAFFOLD, FedNova."""
     config = content.config_records.get(CONFIG_KEY, ConfigRecord())
-    momentum = float(config.get(MOMENTUM_KEY, 0.0))
+    momentum = config_float(config, MOMENTUM_KEY, 0.0)
     steps: list[ClientStep] = []
-    mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
+    mu = config_float(config, PROXIMAL_MU_KEY, 0.0)
     if mu > 0:
         steps.append(ProximalHook(model, mu))
     if SERVER_CONTROL_KEY in content.array_records:

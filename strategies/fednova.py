@@ -28,8 +28,9 @@ from flwr.serverapp.exception import AggregationError, InconsistentMessageReplie
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedvault.strategies.hooks import Extras, HookError, local_work
+from fedvault.protocol import record_scalar
 from fedvault.strategies.arrays import NDArrays, to_ndarrays, to_record
+from fedvault.strategies.hooks import Extras, HookError, local_work
 
 CONFIG_FLAG = "fednova"
 TAU_KEY = "fednova.tau"
@@ -47,7 +48,9 @@ def fednova_update(
     p = np.asarray(weights, np.float64) / float(np.sum(weights))
     a = np.asarray(a_norms, np.float64)
     tau_eff = float(p @ a)
-    step = {key: sum(pi / ai * (x[key] - np.asarray(y[key], np.float64)) for pi, ai, y in zip(p, a, models)) for key in x}
+    step = {
+        key: sum(pi / ai * (x[key] - np.asarray(y[key], np.float64)) for pi, ai, y in zip(p, a, models)) for key in x
+    }
     return {key: x[key] - server_learning_rate * tau_eff * step[key] for key in x}
 
 
@@ -106,7 +109,7 @@ class FedNova(FedAvg):
                     f"expected {sorted(self._global)}"
                 )
             models.append(model)
-            weights.append(float(metrics[self.weighted_by_key]))
+            weights.append(float(record_scalar(metrics[self.weighted_by_key], self.weighted_by_key)))
             a_norms.append(_positive(metrics.get(A_NORM_KEY), msg.metadata.src_node_id))
         new_x = fednova_update(self._global, models, weights, a_norms, self.server_learning_rate)
         return to_record(new_x, like=self._global), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
@@ -128,7 +131,6 @@ class FedNovaHook:
 
     def __init__(self, momentum: float) -> None:
         self.momentum = momentum
-
 
     def after_backward(self, model: torch.nn.Module) -> None:
         return None

@@ -32,8 +32,18 @@ from fedvault.strategies.scaffold import Scaffold
 ENTRY_POINT_GROUP = "fedvault.strategies"
 CONFIG_PREFIX = "strategy."
 _FLOWER_NAMES = (
-    "FedAvg", "FedAvgM", "FedProx", "FedAdagrad", "FedAdam", "FedYogi", "FedMedian",
-    "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan", "QFedAvg",
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "FedAdagrad",
+    "FedAdam",
+    "FedYogi",
+    "FedMedian",
+    "FedTrimmedAvg",
+    "Krum",
+    "MultiKrum",
+    "Bulyan",
+    "QFedAvg",
 )
 _SCALARS = (bool, int, float, str)
 REQUIRED = inspect.Parameter.empty
@@ -84,7 +94,9 @@ def builtin_strategies() -> dict[str, type[Strategy]]:
     return found
 
 
-def build_strategy(name: str, params: Mapping[str, Any] | None = None, common: Mapping[str, Any] | None = None) -> Strategy:
+def build_strategy(
+    name: str, params: Mapping[str, Any] | None = None, common: Mapping[str, Any] | None = None
+) -> Strategy:
     """Build strategy ``name`` with ``params`` (all must be accepted) and ``common`` (where accepted)."""
     factory, _ = resolve_strategy(name)
     signature = _signature(factory, name)
@@ -99,7 +111,8 @@ def build_strategy(name: str, params: Mapping[str, Any] | None = None, common: M
             kwargs[attr] = _check_value(name, signature.params[attr], value)
         elif attr in signature.unsettable:
             raise StrategyError(
-                f"strategy '{name}': parameter '{_key(attr)}' takes {signature.unsettable[attr]}, which a config cannot set"
+                f"strategy '{name}': parameter '{_key(attr)}' takes {signature.unsettable[attr]}, "
+                "which a config cannot set"
             )
         elif signature.open and isinstance(value, _SCALARS):
             kwargs[attr] = value
@@ -111,11 +124,13 @@ def build_strategy(name: str, params: Mapping[str, Any] | None = None, common: M
         raise StrategyError(f"strategy '{name}' needs parameter(s) {', '.join(missing)} (set strategy.<param>)")
     try:
         strategy = factory(**kwargs)
-    except Exception as exc:  # a plug-in constructor may reject values in any way
+    except Exception as exc:  # noqa: BLE001 - a plug-in constructor may reject values in any way
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StrategyError(f"strategy '{name}' rejected its parameters {_key_dict(kwargs)}: {reason}") from None
     if not isinstance(strategy, Strategy):
-        raise StrategyError(f"strategy '{name}' built a {type(strategy).__name__}, not a flwr.serverapp.strategy.Strategy")
+        raise StrategyError(
+            f"strategy '{name}' built a {type(strategy).__name__}, not a flwr.serverapp.strategy.Strategy"
+        )
     return strategy
 
 
@@ -153,7 +168,9 @@ def list_strategies() -> list[StrategyInfo]:
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name.lower()):
         source = f"entry point {ep.value}"
         if ep.name.lower() in builtins:
-            infos.append(StrategyInfo(ep.name, source, (), f"shadowed by built-in '{ep.name.lower()}'; name it as '{ep.value}'"))
+            infos.append(
+                StrategyInfo(ep.name, source, (), f"shadowed by built-in '{ep.name.lower()}'; name it as '{ep.value}'")
+            )
             continue
         try:
             factory, _ = resolve_strategy(ep.name)
@@ -231,7 +248,11 @@ def _scalar_types(hint: Any) -> tuple[type, ...] | None:
     """Scalar types a hint accepts: None = unannotated (any scalar); () = not a scalar type."""
     if hint is REQUIRED or hint is Any:
         return None
-    members = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    members = (
+        typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        else (hint,)
+    )
     return tuple(t for t in members if t in _SCALARS)
 
 
@@ -248,7 +269,8 @@ def _check_value(name: str, param: StrategyParam, value: Any) -> Any:
     fits = bool in accepted if isinstance(value, bool) else isinstance(value, accepted)
     if not fits:
         raise StrategyError(
-            f"strategy '{name}': parameter '{param.name}' got {value!r} ({type(value).__name__}), expected {param.type_name}"
+            f"strategy '{name}': parameter '{param.name}' got {value!r} ({type(value).__name__}), "
+            f"expected {param.type_name}"
         )
     return value
 

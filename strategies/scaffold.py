@@ -31,8 +31,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 
-from fedvault.strategies.hooks import Extras, HookError, as_array, local_work, snapshot, trainable_parameters
 from fedvault.strategies.arrays import NDArrays, float_keys, pack, to_ndarrays, to_record, unpack
+from fedvault.strategies.hooks import Extras, HookError, as_array, local_work, snapshot, trainable_parameters
 
 SERVER_CONTROL_KEY = "scaffold.c"
 CLIENT_DELTA_KEY = "scaffold.delta-c"
@@ -51,7 +51,9 @@ def scaffold_server_update(
     """One server step of SCAFFOLD: ``(x_new, c_new)`` from the replies' ``y_i`` and ``delta_c_i``."""
     sampled = len(models)
     if sampled == 0 or sampled != len(delta_cs):
-        raise AggregationError(reason=f"SCAFFOLD needs one delta-c per reply, got {sampled} models and {len(delta_cs)} delta-c")
+        raise AggregationError(
+            reason=f"SCAFFOLD needs one delta-c per reply, got {sampled} models and {len(delta_cs)} delta-c"
+        )
     if num_clients < sampled:
         raise AggregationError(reason=f"SCAFFOLD got {sampled} replies but num_clients is {num_clients}")
     new_x = {
@@ -135,7 +137,9 @@ class Scaffold(FedAvg):
     def _reply_arrays(self, msg: Message, record_key: str, expected: set[str]) -> NDArrays:
         node = msg.metadata.src_node_id
         if record_key not in msg.content.array_records:
-            raise InconsistentMessageReplies(reason=f"SCAFFOLD: reply from node {node} has no ArrayRecord '{record_key}'")
+            raise InconsistentMessageReplies(
+                reason=f"SCAFFOLD: reply from node {node} has no ArrayRecord '{record_key}'"
+            )
         arrays = to_ndarrays(msg.content.array_records[record_key])
         if set(arrays) != expected:
             raise InconsistentMessageReplies(
@@ -190,7 +194,6 @@ class ScaffoldHook:
             if c_i.keys() == self.c.keys() and all(c_i[k].shape == self.c[k].shape for k in c_i):
                 return c_i
         return {key: np.zeros_like(value) for key, value in self.c.items()}
-
 
     def after_backward(self, model: torch.nn.Module) -> None:
         params = trainable_parameters(model)

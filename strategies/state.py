@@ -38,8 +38,9 @@ class StrategyStateError(FedvaultError, ValueError):
 def strategy_state(strategy: object) -> StrategyState:
     """The strategy's state as a flat, npz-friendly dict."""
     state: StrategyState = {CLASS_KEY: _class_name(strategy)}
-    if callable(getattr(strategy, "state_dict", None)):
-        own = strategy.state_dict()
+    own_state_dict = getattr(strategy, "state_dict", None)
+    if callable(own_state_dict):
+        own = own_state_dict()
         if CLASS_KEY in own:
             raise StrategyStateError(f"{_class_name(strategy)}.state_dict() may not use the reserved key '{CLASS_KEY}'")
         state.update(own)
@@ -62,8 +63,9 @@ def load_strategy_state(strategy: object, state: Mapping[str, Any]) -> None:
     if saved != _class_name(strategy):
         raise StrategyStateError(f"saved strategy state is for '{saved or 'unknown'}', not '{_class_name(strategy)}'")
     own = {key: value for key, value in state.items() if key != CLASS_KEY}
-    if callable(getattr(strategy, "load_state_dict", None)):
-        strategy.load_state_dict(own)
+    own_load_state_dict = getattr(strategy, "load_state_dict", None)
+    if callable(own_load_state_dict):
+        own_load_state_dict(own)
     elif isinstance(strategy, FedOpt):
         strategy.current_arrays = unpack(own, "current")
         strategy.m_t = unpack(own, "m_t")
@@ -86,5 +88,6 @@ def _check_npz_friendly(state: StrategyState, strategy: object) -> None:
             continue
         if not isinstance(value, np.ndarray) or value.dtype.hasobject:
             raise StrategyStateError(
-                f"{_class_name(strategy)} state '{key}' is a {type(value).__name__}; expected a numeric ndarray or a scalar"
+                f"{_class_name(strategy)} state '{key}' is a {type(value).__name__}; "
+                "expected a numeric ndarray or a scalar"
             )

@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -72,6 +72,7 @@ def filter_replies(
     seen: set[int] = set()
     for msg in replies:
         node = msg.metadata.src_node_id
+        reason: str | None
         if msg.has_error():
             reason = f"error reply (code {msg.error.code}): {msg.error.reason}"
         elif node in seen:
@@ -109,7 +110,7 @@ def _decode(record: ArrayRecord, key: str, record_name: str) -> np.ndarray | str
     """The array under ``key``, or a reason it cannot be used."""
     try:
         value = record[key].numpy()
-    except Exception as exc:  # malformed bytes can fail inside np.load in many ways
+    except Exception as exc:  # noqa: BLE001 - malformed bytes can fail inside np.load in many ways
         return f"array '{key}' in '{record_name}' cannot be decoded: {type(exc).__name__}: {exc}"
     if value.dtype.kind in "fc" and not np.isfinite(value).all():
         return f"array '{key}' in '{record_name}' contains NaN or Inf"
@@ -183,5 +184,5 @@ def _check_metrics(content: RecordDict, rules: ValidationRules) -> str | None:
     return None
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -15,11 +15,15 @@ from flwr.serverapp.strategy import Strategy
 class MeanOfAll(Strategy):
     """Trains every connected node, averages their arrays weighted by examples; no evaluation."""
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": config["lr"]})})
         return [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in grid.get_node_ids()]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = [r for r in replies if not r.has_error() and "arrays" in r.content.array_records]
         if not replies:
             return None, None
@@ -27,9 +31,13 @@ class MeanOfAll(Strategy):
         weights /= weights.sum()
         keys = list(replies[0].content["arrays"].keys())
         mean = {k: sum(w * r.content["arrays"][k].numpy() for w, r in zip(weights, replies)) for k in keys}
-        return ArrayRecord({k: Array(v.astype(np.float32)) for k, v in mean.items()}), MetricRecord({"replies": len(replies)})
+        return ArrayRecord({k: Array(v.astype(np.float32)) for k, v in mean.items()}), MetricRecord(
+            {"replies": len(replies)}
+        )
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -67,7 +67,9 @@ def mlp(seed: int = 0) -> torch.nn.Module:
 def random_clients(num: int, steps: int = 3, lr: float = 0.1, seed: int = 0) -> dict[int, FakeClient]:
     gen = torch.Generator().manual_seed(seed)
     return {
-        node: FakeClient(torch.randn(8 + node, 4, generator=gen), torch.randint(0, 3, (8 + node,), generator=gen), steps, lr)
+        node: FakeClient(
+            torch.randn(8 + node, 4, generator=gen), torch.randint(0, 3, (8 + node,), generator=gen), steps, lr
+        )
         for node in range(1, num + 1)
     }
 

@@ -178,5 +178,8 @@ def test_many_clients_share_composition_without_changing_results():
         events = histories[party]
         for k in (1, len(events) // 2, len(events)):
             accountant = pld_privacy_accountant.PLDAccountant()
-            accountant.compose(dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(events[0].noise_multiplier)), 100 * k)
+            accountant.compose(
+                dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(events[0].noise_multiplier)),
+                100 * k,
+            )
             assert curves[party][k - 1] == (events[k - 1].round, pytest.approx(accountant.get_epsilon(1e-5), rel=0.01))

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from waits import seconds
 
 from fedvault.cli import main
-from waits import seconds
 
 
 @pytest.mark.parametrize(
@@ -17,7 +17,10 @@ from waits import seconds
         (["--set", "rounds=3"], "unknown config key 'rounds'"),
         (["--set", "num-server-rounds=0"], "invalid value for 'num-server-rounds': 0 (must be >= 1)"),
         (["--set", "dirichlet-alpha=0"], "invalid value for 'dirichlet-alpha': 0.0 (must be > 0)"),
-        (["--set", "task=digits", "--set", "num-clients=5000"], "num-clients=5000 is more than the 1348 training samples"),
+        (
+            ["--set", "task=digits", "--set", "num-clients=5000"],
+            "num-clients=5000 is more than the 1348 training samples",
+        ),
     ],
 )
 def test_simulate_rejects_bad_input_with_one_line(args, message, capsys):
@@ -32,7 +35,10 @@ def test_missing_dataset_package_from_the_real_console_script(tmp_path):
     (tmp_path / "mnist1d" / "__init__.py").write_text("raise ImportError('No module named mnist1d')\n")
     proc = subprocess.run(
         [sys.executable, "-m", "fedvault.cli", "simulate", "--set", "task=mnist1d"],
-        capture_output=True, text=True, timeout=seconds(120), env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=seconds(120),
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == (

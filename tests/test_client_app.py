@@ -8,12 +8,26 @@ from fedvault.client.node import DataSelection, client_data
 from fedvault.config import RunConfig
 from fedvault.tasks import load_task
 
-CFG = RunConfig.from_flat({"task": "digits", "num-clients": 4, "local-epochs": 1, "privacy.sample-level": False})
+CFG = RunConfig.from_flat(
+    {
+        "task": "digits",
+        "num-clients": 4,
+        "local-epochs": 1,
+        "batch-size": 32,
+        "learning-rate": 0.05,
+        "privacy.sample-level": False,
+    }
+)
 
 
 def _context(partition_id: int) -> Context:
-    return Context(run_id=1, node_id=7, node_config={"partition-id": partition_id, "num-partitions": 4},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": partition_id, "num-partitions": 4},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def _message(kind: str, model: torch.nn.Module) -> Message:

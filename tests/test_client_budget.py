@@ -6,26 +6,39 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedvault.client import private_training
 from fedvault.client.app import build_client_app
-from fedvault.protocol import BUDGET_EXHAUSTED, ROUND_ALREADY_SPENT
 from fedvault.config import RunConfig
 from fedvault.privacy.accountants import epsilon
 from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.privacy.node_ledger import NodeLedger
+from fedvault.protocol import BUDGET_EXHAUSTED, ROUND_ALREADY_SPENT
 from fedvault.tasks import load_task
 
 
 def _config(tmp_path) -> RunConfig:
-    return RunConfig.from_flat({
-        "task": "digits", "num-clients": 4, "num-server-rounds": 2, "local-epochs": 1,
-        "run-dir": str(tmp_path / "run"), "privacy.target-epsilon": 2.0, "privacy.grad-sample-mode": "hooks",
-    })
+    return RunConfig.from_flat(
+        {
+            "task": "digits",
+            "batch-size": 32,
+            "learning-rate": 0.05,
+            "num-clients": 4,
+            "num-server-rounds": 2,
+            "local-epochs": 1,
+            "run-dir": str(tmp_path / "run"),
+            "privacy.target-epsilon": 2.0,
+            "privacy.grad-sample-mode": "hooks",
+        }
+    )
 
 
 def _train(app, server_round: int) -> Message:
     torch.manual_seed(0)
     model = dp_compatible(load_task("digits").build_model())
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": server_round})})
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config={})
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": server_round})}
+    )
+    ctx = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config={}
+    )
     return app(Message(content, dst_node_id=7, message_type="train"), ctx)
 
 
@@ -69,9 +82,16 @@ def test_scaffold_and_fednova_client_steps_run_under_dp_sgd(tmp_path, flower_tas
     torch.manual_seed(0)
     model = dp_compatible(load_task("digits").build_model())
     control = ArrayRecord({k: torch.full_like(v, 0.01) for k, v in model.state_dict().items()})
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), SERVER_CONTROL_KEY: control,
-                          "config": ConfigRecord({"server-round": 1, "fednova": True, "momentum": 0.9})})
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config={})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            SERVER_CONTROL_KEY: control,
+            "config": ConfigRecord({"server-round": 1, "fednova": True, "momentum": 0.9}),
+        }
+    )
+    ctx = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config={}
+    )
     reply = build_client_app(_config(tmp_path))(Message(content, dst_node_id=7, message_type="train"), ctx)
     assert not reply.has_error() and "dp-event" in reply.content.config_records
     metrics = reply.content["metrics"]

@@ -200,6 +200,8 @@ def test_fedavgm_under_client_level_dp_with_sealing_on_the_simulation_engine(tmp
     # q = 0.75 of 4 clients: an empty Poisson sample (which fails a round) has probability 1/256 a round
     for item in (
         "task=digits",
+        "batch-size=32",
+        "learning-rate=0.05",
         "num-clients=4",
         "num-server-rounds=2",
         "fraction-train=0.75",

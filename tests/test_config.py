@@ -59,7 +59,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_fraction_that_samples_nobody_is_rejected():
     with pytest.raises(ConfigError, match="'fraction-train': 0.05 samples no client out of num-clients=10"):
-        RunConfig.from_sources(None, ["fraction-train=0.05"])
+        RunConfig.from_sources(None, ["fraction-train=0.05", "num-clients=10"])
 
 
 def test_flower_run_config_uses_the_same_keys():
@@ -133,15 +133,30 @@ def test_each_section_names_itself_by_its_field():
 
 def test_create_maps_python_names_to_keys():
     cfg = RunConfig.create(
-        task="digits", num_clients=4, num_server_rounds=3, privacy_target_epsilon=3, privacy_client_level=False,
-        attack_kind="sign-flip", sealing_mode="off", validation_max_update_norm=50, strategy="fedprox",
+        task="digits",
+        num_clients=4,
+        num_server_rounds=3,
+        privacy_target_epsilon=3,
+        privacy_client_level=False,
+        attack_kind="sign-flip",
+        sealing_mode="off",
+        validation_max_update_norm=50,
+        strategy="fedprox",
         strategy_params={"proximal_mu": 0.1},
     )
-    expected = RunConfig.from_flat({
-        "task": "digits", "num-clients": 4, "num-server-rounds": 3, "privacy.target-epsilon": 3.0,
-        "attack.kind": "sign-flip", "sealing.mode": "off", "validation.max-update-norm": 50.0,
-        "strategy.name": "fedprox", "strategy.proximal-mu": 0.1,
-    })
+    expected = RunConfig.from_flat(
+        {
+            "task": "digits",
+            "num-clients": 4,
+            "num-server-rounds": 3,
+            "privacy.target-epsilon": 3.0,
+            "attack.kind": "sign-flip",
+            "sealing.mode": "off",
+            "validation.max-update-norm": 50.0,
+            "strategy.name": "fedprox",
+            "strategy.proximal-mu": 0.1,
+        }
+    )
     assert cfg == expected
     assert cfg.privacy.target_epsilon == 3.0 and cfg.strategy.name == "fedprox"
     assert cfg.to_flat()["strategy.proximal-mu"] == 0.1
@@ -163,18 +178,23 @@ def test_every_key_has_exactly_one_keyword():
 def test_with_options_copies_and_merges_strategy_params():
     base = RunConfig.create(strategy="fedprox", strategy_params={"proximal-mu": 0.1})
     changed = base.with_options(num_clients=3, strategy_params={"extra-param": 1})
-    assert (base.num_clients, changed.num_clients) == (10, 3)
+    assert (base.num_clients, changed.num_clients) == (RunConfig().num_clients, 3)
     assert changed.strategy_params == (("extra-param", 1), ("proximal-mu", 0.1))
 
 
 @pytest.mark.parametrize(
     "kwargs, expected",
     [
-        ({"num_client": 4}, "unknown config keyword 'num_client' (keywords are keys with '_' for '-' and '.', "
-                            "e.g. privacy_target_epsilon); close matches: num_clients"),
+        (
+            {"num_client": 4},
+            "unknown config keyword 'num_client' (keywords are keys with '_' for '-' and '.', "
+            "e.g. privacy_target_epsilon); close matches: num_clients",
+        ),
         ({"target_epsilon": 3}, "unknown config keyword 'target_epsilon'"),
-        ({"privacy_target_epsilon": -1.0}, "invalid value for 'privacy.target-epsilon': -1.0 (must be > 0) "
-                                           "(from keyword privacy_target_epsilon)"),
+        (
+            {"privacy_target_epsilon": -1.0},
+            "invalid value for 'privacy.target-epsilon': -1.0 (must be > 0) (from keyword privacy_target_epsilon)",
+        ),
         ({"num_clients": 2.5}, "invalid value for 'num-clients': 2.5 (expected int) (from keyword num_clients)"),
         ({"strategy_params": {"name": "x"}}, "strategy_params cannot set 'strategy.name'; use the keyword 'strategy'"),
         ({"strategy_params": [1, 2]}, "invalid value for keyword 'strategy_params'"),

@@ -32,20 +32,39 @@ import numpy as np
 import pytest
 import torch
 from flwr.common.config import get_fused_config_from_dir
+from waits import seconds
 
 from fedvault.config import RunConfig
 from fedvault.deploy.cli import cmd_keys_init, resolve_server_config, write_app_dir
+from fedvault.deploy.processes import child_env, executable, free_port, start_process, stop, wait_for_log
+from fedvault.deploy.superlink import start_superlink
 from fedvault.errors import ConfigError
 from fedvault.security.tls_keys import KeysError, init_keys
-from fedvault.deploy.processes import child_env, executable, free_port, start_process, stop, wait_for_log
 from fedvault.server.checkpoint import load_checkpoint
-from fedvault.deploy.superlink import start_superlink
-from waits import seconds
 
 ROUNDS = 2
-RUN = ["--set", 'task="digits"', "--set", "num-clients=3", "--set", f"num-server-rounds={ROUNDS}",
-       "--set", "local-epochs=1", "--set", "privacy.sample-level=false", "--set", "fraction-evaluate=0.0",
-       "--set", "fraction-train=1.0", "--set", "seed=7"]
+RUN = [
+    "--set",
+    'task="digits"',
+    "--set",
+    "batch-size=32",
+    "--set",
+    "learning-rate=0.05",
+    "--set",
+    "num-clients=3",
+    "--set",
+    f"num-server-rounds={ROUNDS}",
+    "--set",
+    "local-epochs=1",
+    "--set",
+    "privacy.sample-level=false",
+    "--set",
+    "fraction-evaluate=0.0",
+    "--set",
+    "fraction-train=1.0",
+    "--set",
+    "seed=7",
+]
 RUN_TIMEOUT_S = seconds(150)
 FAULT_TIMEOUT_S = seconds(25)
 READY = re.compile(r"^ready$", re.MULTILINE)
@@ -60,7 +79,8 @@ def test_keys_init_prints_what_to_copy_and_the_identity_fingerprint(tmp_path):
     assert cmd_keys_init(args, out) == 0
     text = out.getvalue()
     fingerprint = re.search(r"fingerprint \(clients pin it\): ([0-9a-f]{64})", text).group(1)
-    from fedvault.security.identity import fingerprint as fp, load_identity_public_key
+    from fedvault.security.identity import fingerprint as fp
+    from fedvault.security.identity import load_identity_public_key
 
     assert fp(load_identity_public_key(tmp_path / "k" / "identity.pub")) == fingerprint
     assert f"{tmp_path / 'k' / 'clients' / 'client-i.key'} -> KEYS/clients/client-i.key" in text
@@ -72,8 +92,9 @@ def test_keys_init_prints_what_to_copy_and_the_identity_fingerprint(tmp_path):
 
 
 def test_app_dir_config_is_the_resolved_config_as_flower_reads_it(tmp_path):
-    cfg = resolve_server_config(None, ['task="digits"', "strategy.name=\"fedavgm\"", "strategy.server-momentum=0.5"],
-                                tmp_path / "state")
+    cfg = resolve_server_config(
+        None, ['task="digits"', 'strategy.name="fedavgm"', "strategy.server-momentum=0.5"], tmp_path / "state"
+    )
     app = write_app_dir(tmp_path / "app", cfg.to_flat())
     assert get_fused_config_from_dir(app, {}) == cfg.to_flat()  # strategy params too: no drift
     assert RunConfig.from_flat(get_fused_config_from_dir(app, {})) == cfg
@@ -97,10 +118,26 @@ def test_server_config_refuses_reusing_a_run_dir_and_resuming_without_a_checkpoi
 def test_client_without_the_ca_is_a_one_line_error(tmp_path):
     keys = init_keys(tmp_path / "k", 1)
     keys.ca_cert.unlink()
-    done = _cli(["client", "--server", "127.0.0.1:9", "--keys", str(keys.directory), "--client-id", "1",
-                 "--num-partitions", "1", "--state", str(tmp_path / "c")])
+    done = _cli(
+        [
+            "client",
+            "--server",
+            "127.0.0.1:9",
+            "--keys",
+            str(keys.directory),
+            "--client-id",
+            "1",
+            "--num-partitions",
+            "1",
+            "--state",
+            str(tmp_path / "c"),
+        ]
+    )
     assert done.returncode == 2
-    assert done.stderr.strip() == f"fedvault client: error: missing key file {keys.ca_cert} (create it with 'fedvault keys')"
+    assert (
+        done.stderr.strip()
+        == f"fedvault client: error: missing key file {keys.ca_cert} (create it with 'fedvault keys')"
+    )
 
 
 # ---- real processes ---------------------------------------------------------------------------
@@ -136,16 +173,38 @@ def federation(tmp_path_factory):
         server = processes.start(_server_args(root, port, "reference"), root / "server.log", "fedvault server")
         wait_for_log(server, READY, seconds(60))
         clients = [
-            processes.start(["client", "--server", f"127.0.0.1:{port}", "--keys", str(root / "keys"),
-                             "--client-id", str(i), "--num-partitions", "3", "--state", str(root / f"client-{i}")],
-                            root / f"client-{i}.log", f"fedvault client {i}")
+            processes.start(
+                [
+                    "client",
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--keys",
+                    str(root / "keys"),
+                    "--client-id",
+                    str(i),
+                    "--num-partitions",
+                    "3",
+                    "--state",
+                    str(root / f"client-{i}"),
+                ],
+                root / f"client-{i}.log",
+                f"fedvault client {i}",
+            )
             for i in (1, 2, 3)
         ]
         for client in clients:
             wait_for_log(client, READY, seconds(60))
         code = server.popen.wait(timeout=RUN_TIMEOUT_S)
-        yield {"root": root, "port": port, "code": code, "server": server, "clients": clients,
-               "processes": processes, "run_dir": root / "runs" / "reference", "keys": root / "keys"}
+        yield {
+            "root": root,
+            "port": port,
+            "code": code,
+            "server": server,
+            "clients": clients,
+            "processes": processes,
+            "run_dir": root / "runs" / "reference",
+            "keys": root / "keys",
+        }
     finally:
         processes.stop_all()
 
@@ -174,9 +233,25 @@ def test_unregistered_client_is_refused_with_one_line(federation, tmp_path):
     link = start_superlink(tmp_path / "link", federation["keys"], port=free_port())
     try:
         keys.ca_cert.write_bytes((federation["keys"] / "ca.pem").read_bytes())  # trusts the right CA
-        done = _cli(["client", "--server", link.address, "--keys", str(keys.directory), "--client-id", "1",
-                     "--num-partitions", "3", "--state", str(tmp_path / "c"), "--startup-timeout", str(seconds(30)),
-                     "--server-identity", str(federation["keys"] / "identity.pub")])
+        done = _cli(
+            [
+                "client",
+                "--server",
+                link.address,
+                "--keys",
+                str(keys.directory),
+                "--client-id",
+                "1",
+                "--num-partitions",
+                "3",
+                "--state",
+                str(tmp_path / "c"),
+                "--startup-timeout",
+                str(seconds(30)),
+                "--server-identity",
+                str(federation["keys"] / "identity.pub"),
+            ]
+        )
     finally:
         link.stop()
     assert done.returncode == 2
@@ -198,9 +273,23 @@ def test_killed_server_resumes_from_its_checkpoint_to_the_same_model(federation)
     server.popen.wait(timeout=seconds(10))
     assert not (run_dir / "summary.json").exists()
 
-    resumed = processes.start(["server", "--resume", str(run_dir), "--keys", str(federation["keys"]),
-                               "--state", str(root / "state"), "--host", "127.0.0.1", "--port", str(federation["port"])],
-                              root / "resumed.log", "fedvault server --resume")
+    resumed = processes.start(
+        [
+            "server",
+            "--resume",
+            str(run_dir),
+            "--keys",
+            str(federation["keys"]),
+            "--state",
+            str(root / "state"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(federation["port"]),
+        ],
+        root / "resumed.log",
+        "fedvault server --resume",
+    )
     assert resumed.popen.wait(timeout=RUN_TIMEOUT_S + seconds(60)) == 0, resumed.log_text()
     assert f"resuming {run_dir} at round 2" in resumed.log_text()
 
@@ -227,8 +316,15 @@ def test_superlink_state_holds_update_bytes_only_when_sealing_is_off(federation,
     root, processes = federation["root"], federation["processes"]
     run = f"plaintext-{sealing}"
     args = _server_args(root, federation["port"], run) + [
-        "--set", "num-server-rounds=1", "--set", "fraction-train=0.34", "--set", f'sealing.mode="{sealing}"',
-        "--set", f"seed={11 if sealing == 'auto' else 13}"]
+        "--set",
+        "num-server-rounds=1",
+        "--set",
+        "fraction-train=0.34",
+        "--set",
+        f'sealing.mode="{sealing}"',
+        "--set",
+        f"seed={11 if sealing == 'auto' else 13}",
+    ]
     server = processes.start(args, root / f"{run}.log", "fedvault server")
     assert server.popen.wait(timeout=RUN_TIMEOUT_S) == 0, server.log_text()
     records = [json.loads(line) for line in (root / "runs" / run / "metrics.jsonl").read_text().splitlines() if line]
@@ -238,7 +334,9 @@ def test_superlink_state_holds_update_bytes_only_when_sealing_is_off(federation,
     assert len(patterns) > 20
     stored = {path: path.read_bytes() for path in (root / "state").rglob("*") if path.is_file()}
     assert any(path.name.startswith("state.db") for path in stored)
-    found = sorted({str(path.relative_to(root)) for path, data in stored.items() for window in patterns if window in data})
+    found = sorted(
+        {str(path.relative_to(root)) for path, data in stored.items() for window in patterns if window in data}
+    )
     if sealing == "off":
         assert found, "control: the plaintext update should be in the SuperLink's state"
     else:
@@ -256,13 +354,18 @@ def test_a_client_killed_mid_round_is_recorded_and_the_run_completes(federation)
     received_before = supernode_log.read_text().count("Receiving: train message")
     args = _server_args(root, federation["port"], "fault") + ["--set", f"round-timeout={FAULT_TIMEOUT_S}"]
     server = processes.start(args, root / "fault.log", "fedvault server")
-    _wait_for(lambda: supernode_log.read_text().count("Receiving: train message") > received_before
-              or not server.alive(), RUN_TIMEOUT_S, "round 1's train message at client 3")
+    _wait_for(
+        lambda: supernode_log.read_text().count("Receiving: train message") > received_before or not server.alive(),
+        RUN_TIMEOUT_S,
+        "round 1's train message at client 3",
+    )
     for pgid in (supernode_pid, victim.pid):  # the SuperNode (and its ClientApp) die mid-round
         _killpg(pgid, signal.SIGKILL)
     assert server.popen.wait(timeout=RUN_TIMEOUT_S + 3 * FAULT_TIMEOUT_S) == 0, server.log_text()
 
-    records = [json.loads(line) for line in (root / "runs" / "fault" / "metrics.jsonl").read_text().splitlines() if line]
+    records = [
+        json.loads(line) for line in (root / "runs" / "fault" / "metrics.jsonl").read_text().splitlines() if line
+    ]
     assert [r["round"] for r in records] == [0, 1, 2]
     first, second = records[1], records[2]
     assert first["clients_sampled"] == 3 and first["replies_ok"] == 2 and first["failed_nodes"] == [node_id]
@@ -277,13 +380,26 @@ def test_a_client_killed_mid_round_is_recorded_and_the_run_completes(federation)
 
 
 def _server_args(root: Path, port: int, run: str) -> list[str]:
-    return ["server", *RUN, "--set", f'run-dir="{root / "runs" / run}"', "--keys", str(root / "keys"),
-            "--state", str(root / "state"), "--host", "127.0.0.1", "--port", str(port)]
+    return [
+        "server",
+        *RUN,
+        "--set",
+        f'run-dir="{root / "runs" / run}"',
+        "--keys",
+        str(root / "keys"),
+        "--state",
+        str(root / "state"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
 
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([executable("fedvault"), *args], capture_output=True, text=True, env=child_env(),
-                          timeout=seconds(120))
+    return subprocess.run(
+        [executable("fedvault"), *args], capture_output=True, text=True, env=child_env(), timeout=seconds(120)
+    )
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
@@ -312,7 +428,7 @@ def _update_windows(state: dict, initial: dict, size: int = 64) -> list[bytes]:
             continue
         raw, before = data.tobytes(), np.ascontiguousarray(initial[name]).tobytes()
         for start in range(0, len(raw) - size + 1, size):
-            window = raw[start:start + size]
-            if window != before[start:start + size] and len(set(np.frombuffer(window, np.float32))) >= size // 8:
+            window = raw[start : start + size]
+            if window != before[start : start + size] and len(set(np.frombuffer(window, np.float32))) >= size // 8:
                 windows.append(window)
     return windows

@@ -12,10 +12,8 @@ import time
 
 import pytest
 from flwr.common.config import parse_config_args
+from waits import seconds
 
-from fedvault.deploy.supernode import start_supernode
-from fedvault.errors import ConfigError
-from fedvault.security.tls_keys import init_keys
 from fedvault.deploy.processes import (
     ProcessError,
     child_env,
@@ -28,7 +26,9 @@ from fedvault.deploy.processes import (
     wait_healthy,
 )
 from fedvault.deploy.superlink import list_nodes, start_superlink, wait_node_online
-from waits import seconds
+from fedvault.deploy.supernode import start_supernode
+from fedvault.errors import ConfigError
+from fedvault.security.tls_keys import init_keys
 
 pytestmark = pytest.mark.integration
 
@@ -60,13 +60,11 @@ def started():
 
 def _node(superlink_address, tmp_path, name, **kwargs):
     kwargs.setdefault("timeout", seconds(30))
-    return start_supernode(superlink_address, tmp_path / name, partition_id=0, num_partitions=2,
-                           **kwargs)
+    return start_supernode(superlink_address, tmp_path / name, partition_id=0, num_partitions=2, **kwargs)
 
 
 def _python(code: str, log_path):
-    return start_process([sys.executable, "-c", code], name="child", log_path=log_path,
-                         env=child_env())
+    return start_process([sys.executable, "-c", code], name="child", log_path=log_path, env=child_env())
 
 
 def test_superlink_with_tls_and_node_auth_is_healthy_and_has_the_keys_registered(superlink, keys):
@@ -82,8 +80,7 @@ def test_superlink_with_tls_and_node_auth_is_healthy_and_has_the_keys_registered
 
 
 def test_registered_supernode_connects_and_shows_online(superlink, keys, tmp_path, started):
-    node = _node(superlink.address, tmp_path, "n1",
-                 root_certificates=keys.ca_cert, private_key=keys.client_key(1))
+    node = _node(superlink.address, tmp_path, "n1", root_certificates=keys.ca_cert, private_key=keys.client_key(1))
     started.append(node)
     assert node.node_id == superlink.node_ids[keys.client_public_key(1)]
     assert wait_node_online(superlink.connection, node.node_id, seconds(15))["status"] == "online"
@@ -93,8 +90,7 @@ def test_registered_supernode_connects_and_shows_online(superlink, keys, tmp_pat
 def test_unregistered_supernode_is_refused_with_a_clear_message(superlink, keys, tmp_path):
     outsider = init_keys(tmp_path / "outsider", 1)  # same CA trust, key never registered
     with pytest.raises(ProcessError) as caught:
-        _node(superlink.address, tmp_path, "out",
-              root_certificates=keys.ca_cert, private_key=outsider.client_key(1))
+        _node(superlink.address, tmp_path, "out", root_certificates=keys.ca_cert, private_key=outsider.client_key(1))
     first_line, _, tail = str(caught.value).partition("\n")
     assert "refused this SuperNode's key: register its .pub" in first_line
     assert "Failed to activate SuperNode" in tail  # Flower's own words are quoted
@@ -102,8 +98,7 @@ def test_unregistered_supernode_is_refused_with_a_clear_message(superlink, keys,
 
 def test_supernode_without_the_ca_cannot_reach_the_tls_superlink(superlink, keys, tmp_path):
     with pytest.raises(ProcessError) as caught:
-        _node(superlink.address, tmp_path, "noca",
-              root_certificates=None, private_key=keys.client_key(2))
+        _node(superlink.address, tmp_path, "noca", root_certificates=None, private_key=keys.client_key(2))
     first_line, _, tail = str(caught.value).partition("\n")
     assert "TLS verification of the SuperLink failed" in first_line
     assert "CERTIFICATE_VERIFY_FAILED" in tail
@@ -113,27 +108,37 @@ def test_supernode_without_the_ca_cannot_reach_the_tls_superlink(superlink, keys
 
 def test_supernode_health_is_serving_before_it_reaches_any_superlink(keys, tmp_path, started):
     nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
-    node = _node(nowhere, tmp_path, "lonely", root_certificates=keys.ca_cert,
-                 private_key=keys.client_key(1), wait_connected=False)
+    node = _node(
+        nowhere,
+        tmp_path,
+        "lonely",
+        root_certificates=keys.ca_cert,
+        private_key=keys.client_key(1),
+        wait_connected=False,
+    )
     started.append(node)
     wait_for_log(node.process, "Connection attempt failed", seconds(15))
     assert node.process.alive() and "SuperNode ID" not in node.process.log_text()
     wait_healthy(node.health_address, seconds(10), node.process)  # still "healthy": health != connected
     with pytest.raises(ProcessError, match="cannot reach SuperLink .*no connection"):
-        _node(nowhere, tmp_path, "lonely2", root_certificates=keys.ca_cert,
-              private_key=keys.client_key(2), timeout=seconds(5))
+        _node(
+            nowhere,
+            tmp_path,
+            "lonely2",
+            root_certificates=keys.ca_cert,
+            private_key=keys.client_key(2),
+            timeout=seconds(5),
+        )
 
 
-def test_insecure_superlink_warns_and_accepts_an_unauthenticated_supernode(tmp_path, caplog,
-                                                                            started):
+def test_insecure_superlink_warns_and_accepts_an_unauthenticated_supernode(tmp_path, caplog, started):
     with caplog.at_level(logging.WARNING):
         link = start_superlink(tmp_path / "link", insecure=True, port=free_port())
     try:
         assert any("INSECURE SuperLink" in r.getMessage() for r in caplog.records)
         assert "--insecure" in link.process.popen.args
         assert "--enable-supernode-auth" not in link.process.popen.args
-        node = _node(link.address, tmp_path, "n", root_certificates=None, private_key=None,
-                     insecure=True)
+        node = _node(link.address, tmp_path, "n", root_certificates=None, private_key=None, insecure=True)
         started.append(node)
         assert wait_node_online(link.connection, node.node_id, seconds(15))["status"] == "online"
     finally:
@@ -206,8 +211,15 @@ def test_supervise_stops_the_others_when_one_exits(tmp_path):
 
 
 def test_format_config_round_trips_through_flowers_parser():
-    values = {"partition-id": 3, "num-partitions": 10, "lr": 1e-05, "dp": True,
-              "task": "pkg.mod:Task", "note": "a b 'c'", "path": "C:\\data dir"}
+    values = {
+        "partition-id": 3,
+        "num-partitions": 10,
+        "lr": 1e-05,
+        "dp": True,
+        "task": "pkg.mod:Task",
+        "note": "a b 'c'",
+        "path": "C:\\data dir",
+    }
     assert parse_config_args([format_config(values)]) == values
     for bad in ({"k": "both ' and \""}, {"k": "line\nbreak"}, {"k": float("nan")}, {"a b": 1}):
         with pytest.raises(ConfigError):

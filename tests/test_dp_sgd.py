@@ -12,7 +12,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedvault.privacy import dp_sgd
-from fedvault.tasks import SupervisedTask, TrainResult
 from fedvault.privacy.dp_sgd import (
     DPSGDError,
     PrivateTrainer,
@@ -23,6 +22,7 @@ from fedvault.privacy.dp_sgd import (
     poisson_sample_rate,
     steps_per_epoch,
 )
+from fedvault.tasks import SupervisedTask, TrainResult
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 CE = nn.CrossEntropyLoss()
@@ -34,8 +34,14 @@ def sgd(lr: float, momentum: float = 0.0):
 
 def trainer_for(model, dataset, batch_size, *, lr=1.0, sigma=0.0, clip=1.0, mode="hooks", **kw) -> PrivateTrainer:
     return PrivateTrainer(
-        model, sgd(lr), DataLoader(dataset, batch_size=batch_size),
-        noise_multiplier=sigma, max_grad_norm=clip, criterion=CE, grad_sample_mode=mode, **kw,
+        model,
+        sgd(lr),
+        DataLoader(dataset, batch_size=batch_size),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        criterion=CE,
+        grad_sample_mode=mode,
+        **kw,
     )
 
 
@@ -129,8 +135,12 @@ def test_engine_is_built_once_and_reused_across_rounds():
     )
     dataset = TensorDataset(torch.randn(256, 1, 40), torch.randint(0, 10, (256,)))
     trainer = PrivateTrainer(
-        model, sgd(0.05, momentum=0.9), DataLoader(dataset, batch_size=32),
-        noise_multiplier=1.0, max_grad_norm=1.0, criterion=CE,
+        model,
+        sgd(0.05, momentum=0.9),
+        DataLoader(dataset, batch_size=32),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        criterion=CE,
     )
     global_model = dp_compatible(model)  # BatchNorm -> GroupNorm, same keys as the trainer's model
     assert not any(isinstance(m, nn.BatchNorm1d) for m in global_model.modules())
@@ -213,8 +223,14 @@ def test_poisson_samples_and_noise_do_not_follow_the_global_torch_seed():
 def test_invalid_setup_is_refused_with_a_named_reason():
     dataset = TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
     with pytest.raises(DPSGDError, match="reduction"):
-        PrivateTrainer(nn.Linear(4, 3), sgd(0.1), DataLoader(dataset, batch_size=4), noise_multiplier=1.0,
-                       max_grad_norm=1.0, criterion=nn.CrossEntropyLoss(reduction="none"))
+        PrivateTrainer(
+            nn.Linear(4, 3),
+            sgd(0.1),
+            DataLoader(dataset, batch_size=4),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            criterion=nn.CrossEntropyLoss(reduction="none"),
+        )
     with pytest.raises(DPSGDError, match="grad_sample_mode"):
         trainer_for(nn.Linear(4, 3), dataset, 4, mode="functorch")
     with pytest.raises(DPSGDError, match="max_grad_norm"):
@@ -258,7 +274,10 @@ def test_auto_leaves_out_a_mode_that_cannot_train_the_model(monkeypatch, caplog)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dp_sgd, "make_private_parts", no_ew)
-    model, batch = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)), (torch.randn(8, 7), torch.zeros(8, dtype=torch.long))
+    model, batch = (
+        nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)),
+        (torch.randn(8, 7), torch.zeros(8, dtype=torch.long)),
+    )
     choice = dp_sgd.auto_grad_sample_mode(model, batch, CE, torch.device("cpu"))
     assert set(choice.seconds_per_step) == {"hooks", "ghost"} and choice.mode in {"hooks", "ghost"}
     assert "grad-sample mode 'ew' cannot train this model (no expanded-weights rule for this layer)" in caplog.text
@@ -281,8 +300,9 @@ def test_strategy_hooks_edit_the_noised_gradient_once_per_logical_step(mode, phy
     """Clip ~0 and no noise: the private gradient is ~0, so only the hook moves the weights. Had it
     run before Opacus' pre_step, Opacus would have overwritten it and nothing would move."""
     dataset = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
-    trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=16, lr=0.1, clip=1e-12, mode=mode,
-                          max_physical_batch_size=physical)
+    trainer = trainer_for(
+        nn.Linear(4, 3), dataset, batch_size=16, lr=0.1, clip=1e-12, mode=mode, max_physical_batch_size=physical
+    )
     start, hook = start_state(trainer), ConstantPull(0.5)
     result = train_round(trainer, start, epochs=3, make_hooks=lambda model: [hook])
     assert hook.calls == result.steps == 3 * 2
@@ -314,8 +334,15 @@ def test_ghost_mode_refuses_a_step_whose_loss_skipped_the_clipping_wrapper():
 def test_round_learning_rate_overrides_the_optimizers_and_epsilon_is_reported():
     dataset = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
     trainer = PrivateTrainer.with_budget(
-        nn.Linear(4, 3), sgd(0.0), DataLoader(dataset, batch_size=8), target_epsilon=2.0, target_delta=1e-5,
-        epochs=2, rounds=3, max_grad_norm=1.0, criterion=CE,
+        nn.Linear(4, 3),
+        sgd(0.0),
+        DataLoader(dataset, batch_size=8),
+        target_epsilon=2.0,
+        target_delta=1e-5,
+        epochs=2,
+        rounds=3,
+        max_grad_norm=1.0,
+        criterion=CE,
     )
     assert trainer.epsilon(1e-5) == 0.0
     start = start_state(trainer)

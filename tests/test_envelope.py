@@ -22,20 +22,8 @@ from fedvault.security.envelope import (
     sign_instruction,
     verify_instruction,
 )
-from fedvault.security.identity import (
-    IdentityError,
-    IdentityPin,
-    announce_run_key,
-    fingerprint,
-    sign_arrays,
-)
-from fedvault.security.sealing import (
-    HYBRID_SUITE,
-    MIN_CHUNK_SIZE,
-    SealContext,
-    SealingError,
-    seal_frames,
-)
+from fedvault.security.identity import IdentityError, IdentityPin, announce_run_key, fingerprint, sign_arrays
+from fedvault.security.sealing import HYBRID_SUITE, MIN_CHUNK_SIZE, SealContext, SealingError, seal_frames
 
 RUN, ROUND, NODE = 2**63 + 3, 4, 991
 BINDING = dict(run_id=RUN, round=ROUND, node_id=NODE, kind="train")
@@ -67,8 +55,15 @@ def reply_content() -> RecordDict:
             "arrays": arrays,
             "metrics": MetricRecord({"train_loss": 0.125, "num-examples": 4321, "hist": [3, 1, 2]}),
             "dp-events": ConfigRecord(
-                {"event": b"\x00\xffraw", "sigma": 1.1, "poisson": True, "tags": ["a", "b"],
-                 "blobs": [b"x", b""], "steps": 250, "none": []}
+                {
+                    "event": b"\x00\xffraw",
+                    "sigma": 1.1,
+                    "poisson": True,
+                    "tags": ["a", "b"],
+                    "blobs": [b"x", b""],
+                    "steps": 250,
+                    "none": [],
+                }
             ),
             "no-arrays": ArrayRecord(),
         }
@@ -110,7 +105,11 @@ def test_reply_round_trips_every_record_exactly_over_flowers_wire_format(server,
     for key, array in original["arrays"].items():
         got = opened["arrays"][key]
         assert (got.dtype, tuple(got.shape), got.stype, got.data) == (
-            array.dtype, tuple(array.shape), array.stype, array.data)
+            array.dtype,
+            tuple(array.shape),
+            array.stype,
+            array.data,
+        )
         np.testing.assert_array_equal(got.numpy(), array.numpy())
     for name in ("metrics", "dp-events"):
         assert type(opened[name]) is type(original[name])
@@ -122,9 +121,7 @@ def test_reply_round_trips_every_record_exactly_over_flowers_wire_format(server,
 
 def test_sealed_reply_shows_no_metric_name_value_or_weights(sealed_reply):
     assert set(sealed_reply) == {SEAL_RECORD, SEALED_RECORD}
-    visible = b"".join(
-        a.data for a in sealed_reply[SEALED_RECORD].values()
-    ) + sealed_reply[SEAL_RECORD]["header"]
+    visible = b"".join(a.data for a in sealed_reply[SEALED_RECORD].values()) + sealed_reply[SEAL_RECORD]["header"]
     original = reply_content()
     assert b"num-examples" not in visible and b"4321" not in visible and b"fc.weight" not in visible
     assert original["arrays"]["fc.weight"].data[-64:] not in visible
@@ -146,13 +143,15 @@ def test_large_reply_with_default_chunks_and_hybrid_suite():
 
 @pytest.mark.parametrize(
     "change, field",
-    [({"round": ROUND + 1}, "header.round"), ({"round": ROUND - 1}, "header.round"),
-     ({"node_id": NODE + 1}, "header.node"), ({"run_id": RUN + 1}, "header.run"),
-     ({"kind": "evaluate"}, "header.kind")],
+    [
+        ({"round": ROUND + 1}, "header.round"),
+        ({"round": ROUND - 1}, "header.round"),
+        ({"node_id": NODE + 1}, "header.node"),
+        ({"run_id": RUN + 1}, "header.run"),
+        ({"kind": "evaluate"}, "header.kind"),
+    ],
 )
-def test_reply_replayed_to_another_round_node_run_or_kind_is_rejected(
-    server, sealed_reply, change, field
-):
+def test_reply_replayed_to_another_round_node_run_or_kind_is_rejected(server, sealed_reply, change, field):
     _, run_key, _, _ = server
     assert _reject(_copy(sealed_reply), run_key, **change).field == field
 
@@ -229,8 +228,10 @@ def test_unsealed_reply_is_rejected(server):
     "frames",
     [
         [({"record": "x", "type": "bogus"}, b"")],
-        [({"record": "x", "type": "arrays", "count": 2}, b""), ({"key": "a", "dtype": "uint8",
-          "shape": [1], "stype": "numpy.ndarray"}, b"\x00")],
+        [
+            ({"record": "x", "type": "arrays", "count": 2}, b""),
+            ({"key": "a", "dtype": "uint8", "shape": [1], "stype": "numpy.ndarray"}, b"\x00"),
+        ],
         [({"record": "m", "type": "metrics"}, b'[["loss","not a number"]]')],
         [({"record": "m", "type": "config"}, b"{}")],
         [({"type": "config"}, b"[]")],
@@ -239,12 +240,17 @@ def test_unsealed_reply_is_rejected(server):
 def test_authenticated_but_malformed_reply_is_rejected_cleanly(server, frames):
     _, run_key, _, _ = server
     sealed = seal_frames(frames, run_key.public, SealContext(RUN, ROUND, NODE, "train"))
-    content = RecordDict({
-        SEAL_RECORD: ConfigRecord({"header": sealed.header, "key": sealed.key}),
-        SEALED_RECORD: ArrayRecord({f"chunk-{i}": Array(dtype="uint8", shape=(len(c),),
-                                    stype="fedvault.sealed-chunk", data=c)
-                                    for i, c in enumerate(sealed.chunks)}),
-    })
+    content = RecordDict(
+        {
+            SEAL_RECORD: ConfigRecord({"header": sealed.header, "key": sealed.key}),
+            SEALED_RECORD: ArrayRecord(
+                {
+                    f"chunk-{i}": Array(dtype="uint8", shape=(len(c),), stype="fedvault.sealed-chunk", data=c)
+                    for i, c in enumerate(sealed.chunks)
+                }
+            ),
+        }
+    )
     assert _reject(content, run_key).field == "payload"
 
 
@@ -334,10 +340,12 @@ def test_unsigned_instruction_or_missing_announcement_is_rejected(server, signed
 
     # The server signs content without an announcement: the signature holds, the key is missing.
     without = instruction()
-    without[SIGNATURE_RECORD] = ConfigRecord({
-        "identity": identity.public_key().public_bytes_raw(),
-        "signature": sign_arrays(identity, RUN, ROUND, content_digest(without)),
-    })
+    without[SIGNATURE_RECORD] = ConfigRecord(
+        {
+            "identity": identity.public_key().public_bytes_raw(),
+            "signature": sign_arrays(identity, RUN, ROUND, content_digest(without)),
+        }
+    )
     assert _refuse(without, pin).field == RUN_KEY_RECORD
 
 

@@ -27,8 +27,12 @@ def write_idx(path, array: np.ndarray, compress: bool) -> None:
 @pytest.fixture
 def tiny_dir(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {"train_x": rng.integers(0, 256, (6, 28, 28)), "train_y": np.arange(6) % 10,
-              "test_x": rng.integers(0, 256, (4, 28, 28)), "test_y": np.array([9, 0, 3, 1])}
+    arrays = {
+        "train_x": rng.integers(0, 256, (6, 28, 28)),
+        "train_y": np.arange(6) % 10,
+        "test_x": rng.integers(0, 256, (4, 28, 28)),
+        "test_y": np.array([9, 0, 3, 1]),
+    }
     for i, (key, stem) in enumerate(FILES.items()):
         write_idx(tmp_path / stem, arrays[key], compress=i % 2 == 0)  # both spellings, .gz and plain
     return tmp_path, arrays
@@ -64,8 +68,10 @@ def test_missing_or_corrupt_files_say_how_to_get_them(tmp_path, monkeypatch, tin
         read_idx(bad)
 
 
-@pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(),
-                    reason="Fashion-MNIST not installed: apt-get update && apt-get install -y dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST not installed: apt-get update && apt-get install -y dataset-fashion-mnist",
+)
 def test_the_real_files_hold_60000_and_10000_images(monkeypatch):
     monkeypatch.delenv(ENV_DIR, raising=False)
     data = load_fashion_mnist()

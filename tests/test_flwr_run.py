@@ -31,14 +31,30 @@ def _stop_managed_superlink(flwr_home: Path) -> None:
 def test_flwr_run_dot_trains_with_fedvault_apps(tmp_path):
     flwr_home = tmp_path / "flwr-home"
     run_dir = tmp_path / "run"
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
     try:
         proc = subprocess.run(
-            ["flwr", "run", ".", "--stream", "--run-config",
-             f'task="digits" num-clients=2 num-server-rounds=2 fraction-evaluate=0.0 run-dir="{run_dir}" '
-             'sealing.mode="off"'],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=seconds(400),
+            [
+                "flwr",
+                "run",
+                ".",
+                "--stream",
+                "--run-config",
+                f'task="digits" num-clients=2 num-server-rounds=2 fraction-evaluate=0.0 batch-size=32 '
+                "learning-rate=0.05 "
+                f'run-dir="{run_dir}" '
+                'sealing.mode="off"',
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=seconds(400),
         )
     finally:
         _stop_managed_superlink(flwr_home)

@@ -57,7 +57,11 @@ def test_every_exported_name_resolves():
     from fedvault.tasks import load_task
 
     assert (fedvault.PrivateTrainer, fedvault.audit, fedvault.simulate, fedvault.load_task) == (
-        PrivateTrainer, audit, simulate, load_task)
+        PrivateTrainer,
+        audit,
+        simulate,
+        load_task,
+    )
     assert fedvault.load_task("digits").build_model() is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fedvault.nope  # noqa: B018
@@ -74,8 +78,14 @@ def test_run_config_validates_on_construction():
 
 
 def test_keyword_constructor():
-    cfg = RunConfig.create(task="digits", num_clients=4, num_server_rounds=3, privacy_target_epsilon=8.0,
-                           strategy="fedprox", strategy_params={"proximal-mu": 0.1})
+    cfg = RunConfig.create(
+        task="digits",
+        num_clients=4,
+        num_server_rounds=3,
+        privacy_target_epsilon=8.0,
+        strategy="fedprox",
+        strategy_params={"proximal-mu": 0.1},
+    )
     assert (cfg.task, cfg.num_clients, cfg.num_server_rounds, cfg.privacy.target_epsilon) == ("digits", 4, 3, 8.0)
     assert cfg.strategy.name == "fedprox" and dict(cfg.strategy_params) == {"proximal-mu": 0.1}
     with pytest.raises(ConfigError, match="unknown config keyword 'num_rounds'.*close matches: .*num_server_rounds"):
@@ -131,9 +141,15 @@ def test_show_progress_attaches_one_handler(capsys):
 def test_plots_are_written_without_pyplot(tmp_path):
     from fedvault.plots import plot_run
 
-    rounds = [{"round": 0, "central": {"accuracy": 0.1, "loss": 2.3}},
-              {"round": 1, "central": {"accuracy": 0.5, "loss": 1.2}, "train": {"train_loss": 1.5},
-               "evaluate": {"eval_accuracy": 0.4, "eval_loss": 1.3}}]
+    rounds = [
+        {"round": 0, "central": {"accuracy": 0.1, "loss": 2.3}},
+        {
+            "round": 1,
+            "central": {"accuracy": 0.5, "loss": 1.2},
+            "train": {"train_loss": 1.5},
+            "evaluate": {"eval_accuracy": 0.4, "eval_loss": 1.3},
+        },
+    ]
     written = plot_run(rounds, tmp_path, "digits")
     assert [p.name for p in written] == ["accuracy.png", "loss.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)

@@ -22,9 +22,17 @@ LAYERS = {
 }
 #: The modules that may import everything: the command line, and the front door's lazy re-exports.
 TOP = {"fedvault.cli", "fedvault"}
-ROOTS = {"fedvault": "fedvault", "fedvault.tasks": "fedvault/tasks", "fedvault.privacy": "privacy",
-         "fedvault.security": "security", "fedvault.strategies": "strategies", "fedvault.client": "client",
-         "fedvault.server": "server", "fedvault.simulations": "simulations", "fedvault.deploy": "deploy"}
+ROOTS = {
+    "fedvault": "fedvault",
+    "fedvault.tasks": "fedvault/tasks",
+    "fedvault.privacy": "privacy",
+    "fedvault.security": "security",
+    "fedvault.strategies": "strategies",
+    "fedvault.client": "client",
+    "fedvault.server": "server",
+    "fedvault.simulations": "simulations",
+    "fedvault.deploy": "deploy",
+}
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -26,9 +26,7 @@ def _mode(path) -> int:
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
-    return init_keys(
-        tmp_path_factory.mktemp("keys") / "k", 3, ["fl.example.org", "10.1.2.3", "[2001:db8::7]"]
-    )
+    return init_keys(tmp_path_factory.mktemp("keys") / "k", 3, ["fl.example.org", "10.1.2.3", "[2001:db8::7]"])
 
 
 def test_layout_files_and_modes(layout):
@@ -39,8 +37,11 @@ def test_layout_files_and_modes(layout):
     assert layout.client_public_keys() == [layout.client_public_key(i) for i in (1, 2, 3)]
     assert not list(layout.directory.rglob("*.tmp"))  # no temp file left behind
     assert load_layout(layout.directory, server=True) == layout
-    assert load_layout(layout.directory, client=2).client_key(2).read_bytes().startswith(
-        b"-----BEGIN OPENSSH PRIVATE KEY-----"
+    assert (
+        load_layout(layout.directory, client=2)
+        .client_key(2)
+        .read_bytes()
+        .startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
     )
 
 
@@ -82,19 +83,18 @@ def test_server_certificate_verifies_against_the_ca_only_for_its_names(layout):
     ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
     leaf = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
     builder = PolicyBuilder().store(Store([ca]))
-    for name in (x509.DNSName("localhost"), x509.DNSName("fl.example.org"),
-                 x509.IPAddress(ipaddress.ip_address("10.1.2.3"))):
+    for name in (
+        x509.DNSName("localhost"),
+        x509.DNSName("fl.example.org"),
+        x509.IPAddress(ipaddress.ip_address("10.1.2.3")),
+    ):
         chain = builder.build_server_verifier(name).verify(leaf, [])
         assert chain[-1] == ca
     with pytest.raises(VerificationError):
         builder.build_server_verifier(x509.DNSName("other.example.org")).verify(leaf, [])
-    other_ca = x509.load_pem_x509_certificate(
-        init_keys(layout.directory.parent / "other", 1).ca_cert.read_bytes()
-    )
+    other_ca = x509.load_pem_x509_certificate(init_keys(layout.directory.parent / "other", 1).ca_cert.read_bytes())
     with pytest.raises(VerificationError):
-        PolicyBuilder().store(Store([other_ca])).build_server_verifier(
-            x509.DNSName("localhost")
-        ).verify(leaf, [])
+        PolicyBuilder().store(Store([other_ca])).build_server_verifier(x509.DNSName("localhost")).verify(leaf, [])
 
 
 def test_tls_handshake_with_python_ssl(layout):
@@ -117,13 +117,11 @@ def test_tls_handshake_with_python_ssl(layout):
     thread.start()
     try:
         client_ctx = ssl.create_default_context(cafile=str(layout.ca_cert))
-        with client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)),
-                                    server_hostname="127.0.0.1") as tls:
+        with client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1") as tls:
             assert tls.recv(2) == b"ok"
         system_ctx = ssl.create_default_context()  # without the fedvault CA
         with pytest.raises(ssl.SSLCertVerificationError):
-            system_ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)),
-                                   server_hostname="127.0.0.1")
+            system_ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1")
     finally:
         thread.join(5)
         listener.close()
@@ -132,10 +130,9 @@ def test_tls_handshake_with_python_ssl(layout):
 def test_client_keys_load_with_flowers_own_loaders(layout):
     for index in (1, 2, 3):
         # what flower-supernode --auth-supernode-private-key does
-        loaded = _try_setup_client_authentication(argparse.Namespace(
-            auth_supernode_private_key=str(layout.client_key(index)),
-            auth_supernode_public_key=None,
-        ))
+        loaded = _try_setup_client_authentication(
+            argparse.Namespace(auth_supernode_private_key=str(layout.client_key(index)), auth_supernode_public_key=None)
+        )
         assert loaded is not None
         _, public = loaded
         assert uses_nist_ec_curve(public)
@@ -145,9 +142,7 @@ def test_client_keys_load_with_flowers_own_loaders(layout):
     assert len(keys) == 3  # distinct key pairs
 
 
-@pytest.mark.parametrize(
-    "address", ["https://fl.example.org", "fl.example.org:8000", "a b", "1.2.3"]
-)
+@pytest.mark.parametrize("address", ["https://fl.example.org", "fl.example.org:8000", "a b", "1.2.3"])
 def test_bad_server_address_is_refused_before_writing(tmp_path, address):
     with pytest.raises(KeysError, match="is not a DNS name or IP address"):
         init_keys(tmp_path / "k", 1, [address])

@@ -17,7 +17,7 @@ CALLS: list[dict] = []
 
 
 class CountingTask:
-    """A user's task with its own loop (here: the digits task's, recorded) loaded as 'test_one_training_loop:CountingTask'."""
+    """A user's task with its own loop (the digits task's, recorded); 'test_one_training_loop:CountingTask'."""
 
     name = "counting"
 
@@ -37,8 +37,15 @@ class CountingTask:
         return self.inner.evaluate(model, loader, device)
 
     def train(self, model, loader, optimizer, settings) -> TrainResult:
-        call = {"epochs": settings.epochs, "lr": optimizer.param_groups[0]["lr"], "amp": settings.amp,
-                "model": type(model).__name__, "optimizer": type(optimizer).__name__, "batches": 0, "autocast": []}
+        call = {
+            "epochs": settings.epochs,
+            "lr": optimizer.param_groups[0]["lr"],
+            "amp": settings.amp,
+            "model": type(model).__name__,
+            "optimizer": type(optimizer).__name__,
+            "batches": 0,
+            "autocast": [],
+        }
         original_forward = model.forward
 
         def forward(x, *args, **kwargs):
@@ -57,22 +64,32 @@ class CountingTask:
 
 
 def _run(sample_level: bool, round_config: dict) -> Message:
-    cfg = RunConfig.from_flat({
-        "task": "test_one_training_loop:CountingTask", "num-clients": 4, "local-epochs": 1, "batch-size": 64,
-        "learning-rate": 0.05, "privacy.sample-level": sample_level, "privacy.grad-sample-mode": "hooks",
-        "privacy.node-ledger": "",
-    })
+    cfg = RunConfig.from_flat(
+        {
+            "task": "test_one_training_loop:CountingTask",
+            "num-clients": 4,
+            "local-epochs": 1,
+            "batch-size": 64,
+            "learning-rate": 0.05,
+            "privacy.sample-level": sample_level,
+            "privacy.grad-sample-mode": "hooks",
+            "privacy.node-ledger": "",
+        }
+    )
     torch.manual_seed(0)
     model = load_task("digits").build_model()
     model = dp_compatible(model) if sample_level else model
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(round_config)})
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
-                      run_config={})
+    context = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(), run_config={}
+    )
     return build_client_app(cfg)(Message(content, dst_node_id=7, message_type="train"), context)
 
 
 @pytest.mark.parametrize("sample_level", [False, True])
-def test_the_tasks_own_loop_runs_with_the_rounds_lr_and_epochs(sample_level, monkeypatch, tmp_path, flower_task_identity):
+def test_the_tasks_own_loop_runs_with_the_rounds_lr_and_epochs(
+    sample_level, monkeypatch, tmp_path, flower_task_identity
+):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     monkeypatch.setenv("HOME", str(tmp_path))  # the DP node ledger defaults to ~/.fedvault
     CALLS.clear()

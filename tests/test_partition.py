@@ -10,7 +10,11 @@ LABELS = np.random.default_rng(0).integers(0, 10, size=2000)
 def label_skew(parts, labels, num_classes=10):
     """Mean total-variation distance between each client's label mix and the global one."""
     global_mix = np.bincount(labels, minlength=num_classes) / len(labels)
-    return float(np.mean([0.5 * np.abs(np.bincount(labels[p], minlength=num_classes) / len(p) - global_mix).sum() for p in parts]))
+    return float(
+        np.mean(
+            [0.5 * np.abs(np.bincount(labels[p], minlength=num_classes) / len(p) - global_mix).sum() for p in parts]
+        )
+    )
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])

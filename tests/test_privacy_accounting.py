@@ -11,12 +11,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy import optimize, stats
 
-from fedvault.privacy.accountants import (
-    AccountingError,
-    calibrate_noise_multiplier,
-    epsilon,
-    epsilon_after,
-)
+from fedvault.privacy.accountants import AccountingError, calibrate_noise_multiplier, epsilon, epsilon_after
 from fedvault.privacy.budget import Budget, projected_epsilon, remaining
 from fedvault.privacy.events import DPEvent, DPEventError
 from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger, events_by_party
@@ -149,7 +144,9 @@ def test_budget_refuses_the_round_that_would_cross_the_cap_and_allows_the_rest()
     assert 0 <= remaining(history, budget) < 0.03 * budget.epsilon
     one_more = sample_event(sigma, q, steps, rounds + 1)
     assert projected_epsilon(history, one_more, budget) > budget.epsilon
-    assert remaining(history, budget) == pytest.approx(budget.epsilon - library_pld([(sigma, q, steps * rounds)], DELTA), abs=0.02)
+    assert remaining(history, budget) == pytest.approx(
+        budget.epsilon - library_pld([(sigma, q, steps * rounds)], DELTA), abs=0.02
+    )
 
 
 def test_budget_validation():
@@ -178,4 +175,3 @@ def test_dp_event_round_trip_and_field_errors():
         DPEvent.from_dict({k: v for k, v in event.to_dict().items() if k != "party"})
     with pytest.raises(DPEventError, match="'extra' is unknown"):
         DPEvent.from_dict({**event.to_dict(), "extra": 1})
-

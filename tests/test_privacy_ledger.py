@@ -221,5 +221,8 @@ def test_node_ledger_concurrent_writers_lose_nothing(tmp_path):
     for client in ("client-1", "client-2", "client-shared"):
         assert [e.round for e in ledger.events("run-a", client)] == expected
     with sqlite3.connect(db) as con:  # the writers really overlapped: their rows interleave
-        order = [c for (c,) in con.execute("SELECT client_id FROM dp_events WHERE client_id != 'client-shared' ORDER BY rowid")]
+        order = [
+            c
+            for (c,) in con.execute("SELECT client_id FROM dp_events WHERE client_id != 'client-shared' ORDER BY rowid")
+        ]
     assert order != sorted(order)

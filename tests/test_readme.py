@@ -28,6 +28,7 @@ def test_snippet_is_the_front_door():
 def test_from_python_snippet_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the run directory defaults to ./runs/<time>-<task>
     import fedvault.simulations.harness  # noqa: F401 - scikit-learn sets KMP_* variables when imported; simulate must not
+
     environ, flwr_level = dict(os.environ), logging.getLogger("flwr").level
     namespace: dict = {}
     exec(compile(from_python_snippet(), str(README), "exec"), namespace)

@@ -18,13 +18,18 @@ from strategy_helpers import FakeClient, StaticGrid, client_reply, mlp, random_c
 
 from fedvault.strategies.client_steps import build_client_steps as build_hooks
 from fedvault.strategies.client_steps import finish_client_steps as finish_hooks
-from fedvault.strategies.fednova import FedNovaHook
+from fedvault.strategies.fednova import A_NORM_KEY, TAU_KEY, FedNova, FedNovaHook, fednova_update
 from fedvault.strategies.fedprox import ProximalHook
 from fedvault.strategies.hooks import HookError, local_work
-from fedvault.strategies.scaffold import CLIENT_CONTROL_KEY, ScaffoldHook
-from fedvault.strategies.fednova import A_NORM_KEY, TAU_KEY, FedNova, fednova_update
 from fedvault.strategies.registry import build_strategy
-from fedvault.strategies.scaffold import CLIENT_DELTA_KEY, SERVER_CONTROL_KEY, Scaffold, scaffold_server_update
+from fedvault.strategies.scaffold import (
+    CLIENT_CONTROL_KEY,
+    CLIENT_DELTA_KEY,
+    SERVER_CONTROL_KEY,
+    Scaffold,
+    ScaffoldHook,
+    scaffold_server_update,
+)
 
 pytestmark = pytest.mark.timeout(60)
 mse = torch.nn.functional.mse_loss
@@ -186,12 +191,16 @@ def test_scaffold_sends_c_and_updates_it_with_partial_participation(flower_task_
     assert len(messages) == 2
     for msg in messages:
         assert all(not a.numpy().any() for a in msg.content[SERVER_CONTROL_KEY].values())
-    replies = [client_reply(m, clients[m.metadata.dst_node_id], model, torch.nn.functional.cross_entropy) for m in messages]
+    replies = [
+        client_reply(m, clients[m.metadata.dst_node_id], model, torch.nn.functional.cross_entropy) for m in messages
+    ]
     deltas = [{k: a.numpy() for k, a in r.content[CLIENT_DELTA_KEY].items()} for r in replies]
     new_arrays, _ = strategy.aggregate_train(1, replies)
     for key, value in strategy.control.items():
         np.testing.assert_allclose(value, (deltas[0][key] + deltas[1][key]) / 4, rtol=1e-6)
-    sent = next(iter(strategy.configure_train(2, new_arrays, ConfigRecord(), StaticGrid(clients)))).content[SERVER_CONTROL_KEY]
+    sent = next(iter(strategy.configure_train(2, new_arrays, ConfigRecord(), StaticGrid(clients)))).content[
+        SERVER_CONTROL_KEY
+    ]
     for key, value in strategy.control.items():
         np.testing.assert_allclose(sent[key].numpy(), value, rtol=1e-6)
 
@@ -200,7 +209,9 @@ def test_scaffold_rejects_reply_without_delta_c(flower_task_identity):
     strategy = Scaffold()
     model, clients = mlp(), random_clients(2)
     messages = list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StaticGrid(clients)))
-    replies = [client_reply(m, clients[m.metadata.dst_node_id], model, torch.nn.functional.cross_entropy) for m in messages]
+    replies = [
+        client_reply(m, clients[m.metadata.dst_node_id], model, torch.nn.functional.cross_entropy) for m in messages
+    ]
     del replies[1].content[CLIENT_DELTA_KEY]
     with pytest.raises(InconsistentMessageReplies, match="has no ArrayRecord 'scaffold.delta-c'"):
         strategy.aggregate_train(1, replies)

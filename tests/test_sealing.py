@@ -131,8 +131,13 @@ def test_object_arrays_are_refused(run_key):
 
 @pytest.mark.parametrize(
     "meta",
-    [{"name": "x", "dtype": "|O", "shape": [1]}, {"name": "x", "dtype": "<f4", "shape": [-1]},
-     {"name": "x", "dtype": "<f4", "shape": [3]}, {"dtype": "<f4", "shape": [2]}, {"name": "x"}],
+    [
+        {"name": "x", "dtype": "|O", "shape": [1]},
+        {"name": "x", "dtype": "<f4", "shape": [-1]},
+        {"name": "x", "dtype": "<f4", "shape": [3]},
+        {"dtype": "<f4", "shape": [2]},
+        {"name": "x"},
+    ],
 )
 def test_malformed_array_frames_from_a_malicious_sealer_are_rejected(run_key, meta):
     sealed = seal_frames([(meta, np.zeros(2, np.float32))], run_key.public, CONTEXT)
@@ -169,8 +174,17 @@ def test_each_message_uses_a_fresh_key(run_key):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("v", 2), ("suite", HYBRID_SUITE), ("run", 1), ("round", 4), ("node", 6), ("kind", "evaluate"),
-     ("chunk", 2 * SMALL), ("length", 4 * SMALL + 99), ("count", 6)],
+    [
+        ("v", 2),
+        ("suite", HYBRID_SUITE),
+        ("run", 1),
+        ("round", 4),
+        ("node", 6),
+        ("kind", "evaluate"),
+        ("chunk", 2 * SMALL),
+        ("length", 4 * SMALL + 99),
+        ("count", 6),
+    ],
 )
 def test_every_header_field_is_authenticated(run_key, sealed, field, value):
     message, _ = sealed
@@ -192,9 +206,7 @@ def test_header_edit_that_keeps_the_structure_breaks_the_key_block(run_key, seal
     header["chunk"], header["count"] = 2 * SMALL, 3  # a consistent re-chunking claim
     forged = dataclasses.replace(message, header=canonical_json(header))
     chunks = message.chunks
-    forged = dataclasses.replace(
-        forged, chunks=(chunks[0] + chunks[1], chunks[2] + chunks[3], chunks[4])
-    )
+    forged = dataclasses.replace(forged, chunks=(chunks[0] + chunks[1], chunks[2] + chunks[3], chunks[4]))
     error = _reject(forged, run_key)
     assert error.field in ("key", "chunk 0", "chunk 1")
 
@@ -249,9 +261,13 @@ def test_chunks_spliced_from_another_message_are_rejected(run_key, sealed):
 
 @pytest.mark.parametrize(
     "change, field",
-    [({"round": 4}, "header.round"), ({"round": 2}, "header.round"),
-     ({"node_id": 1}, "header.node"), ({"run_id": 7}, "header.run"),
-     ({"kind": "evaluate"}, "header.kind")],
+    [
+        ({"round": 4}, "header.round"),
+        ({"round": 2}, "header.round"),
+        ({"node_id": 1}, "header.node"),
+        ({"run_id": 7}, "header.run"),
+        ({"kind": "evaluate"}, "header.kind"),
+    ],
 )
 def test_replay_to_another_round_node_run_or_kind_is_rejected(run_key, sealed, change, field):
     message, _ = sealed
@@ -328,9 +344,7 @@ def test_announcement_claiming_the_pinned_identity_but_signed_by_another_key_is_
     identity, pin = server
     _, genuine = announce_run_key(identity, CONTEXT.run_id)
     attacker = Ed25519PrivateKey.generate()
-    forged = RunKeyAnnouncement(
-        genuine.statement, attacker.sign(b"fedvault/run-key/v1\x00" + genuine.statement)
-    )
+    forged = RunKeyAnnouncement(genuine.statement, attacker.sign(b"fedvault/run-key/v1\x00" + genuine.statement))
     with pytest.raises(IdentityError, match="signature is invalid"):
         verify_announcement(forged, pin=pin, run_id=CONTEXT.run_id)
 
@@ -371,8 +385,9 @@ def test_model_signature_binds_digest_run_and_round(server):
     public = identity.public_key().public_bytes_raw()
     digest = hashlib.sha256(b"model").digest()
     signature = sign_arrays(identity, CONTEXT.run_id, 3, digest)
-    verify_arrays_signature(signature, identity_public_key=public, pin=pin, run_id=CONTEXT.run_id,
-                            round=3, arrays_digest=digest)
+    verify_arrays_signature(
+        signature, identity_public_key=public, pin=pin, run_id=CONTEXT.run_id, round=3, arrays_digest=digest
+    )
     tampered = [
         dict(arrays_digest=hashlib.sha256(b"modem").digest()),
         dict(round=4),
@@ -380,8 +395,17 @@ def test_model_signature_binds_digest_run_and_round(server):
         dict(signature=_flip(signature, 0)),
     ]
     for change in tampered:
-        call = dict(signature=signature, identity_public_key=public, pin=pin,
-                    run_id=CONTEXT.run_id, round=3, arrays_digest=digest) | change
+        call = (
+            dict(
+                signature=signature,
+                identity_public_key=public,
+                pin=pin,
+                run_id=CONTEXT.run_id,
+                round=3,
+                arrays_digest=digest,
+            )
+            | change
+        )
         with pytest.raises(IdentityError, match="does not verify") as info:
             verify_arrays_signature(call.pop("signature"), **call)
         assert info.value.field == "signature"
@@ -392,7 +416,10 @@ def test_run_key_signature_cannot_pass_as_a_model_signature(server):
     _, announcement = announce_run_key(identity, CONTEXT.run_id)
     with pytest.raises(IdentityError):
         verify_arrays_signature(
-            announcement.signature, identity_public_key=identity.public_key().public_bytes_raw(),
-            pin=pin, run_id=CONTEXT.run_id, round=3,
+            announcement.signature,
+            identity_public_key=identity.public_key().public_bytes_raw(),
+            pin=pin,
+            run_id=CONTEXT.run_id,
+            round=3,
             arrays_digest=hashlib.sha256(announcement.statement).digest(),
         )

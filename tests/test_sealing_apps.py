@@ -30,6 +30,8 @@ def setup(tmp_path, flower_task_identity):
         {
             "task": "digits",
             "num-clients": 4,
+            "batch-size": 32,
+            "learning-rate": 0.05,
             "privacy.sample-level": False,
             "sealing.mode": "on",
             "sealing.server-identity": files.fingerprint,
@@ -211,7 +213,7 @@ def test_round_loop_over_a_sealed_grid_records_the_drop_reason(setup):
         rules=ValidationRules(),
         client_evaluate=False,
     )
-    loop.run(arrays, 1, train_config(0.05, 1, 0.0))
+    loop.run(arrays, 1, lambda _round: train_config(0.05, 1, 0.0))
     record = records[-1]
     assert record["clients_sampled"] == 2 and record["replies_ok"] == 1 and record["failed_nodes"] == [8]
     (dropped,) = record["dropped"]

@@ -15,10 +15,31 @@ pytestmark = pytest.mark.integration
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(out),
-         "--set", "task=digits", "--set", "num-clients=5", "--set", "num-server-rounds=3",
-         "--set", "partitioner=dirichlet", "--set", "dirichlet-alpha=1.0"],
-        capture_output=True, text=True, timeout=seconds(420),
+        [
+            sys.executable,
+            "-m",
+            "fedvault.cli",
+            "simulate",
+            "--out",
+            str(out),
+            "--set",
+            "task=digits",
+            "--set",
+            "batch-size=32",
+            "--set",
+            "learning-rate=0.05",
+            "--set",
+            "num-clients=5",
+            "--set",
+            "num-server-rounds=3",
+            "--set",
+            "partitioner=dirichlet",
+            "--set",
+            "dirichlet-alpha=1.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds(420),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
@@ -34,8 +55,17 @@ def test_progress_is_printed_each_round(run_dir):
 
 def test_run_directory_is_complete(run_dir):
     out, _ = run_dir
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "accuracy.png", "loss.png",
-                 "privacy_ledger.jsonl", "privacy_epsilon.png", "node-ledger.sqlite"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.pt",
+        "accuracy.png",
+        "loss.png",
+        "privacy_ledger.jsonl",
+        "privacy_epsilon.png",
+        "node-ledger.sqlite",
+    ):
         assert (out / name).stat().st_size > 0, name
     for png in ("accuracy.png", "loss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -80,8 +110,12 @@ def test_private_run_ends_with_budget_summary_and_no_client_over_its_cap(run_dir
 
 def test_audit_cli_reads_the_run(run_dir):
     out, _ = run_dir
-    proc = subprocess.run([sys.executable, "-m", "fedvault.cli", "audit", str(out), "--json"],
-                          capture_output=True, text=True, timeout=seconds(120))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedvault.cli", "audit", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=seconds(120),
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["entries"] == 15 and not report["exceeded"]

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 
 def simulate(out, *settings):
     cmd = [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(out), "--set", "task=digits"]
+    cmd += ["--set", "batch-size=32", "--set", "learning-rate=0.05"]  # digits' recipe, not the DP main job's
     for item in settings:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds(420))
@@ -25,9 +26,17 @@ def simulate(out, *settings):
 def test_sealed_run_where_gaussian_attackers_are_dropped_and_fedavgm_still_learns(tmp_path):
     """Replies are sealed end to end; the server opens them, then validation drops the attackers."""
     stdout, rounds, summary = simulate(
-        tmp_path / "run", "num-clients=5", "num-server-rounds=3", "privacy.sample-level=false",
-        "strategy.name=fedavgm", "strategy.server-momentum=0.5", "attack.kind=gaussian", "attack.fraction=0.4",
-        "attack.scale=100", "validation.max-update-norm=50", "sealing.mode=on",
+        tmp_path / "run",
+        "num-clients=5",
+        "num-server-rounds=3",
+        "privacy.sample-level=false",
+        "strategy.name=fedavgm",
+        "strategy.server-momentum=0.5",
+        "attack.kind=gaussian",
+        "attack.fraction=0.4",
+        "attack.scale=100",
+        "validation.max-update-norm=50",
+        "sealing.mode=on",
     )
     for r in rounds[1:]:
         assert r["clients_sampled"] == 5 and r["replies_ok"] == 3
@@ -40,8 +49,14 @@ def test_sealed_run_where_gaussian_attackers_are_dropped_and_fedavgm_still_learn
 def test_client_level_dp_stops_at_the_server_budget(tmp_path):
     out = tmp_path / "run"
     stdout, rounds, summary = simulate(
-        out, "num-clients=8", "num-server-rounds=20", "fraction-train=0.5", "fraction-evaluate=0.0",
-        "privacy.sample-level=false", "privacy.client-level=true", "privacy.client-noise-multiplier=1.0",
+        out,
+        "num-clients=8",
+        "num-server-rounds=20",
+        "fraction-train=0.5",
+        "fraction-evaluate=0.0",
+        "privacy.sample-level=false",
+        "privacy.client-level=true",
+        "privacy.client-noise-multiplier=1.0",
         "privacy.client-level-target-epsilon=8.0",
     )
     done = len(rounds) - 1
@@ -60,8 +75,15 @@ def test_client_level_dp_stops_at_the_server_budget(tmp_path):
 def test_scaffold_under_dp_sgd_learns_within_each_clients_budget(tmp_path):
     """SCAFFOLD's client correction runs on the private gradient; the ledger still bounds epsilon."""
     stdout, rounds, summary = simulate(
-        tmp_path / "run", "num-clients=4", "num-server-rounds=3", "fraction-evaluate=0.0", "local-epochs=2",
-        "strategy.name=scaffold", "privacy.target-epsilon=8.0", "learning-rate=0.1", "momentum=0.0",
+        tmp_path / "run",
+        "num-clients=4",
+        "num-server-rounds=3",
+        "fraction-evaluate=0.0",
+        "local-epochs=2",
+        "strategy.name=scaffold",
+        "privacy.target-epsilon=8.0",
+        "learning-rate=0.1",
+        "momentum=0.0",
     )
     assert all(r["replies_ok"] == 4 and not r["dropped"] for r in rounds[1:])
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
@@ -76,10 +98,29 @@ def test_a_strategy_subclassing_flowers_strategy_directly_runs_three_dp_rounds(t
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
     out = tmp_path / "run"
     _, rounds, summary = simulate(
-        out, "num-clients=3", "num-server-rounds=3", "fraction-evaluate=0.0", "local-epochs=1",
+        out,
+        "num-clients=3",
+        "num-server-rounds=3",
+        "fraction-evaluate=0.0",
+        "local-epochs=1",
         "strategy.name=bare_strategy:MeanOfAll",
     )
     assert [r["replies_ok"] for r in rounds[1:]] == [3, 3, 3]
     assert all(r["budget_exhausted"] == 0 and not r["dropped"] for r in rounds[1:])
     clients = [p for p in summary["privacy"]["parties"] if p["party"].startswith("client-")]
     assert len(clients) == 3 and all(p["rounds"] == [1, 2, 3] for p in clients)
+
+
+def test_the_main_job_learns_under_dp_sgd_with_its_defaults(tmp_path):
+    """README's main job (fedvault simulate with every default: mnist1d-large, 4 clients, DP-SGD at
+    epsilon 8, auto batch), cut to 2 of its rounds: accuracy rises well above round 0 within budget."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(out), "--set", "num-server-rounds=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds(420))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train"]["train_batch_size"] == 896 for r in rounds[1:])  # auto: 10*sqrt(8000) -> 896
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.3
+    clients = [p for p in summary["privacy"]["parties"] if p["party"].startswith("client-")]
+    assert len(clients) == 4 and all(0 < p["epsilon_pld"] <= 8.0 for p in clients)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waits import seconds
 
 from fedvault.server.checkpoint import load_checkpoint
 from fedvault.strategies.fednova import TAU_KEY
 from fedvault.strategies.registry import builtin_strategies
-from waits import seconds
 
 pytestmark = pytest.mark.integration
 SWEEP = Path(__file__).with_name("strategy_sweep.py")

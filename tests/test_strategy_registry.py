@@ -49,8 +49,20 @@ def _flat(record: ArrayRecord) -> np.ndarray:
 
 def test_builtins_cover_flower_and_fedvault_strategies():
     assert set(builtin_strategies()) == {
-        "fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "fedmedian",
-        "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg", "scaffold", "fednova",
+        "fedavg",
+        "fedavgm",
+        "fedprox",
+        "fedadagrad",
+        "fedadam",
+        "fedyogi",
+        "fedmedian",
+        "fedtrimmedavg",
+        "krum",
+        "multikrum",
+        "bulyan",
+        "qfedavg",
+        "scaffold",
+        "fednova",
     }
 
 
@@ -59,7 +71,9 @@ def test_fedavg_from_config_is_the_example_weighted_mean(flower_task_identity):
     model, clients = mlp(), random_clients(NUM_CLIENTS)
     initial = ArrayRecord(model.state_dict())
     messages = strategy.configure_train(1, initial, ConfigRecord(), StaticGrid(clients))
-    replies = [client_reply(m, clients[m.metadata.dst_node_id], model, torch.nn.functional.cross_entropy) for m in messages]
+    replies = [
+        client_reply(m, clients[m.metadata.dst_node_id], model, torch.nn.functional.cross_entropy) for m in messages
+    ]
     weights = np.array([float(r.content["metrics"]["num-examples"]) for r in replies])
     expected = sum(w * _flat(r.content["arrays"]) for w, r in zip(weights / weights.sum(), replies))
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -170,7 +184,9 @@ def test_plugin_that_is_not_a_strategy_is_clear(tmp_path, monkeypatch):
 
 
 def test_plugin_rejecting_parameters_is_clear(example_on_path):
-    with pytest.raises(StrategyError, match=r"rejected its parameters \{max-update-norm=0.0\}: max_update_norm must be > 0"):
+    with pytest.raises(
+        StrategyError, match=r"rejected its parameters \{max-update-norm=0.0\}: max_update_norm must be > 0"
+    ):
         build_strategy(EXAMPLE_CLASS, {"max-update-norm": 0})
     with pytest.raises(StrategyError, match="has no parameter 'clip'"):
         build_strategy(EXAMPLE_CLASS, {"clip": 1.0})

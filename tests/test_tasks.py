@@ -29,7 +29,9 @@ def test_digits_train_then_evaluate_improves_accuracy():
     test_loader = make_loader(data.test, 256, shuffle=False)
     before = task.evaluate(model, test_loader, device)["accuracy"]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    result = task.train(model, make_loader(data.train, 32, shuffle=True), optimizer, TrainSettings(epochs=2, device=device))
+    result = task.train(
+        model, make_loader(data.train, 32, shuffle=True), optimizer, TrainSettings(epochs=2, device=device)
+    )
     after = task.evaluate(model, test_loader, device)["accuracy"]
     assert result.steps == 2 * int(np.ceil(len(data.train) / 32))
     assert after > before + 0.5
@@ -60,5 +62,7 @@ def test_bad_task_names_are_clear(name, message, monkeypatch):
 def test_missing_dataset_package_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "mnist1d", None)  # makes `import mnist1d` raise ImportError
     monkeypatch.setitem(sys.modules, "mnist1d.data", None)
-    with pytest.raises(MissingPackageError, match=r"missing package 'mnist1d' needed for task 'mnist1d' \(pip install mnist1d\)"):
+    with pytest.raises(
+        MissingPackageError, match=r"missing package 'mnist1d' needed for task 'mnist1d' \(pip install mnist1d\)"
+    ):
         load_task("mnist1d").load_data(seed=0)

@@ -34,7 +34,9 @@ def _model(delta_norm: float = 0.5, **changes) -> dict[str, np.ndarray]:
     direction = {k: np.ones_like(v) for k, v in ref.items() if v.dtype.kind == "f"}
     size = np.sqrt(sum(d.size for d in direction.values()))
     model = {
-        k: (ref[k] + delta_norm / size * direction[k]).astype(ref[k].dtype) if k in direction else np.asarray(ref[k] + 100)
+        k: (ref[k] + delta_norm / size * direction[k]).astype(ref[k].dtype)
+        if k in direction
+        else np.asarray(ref[k] + 100)
         for k in ref
     }
     model.update(changes)
@@ -139,7 +141,9 @@ def test_declared_extra_record_is_checked():
     assert validate_reply(with_delta(b=np.full(4, np.inf, np.float32)), REFERENCE, rules) == (
         f"array 'b' in '{CLIENT_DELTA_KEY}' contains NaN or Inf"
     )
-    assert "expected a float array of shape (3, 4)" in validate_reply(with_delta(w=np.zeros(12, np.float32)), REFERENCE, rules)
+    assert "expected a float array of shape (3, 4)" in validate_reply(
+        with_delta(w=np.zeros(12, np.float32)), REFERENCE, rules
+    )
     assert validate_reply(with_delta(z=np.zeros(1, np.float32)), REFERENCE, rules) == (
         f"'{CLIENT_DELTA_KEY}' has array key(s) ['z'] that the model does not have"
     )
@@ -147,7 +151,9 @@ def test_declared_extra_record_is_checked():
 
 def test_filter_replies_keeps_good_and_drops_each_bad_one(flower_task_identity, caplog):
     def instruction(node: int) -> Message:
-        return Message(RecordDict({"arrays": REFERENCE, "config": ConfigRecord()}), dst_node_id=node, message_type="train")
+        return Message(
+            RecordDict({"arrays": REFERENCE, "config": ConfigRecord()}), dst_node_id=node, message_type="train"
+        )
 
     good_a = Message(_content(), reply_to=instruction(1))
     good_b = Message(_content(_model(delta_norm=0.2)), reply_to=instruction(2))

@@ -11,8 +11,16 @@ from fedvault.tasks.base import ArrayDataset, SupervisedTask, Task, TaskData, Tr
 TASK_GROUP = "fedvault.tasks"
 
 __all__ = [
-    "ArrayDataset", "SupervisedTask", "Task", "TaskData", "TrainResult", "TrainSettings",
-    "available_tasks", "load_task", "load_task_data", "make_loader",
+    "ArrayDataset",
+    "SupervisedTask",
+    "Task",
+    "TaskData",
+    "TrainResult",
+    "TrainSettings",
+    "available_tasks",
+    "load_task",
+    "load_task_data",
+    "make_loader",
 ]
 
 

@@ -89,7 +89,9 @@ class Task(Protocol):
         """The loss ``train`` minimises, reducing with ``"mean"`` or ``"sum"`` (DP-SGD wraps it for
         ghost clipping and times grad-sample modes with it)."""
 
-    def train(self, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, settings: TrainSettings) -> TrainResult:
+    def train(
+        self, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, settings: TrainSettings
+    ) -> TrainResult:
         """``settings.epochs`` passes over ``loader``: per batch zero the gradients, backward the loss,
         ``optimizer.step()``. Call ``step`` for every batch the loader yields (the wrappers count on it:
         strategy client steps and DP-SGD's clipping and noise run inside it); use
@@ -107,7 +109,9 @@ class SupervisedTask:
     def criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss()
 
-    def train(self, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, settings: TrainSettings) -> TrainResult:
+    def train(
+        self, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, settings: TrainSettings
+    ) -> TrainResult:
         device, use_amp = settings.device, settings.amp and settings.device.type == "cuda"
         criterion = settings.criterion or self.criterion()
         scaler = torch.amp.GradScaler("cuda") if use_amp else None
