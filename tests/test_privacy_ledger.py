@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from waits import seconds
 
 from fedvault.privacy.events import DPEvent
 from fedvault.privacy.ledger import (
@@ -198,8 +199,8 @@ def test_node_ledger_same_round_twice_neither_doubles_nor_replaces(tmp_path):
 
 def _writer(db: str, worker: int, rounds: int, start: multiprocessing.synchronize.Barrier) -> None:
     ledger = NodeLedger(db)
-    start.wait()  # both processes write at the same time
     for rnd in range(1, rounds + 1):
+        start.wait(timeout=seconds(60))  # both processes write each round at the same time, even on a busy machine
         ledger.record("run-a", f"client-{worker}", event(rnd, f"client-{worker}"))
         ledger.record("run-a", "client-shared", event(rnd, "client-shared"))  # both write the same spend
 
@@ -214,13 +215,13 @@ def test_node_ledger_concurrent_writers_lose_nothing(tmp_path):
     for process in workers:
         process.start()
     for process in workers:
-        process.join(timeout=60)
+        process.join(timeout=seconds(120))
         assert process.exitcode == 0
     ledger = NodeLedger(db)
     expected = list(range(1, rounds + 1))
     for client in ("client-1", "client-2", "client-shared"):
         assert [e.round for e in ledger.events("run-a", client)] == expected
-    with sqlite3.connect(db) as con:  # the writers really overlapped: their rows interleave
+    with sqlite3.connect(db) as con:  # the writers really overlapped: their rows interleave round by round
         order = [
             c
             for (c,) in con.execute("SELECT client_id FROM dp_events WHERE client_id != 'client-shared' ORDER BY rowid")
