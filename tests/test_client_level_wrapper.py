@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedMedian, FedProx, FedYogi, Krum
+from waits import seconds
 
 from fedvault.config import RunConfig
 from fedvault.errors import ConfigError
@@ -214,7 +215,7 @@ def test_fedavgm_under_client_level_dp_with_sealing_on_the_simulation_engine(tmp
         "sealing.mode=on",
     ):
         cmd += ["--set", item]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds(420))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from waits import seconds
 
 import fedvault
 from fedvault import ConfigError, RunConfig
@@ -17,7 +18,9 @@ HEAVY = ("torch", "flwr", "ray", "opacus", "matplotlib", "matplotlib.pyplot")
 
 def run_python(code: str) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON object as its last line."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=seconds(240)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
