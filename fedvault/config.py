@@ -99,8 +99,9 @@ class PrivacyConfig(_Validated):
     )
     grad_sample_mode: str = option(
         "auto",
-        "Opacus per-sample gradients: auto (measured), hooks, ghost, ew",
-        choices=("auto", "hooks", "ghost", "ew"),
+        "Opacus per-sample gradients: auto (times hooks, functorch, ew; keeps the fastest), hooks, functorch, "
+        "ghost (the task must use settings.criterion), ew",
+        choices=("auto", "hooks", "functorch", "ghost", "ew"),
     )
     client_level: bool = option(
         False, "server-side DP-FedAvg: clip each update, noise the sum, Poisson-sample clients with q = fraction-train"

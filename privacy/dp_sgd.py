@@ -17,12 +17,13 @@ round it copies the global weights *in place* into the wrapped module's paramete
 stays flat) and clears the local optimizer state. The empty batches are stepped by the wrapper,
 so the task's loop never sees them.
 
-Per-example gradients come from Opacus' ``"hooks"`` (materialised per-sample gradients),
-``"ghost"`` (ghost clipping, Li et al. 2022, arXiv 2110.05679; Bu et al. 2023, arXiv
+Per-example gradients come from Opacus' ``"hooks"`` (materialised per-sample gradients from
+module hooks), ``"functorch"`` (the same through ``torch.func``'s ``vmap`` of per-example
+gradients), ``"ghost"`` (ghost clipping, Li et al. 2022, arXiv 2110.05679; Bu et al. 2023, arXiv
 2205.10683: norms without materialising Linear-layer per-sample gradients, at the cost of a
-second backward pass) or ``"ew"`` mode (torch's expanded weights, which compute per-sample
-gradients inside autograd; fastest on small convolutional models); ``"auto"`` times them once
-per process on the actual model and batch size and keeps the fastest.
+second backward pass; the task's loop must use ``settings.criterion``) or ``"ew"`` (torch's
+expanded weights, per-sample gradients inside autograd); ``"auto"`` times hooks, functorch and ew
+once per process on the actual model and batch size and keeps the fastest.
 
 Randomness: ``secure_mode=False`` (``torchcsprng`` is not available). The Poisson sampler and
 the noise use torch generators seeded from :mod:`secrets`, so neither the sample nor the noise
@@ -60,7 +61,10 @@ from fedvault.tasks.base import Task, TrainingHook, TrainResult, TrainSettings
 
 log = logging.getLogger("fedvault")
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost", "ew")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ew")
+#: What "auto" times and picks from: ghost clipping is left to an explicit choice, since it needs the
+#: task's loop to compute its loss with ``settings.criterion`` (a step without it is refused).
+AUTO_MODES = ("hooks", "functorch", "ew")
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -262,9 +266,9 @@ def auto_grad_sample_mode(
     device); cached."""
     key = (repr(model), len(batch[1]), device.type)
     if key not in _MODE_CHOICES:
-        modes = [mode for mode in GRAD_SAMPLE_MODES if _runs(model, batch, criterion, device, mode)]
+        modes = [mode for mode in AUTO_MODES if _runs(model, batch, criterion, device, mode)]
         if not modes:
-            raise DPSGDError(f"DP-SGD: no grad-sample mode ({', '.join(GRAD_SAMPLE_MODES)}) can train this model")
+            raise DPSGDError(f"DP-SGD: no grad-sample mode ({', '.join(AUTO_MODES)}) can train this model")
         times = measure_step_times(model, batch, criterion, device, modes)
         medians = {mode: statistics.median(values) for mode, values in times.items()}
         _MODE_CHOICES[key] = ModeChoice(choose_grad_sample_mode(medians), medians)

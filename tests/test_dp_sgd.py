@@ -77,7 +77,7 @@ def test_planning_helpers_match_what_opacus_builds():
     assert result.steps == 12 == trainer.accounted_steps()
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost", "ew"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew"])
 def test_each_example_gradient_is_clipped_to_the_bound(mode):
     torch.manual_seed(0)
     n, clip = 8, 0.05
@@ -110,7 +110,7 @@ def test_each_example_gradient_is_clipped_to_the_bound(mode):
     assert math.sqrt(sum((u**2).sum().item() for u in update)) <= clip + 1e-6
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost", "ew"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew"])
 def test_noise_std_is_sigma_times_clip_over_expected_batch_size(mode):
     # x = 0 and no bias: every gradient is exactly zero, so the update is the noise alone.
     n, batch, sigma, clip = 64, 16, 2.0, 0.5
@@ -179,7 +179,7 @@ def test_global_weights_load_in_place_with_or_without_module_prefix():
         train_round(trainer, {"weight": torch.zeros(2, 4), "bias": torch.zeros(3)}, epochs=1)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost", "ew"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew"])
 def test_empty_poisson_batches_still_take_an_accounted_noise_step(mode, monkeypatch):
     dataset = TensorDataset(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
     trainer = trainer_for(nn.Linear(3, 2, bias=False), dataset, batch_size=1, sigma=1.0, mode=mode)  # q = 0.5
@@ -195,7 +195,7 @@ def test_empty_poisson_batches_still_take_an_accounted_noise_step(mode, monkeypa
     assert not torch.equal(result.state_dict["weight"], start["weight"])
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost", "ew"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew"])
 def test_batch_memory_manager_splits_physical_batches_but_accounts_logical_steps(mode):
     dataset = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
     trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=32, sigma=1.0, mode=mode, max_physical_batch_size=8)
@@ -232,7 +232,7 @@ def test_invalid_setup_is_refused_with_a_named_reason():
             criterion=nn.CrossEntropyLoss(reduction="none"),
         )
     with pytest.raises(DPSGDError, match="grad_sample_mode"):
-        trainer_for(nn.Linear(4, 3), dataset, 4, mode="functorch")
+        trainer_for(nn.Linear(4, 3), dataset, 4, mode="vmap")
     with pytest.raises(DPSGDError, match="max_grad_norm"):
         trainer_for(nn.Linear(4, 3), dataset, 4, clip=0.0)
 
@@ -258,7 +258,8 @@ def test_auto_mode_picks_the_measured_faster_mode_and_caches_it():
     batch = (torch.randn(64, 256), torch.zeros(64, dtype=torch.long))
     times = measure_step_times(build(), batch, CE, torch.device("cpu"), reps=5)
     medians = {mode: statistics.median(v) for mode, v in times.items()}
-    assert set(medians) == {"hooks", "ghost", "ew"} and all(m > 0 for m in medians.values())
+    assert set(medians) == {"hooks", "functorch", "ghost", "ew"} and all(m > 0 for m in medians.values())
+    assert choice.mode != "ghost" and set(choice.seconds_per_step) == {"hooks", "functorch", "ew"}
 
     again = trainer_for(build(), dataset, batch_size=64, mode="auto", sigma=1.0)
     assert again.mode_choice is choice  # measured once per process for this architecture and batch size
@@ -279,7 +280,7 @@ def test_auto_leaves_out_a_mode_that_cannot_train_the_model(monkeypatch, caplog)
         (torch.randn(8, 7), torch.zeros(8, dtype=torch.long)),
     )
     choice = dp_sgd.auto_grad_sample_mode(model, batch, CE, torch.device("cpu"))
-    assert set(choice.seconds_per_step) == {"hooks", "ghost"} and choice.mode in {"hooks", "ghost"}
+    assert set(choice.seconds_per_step) == {"hooks", "functorch"} and choice.mode in {"hooks", "functorch"}
     assert "grad-sample mode 'ew' cannot train this model (no expanded-weights rule for this layer)" in caplog.text
 
 
@@ -295,7 +296,9 @@ class ConstantPull:
             p.grad.add_(self.value)
 
 
-@pytest.mark.parametrize("mode,physical", [("hooks", None), ("ghost", None), ("ew", None), ("hooks", 4)])
+@pytest.mark.parametrize(
+    "mode,physical", [("hooks", None), ("functorch", None), ("ghost", None), ("ew", None), ("hooks", 4)]
+)
 def test_strategy_hooks_edit_the_noised_gradient_once_per_logical_step(mode, physical):
     """Clip ~0 and no noise: the private gradient is ~0, so only the hook moves the weights. Had it
     run before Opacus' pre_step, Opacus would have overwritten it and nothing would move."""
