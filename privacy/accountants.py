@@ -53,8 +53,6 @@ def _drop_rdp_convergence_notice(record: logging.LogRecord) -> bool:
     return "failed to converge" not in record.getMessage()
 
 
-logging.getLogger("absl").addFilter(_drop_rdp_convergence_notice)
-
 
 class AccountingError(FedvaultError, ValueError):
     """An accountant was asked something it cannot answer soundly (bad method, delta, history)."""
@@ -142,7 +140,12 @@ def _rdp_epsilon(groups: tuple[Group, ...], delta: float) -> float:
     for z, q, n in groups:
         gaussian = dp_accounting.GaussianDpEvent(z)
         accountant.compose(gaussian if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, gaussian), n)
-    return float(accountant.get_epsilon(delta))
+    absl = logging.getLogger("absl")
+    absl.addFilter(_drop_rdp_convergence_notice)  # only while fedvault asks: importing changes no logger
+    try:
+        return float(accountant.get_epsilon(delta))
+    finally:
+        absl.removeFilter(_drop_rdp_convergence_notice)
 
 
 @lru_cache(maxsize=4096)
