@@ -20,10 +20,11 @@ batch 64). Each row prints its wall time. Writes benchmarks/results/privacy_util
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 
-from sweep import simulate, write_results
+from sweep import RESULTS, simulate, write_results
 
 DELTA = 1e-5
 TARGETS = {"U4": None, "U1": 0.86, "U2": 0.84, "U3": 0.80}
@@ -53,7 +54,13 @@ def silos(partitioner: str) -> Callable[[float | None, argparse.Namespace], list
         ]
         if eps is None:
             return [*base, "privacy.sample-level=false", f"learning-rate={args.twin_lr}", "batch-size=64"]
-        return [*base, f"privacy.target-epsilon={eps}", "privacy.max-grad-norm=0.1", f"learning-rate={args.dp_lr}"]
+        return [
+            *base,
+            f"privacy.target-epsilon={eps}",
+            "privacy.max-grad-norm=0.1",
+            f"learning-rate={args.silo_lr}",
+            f"batch-size={args.silo_batch}",
+        ]
 
     return settings
 
@@ -164,8 +171,10 @@ def to_markdown(results: dict, args: argparse.Namespace) -> str:
         "## Privacy vs utility by regime (delta 1e-5)",
         "",
         f"Fashion-MNIST: U1 {args.central_epochs} epochs (Tramer & Boneh: 40), silos {args.fmnist_epochs} epochs "
-        f"each ({args.silo_local_epochs} per round); DP lr {args.dp_lr}, clip 0.1, momentum 0.9; twins lr "
-        f"{args.twin_lr}, batch 64 (main job twin lr {args.main_twin_lr}).",
+        f"each ({args.silo_local_epochs} per round); DP clip 0.1, momentum 0.9, lr {args.dp_lr} (U1, batch 2048) / "
+        f"{args.silo_lr} (silos, batch {args.silo_batch}); twins lr {args.twin_lr}, batch 64 (main job twin lr "
+        f"{args.main_twin_lr}). Regimes not in --regimes keep their rows from the previous run "
+        "(each regime's rows, twin included, always come from one run).",
         "",
         "| regime | setting | final accuracy | points below twin | max client epsilon | seconds |",
         "|---|---|---|---|---|---|",
@@ -210,6 +219,15 @@ def figure(results: dict):
     return fig
 
 
+def previous_results(rerun: set[str]) -> dict:
+    """Rows of the regimes this invocation does not re-run, from the last results file."""
+    path = RESULTS / "privacy_utility.json"
+    if not path.exists():
+        return {}
+    kept = json.loads(path.read_text()).get("results", {})
+    return {regime: rows for regime, rows in kept.items() if regime not in rerun}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regimes", nargs="+", default=["U4", "U1", "U2", "U3"], choices=list(TARGETS))
@@ -223,16 +241,21 @@ def main() -> None:
     parser.add_argument("--central-epochs", type=int, default=40, help="U1's epochs (Tramer & Boneh: 40)")
     parser.add_argument("--fmnist-epochs", type=int, default=20, help="each silo's total epochs for U2 and U3")
     parser.add_argument("--silo-local-epochs", type=int, default=2)
-    parser.add_argument("--dp-lr", type=float, default=4.0)
+    parser.add_argument("--dp-lr", type=float, default=4.0, help="U1's learning rate (Tramer & Boneh)")
+    parser.add_argument("--silo-lr", type=float, default=2.0, help="the silos' DP learning rate")
+    parser.add_argument("--silo-batch", type=int, default=256, help="the silos' logical DP batch")
     parser.add_argument("--twin-lr", type=float, default=0.05)
     parser.add_argument("--main-twin-lr", type=float, default=0.2)
     args = parser.parse_args()
     start = time.perf_counter()
-    results = {}
+    results = previous_results(set(args.regimes))
     for regime in args.regimes:
         epsilons = args.epsilons if regime in ("U4", "U2") else [3.0]
         results[regime] = run_regime(regime, epsilons, args)
-    text = to_markdown(results, args) + f"\nWhole benchmark: {time.perf_counter() - start:.0f} s.\n"
+    results = {regime: results[regime] for regime in TARGETS if regime in results}
+    text = to_markdown(results, args) + (
+        f"\nThis run (--regimes {' '.join(args.regimes)}): {time.perf_counter() - start:.0f} s.\n"
+    )
     print(text)
     write_results("privacy_utility", {"args": vars(args), "results": results}, text, figure(results))
 
