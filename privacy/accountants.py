@@ -53,7 +53,6 @@ def _drop_rdp_convergence_notice(record: logging.LogRecord) -> bool:
     return "failed to converge" not in record.getMessage()
 
 
-
 class AccountingError(FedvaultError, ValueError):
     """An accountant was asked something it cannot answer soundly (bad method, delta, history)."""
 
