@@ -63,8 +63,9 @@ def train_plain(
     result = task.train(model, loader, optimizer, TrainSettings(epochs=rc.local_epochs, device=device, amp=cfg.amp))
     result = TrainResult(loss=result.loss, steps=optimizer.steps)
     records, metrics = finish_client_steps(steps, model, result.steps, rc.learning_rate)
-    return LocalRound(_cpu_state(model), result, dict(records), metrics)
+    return LocalRound(cpu_state(model), result, dict(records), metrics)
 
 
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's weights, detached: what the reply carries."""
     return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}

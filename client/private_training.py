@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedvault.client.local_training import LocalRound, StepFactory
+from fedvault.client.local_training import LocalRound, StepFactory, cpu_state
 from fedvault.client.node import DataSelection, batch_size_for, task_and_model, training_data
 from fedvault.config import RunConfig
 from fedvault.privacy.budget import Budget, projected_epsilon
@@ -139,7 +139,7 @@ def train_private(
     )
     ledger.record(key, party, event)  # before anything of this round leaves the client
     records, metrics = finish_client_steps(steps, trainer.model, result.steps, rc.learning_rate)
-    state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+    state = cpu_state(trainer.model)
     return LocalRound(
         state,
         result,
