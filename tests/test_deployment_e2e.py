@@ -369,7 +369,9 @@ def test_a_client_killed_mid_round_is_recorded_and_the_run_completes(federation)
     assert [r["round"] for r in records] == [0, 1, 2]
     first, second = records[1], records[2]
     assert first["clients_sampled"] == 3 and first["replies_ok"] == 2 and first["failed_nodes"] == [node_id]
-    assert first["seconds"] >= FAULT_TIMEOUT_S  # the round waited for the timeout, then completed
+    # The dead node's train (and evaluate) wait ends at the round timeout or at Flower's NODE_UNAVAILABLE
+    # reply (two missed 30 s heartbeats), whichever comes first: under a time factor either can win.
+    assert first["seconds"] <= 2 * FAULT_TIMEOUT_S + seconds(20)
     assert second["replies_ok"] == 2  # the dead node either timed out again or was no longer listed
     assert second["failed_nodes"] == [node_id] if second["clients_sampled"] == 3 else second["failed_nodes"] == []
     assert second["central"]["accuracy"] > records[0]["central"]["accuracy"]
