@@ -2,7 +2,8 @@
 
 Replies use Flower's usual keys so stock Flower strategies and ServerApps interoperate with
 fedvault clients; the whole wire format is in :mod:`fedvault.protocol`. Training runs the task's
-own loop with DP on and off (:mod:`fedvault.client.local_training`).
+own loop with DP on and off (:mod:`fedvault.client.local_training`). Under sample-level DP the
+replies carry only what the client's epsilon covers (:mod:`fedvault.privacy.release`).
 """
 
 from __future__ import annotations
@@ -100,14 +101,14 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         examples = len(training_data(cfg, sel))
         metrics = MetricRecord(
             {
-                TRAIN_LOSS: float(done.result.loss),
                 TRAIN_STEPS: done.result.steps,
-                TRAIN_SECONDS: time.perf_counter() - start,
                 NUM_EXAMPLES: examples,
                 TRAIN_BATCH_SIZE: batch_size_for(cfg.batch_size, examples),
                 **done.metrics,
             }
         )
+        if not cfg.privacy.sample_level:  # under DP-SGD both are functions of the data no epsilon covers
+            metrics[TRAIN_LOSS], metrics[TRAIN_SECONDS] = float(done.result.loss), time.perf_counter() - start
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
         return reply(msg, RecordDict({ARRAYS: arrays, METRICS: metrics, **done.records}), sealing, "train")
 
@@ -117,7 +118,9 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         sealing = sealer(cfg, msg, context)
         device = resolve_device(str(context.node_config.get("device", cfg.device)))
         _, test_data = client_data(DataSelection.from_run(cfg, context.node_config))
-        task, model = task_and_model(cfg.task, cfg.privacy.sample_level)
+        if cfg.privacy.sample_level:  # DP-SGD covers none of the local test split: its metrics are withheld
+            return reply(msg, RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: len(test_data)})}), sealing, "evaluate")
+        task, model = task_and_model(cfg.task)
         model.load_state_dict(msg.content.array_records[ARRAYS].to_torch_state_dict())
         result = task.evaluate(model.to(device), make_loader(test_data, 256, shuffle=False), device)
         metrics = MetricRecord(

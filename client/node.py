@@ -19,7 +19,6 @@ from fedvault.client.attacks import UPDATE_ATTACKS, flip_labels, pick_attackers
 from fedvault.config import RunConfig
 from fedvault.errors import PartitionError
 from fedvault.partition import partition, train_test_split
-from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.tasks import ArrayDataset, Task, load_task, load_task_data
 
 log = logging.getLogger("fedvault")
@@ -122,9 +121,7 @@ def is_update_attacker(config: RunConfig, sel: DataSelection) -> bool:
 
 
 @lru_cache(maxsize=4)
-def task_and_model(task_name: str, dp: bool = False) -> tuple[Task, nn.Module]:
-    """The task and one model instance per process; each message loads its weights into it.
-    With ``dp`` the model is repaired for Opacus exactly as the server's global model is."""
+def task_and_model(task_name: str) -> tuple[Task, nn.Module]:
+    """The task and one model instance per process; each message loads its weights into it."""
     task = load_task(task_name)
-    model = task.build_model()
-    return task, dp_compatible(model) if dp else model
+    return task, task.build_model()

@@ -77,6 +77,7 @@ def private_trainer(cfg: RunConfig, sel: DataSelection, device_type: str) -> Pri
         device=torch.device(device_type),
         grad_sample_mode=cfg.privacy.grad_sample_mode,
         max_physical_batch_size=cfg.privacy.max_physical_batch_size or None,
+        secure_mode=cfg.privacy.secure_mode,
     )
 
 

@@ -103,6 +103,11 @@ class PrivacyConfig(_Validated):
         "ghost (the task must use settings.criterion), ew",
         choices=("auto", "hooks", "functorch", "ghost", "ew"),
     )
+    secure_mode: bool = option(
+        False,
+        "Opacus' secure mode: sampling and noise from a CSPRNG (needs torchcsprng); off = torch generators "
+        "seeded from secrets",
+    )
     client_level: bool = option(
         False, "server-side DP-FedAvg: clip each update, noise the sum, Poisson-sample clients with q = fraction-train"
     )
@@ -186,7 +191,9 @@ class RunConfig(_Validated):
         1.0, "fraction of clients sampled to train each round", (lambda v: 0 < v <= 1, "must be > 0 and <= 1")
     )
     fraction_evaluate: float = option(
-        0.5, "fraction of clients sampled to evaluate on their local test split (0 = none)", FRACTION
+        0.5,
+        "fraction of clients sampled to evaluate on their local test split (0 = none; none under DP: withheld)",
+        FRACTION,
     )
     local_epochs: int = option(5, "local epochs per round", POSITIVE)
     batch_size: int = option(

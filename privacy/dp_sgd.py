@@ -25,10 +25,14 @@ second backward pass; the task's loop must use ``settings.criterion``) or ``"ew"
 expanded weights, per-sample gradients inside autograd); ``"auto"`` times hooks, functorch and ew
 once per process on the actual model and batch size and keeps the fastest.
 
-Randomness: ``secure_mode=False`` (``torchcsprng`` is not available). The Poisson sampler and
-the noise use torch generators seeded from :mod:`secrets`, so neither the sample nor the noise
-is predictable from the run's seed; they are not cryptographic generators and the noise is not
-hardened against floating-point attacks (Jin et al. 2021, arXiv 2107.10138).
+Randomness: by default Opacus runs with ``secure_mode=False``: the Poisson sampler and the noise
+use torch's ordinary (Mersenne Twister / Philox) generators seeded from :mod:`secrets`, so neither
+the sample nor the noise is predictable from the run's seed, but they are not cryptographic
+generators and the noise is not hardened against floating-point attacks (Mironov, CCS 2012; Jin
+et al. 2021, arXiv 2107.10138). ``secure_mode=True`` (config ``privacy.secure-mode``) is Opacus'
+secure mode: sampler and noise from ``torchcsprng``'s ``/dev/urandom`` generator, and each noise
+draw the sum of several Gaussians. It needs ``torchcsprng``, which has no build for current torch
+(its last release, 0.2.1, targets torch 1.8): asking for it without the package is a clear error.
 """
 
 from __future__ import annotations
@@ -131,8 +135,10 @@ def make_private_parts(
     grad_sample_mode: str,
     noise_generator: torch.Generator | None = None,
     poisson_sampling: bool = True,
+    secure_mode: bool = False,
 ) -> PrivateParts:
-    """``PrivacyEngine(accountant="prv", secure_mode=False).make_private`` for one of :data:`GRAD_SAMPLE_MODES`."""
+    """``PrivacyEngine(accountant="prv", secure_mode=...).make_private`` for one of :data:`GRAD_SAMPLE_MODES`;
+    in secure mode Opacus' own CSPRNG replaces ``noise_generator`` and the loader's generator."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise DPSGDError(f"DP-SGD: grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
     reduction = getattr(criterion, "reduction", None)
@@ -142,7 +148,13 @@ def make_private_parts(
         )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")  # documented in this module
-        engine = PrivacyEngine(accountant="prv", secure_mode=False)
+        try:
+            engine = PrivacyEngine(accountant="prv", secure_mode=secure_mode)
+        except ImportError:
+            raise DPSGDError(
+                "DP-SGD: privacy.secure-mode = true needs the torchcsprng package (Opacus' secure generator), "
+                "which is not installed; install a torchcsprng build for this torch, or set privacy.secure-mode = false"
+            ) from None
     made = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -153,7 +165,7 @@ def make_private_parts(
         loss_reduction=reduction,
         poisson_sampling=poisson_sampling,
         grad_sample_mode=grad_sample_mode,
-        noise_generator=noise_generator,
+        noise_generator=None if secure_mode else noise_generator,
     )
     if grad_sample_mode == "ghost":
         module, dp_optimizer, dp_criterion, dp_loader = made
@@ -400,7 +412,8 @@ class PrivateTrainer:
     ``lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)``. ``train_loader`` supplies the
     dataset, batch size and collate function; sampling is re-done by Opacus (Poisson, rate
     ``1/ceil(N/B)``) with a secrets-seeded generator. ``grad_sample_mode`` is one of
-    :data:`GRAD_SAMPLE_MODES` or ``"auto"``. ``max_physical_batch_size`` splits large Poisson batches
+    :data:`GRAD_SAMPLE_MODES` or ``"auto"``; ``secure_mode`` is Opacus' (see the module docstring).
+    ``max_physical_batch_size`` splits large Poisson batches
     with Opacus' ``BatchMemoryManager`` (same privacy, bounded memory). The loss ``criterion`` must
     reduce with ``"mean"`` or ``"sum"``; batches are ``(x, y)`` pairs. :meth:`with_budget` calibrates
     the noise to an (epsilon, delta) budget; :meth:`epsilon` reports what was spent.
@@ -418,6 +431,7 @@ class PrivateTrainer:
         device: torch.device | str = "cpu",
         grad_sample_mode: str = "hooks",
         max_physical_batch_size: int | None = None,
+        secure_mode: bool = False,
     ) -> None:
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise DPSGDError(f"DP-SGD: noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
@@ -459,6 +473,7 @@ class PrivateTrainer:
             max_grad_norm=max_grad_norm,
             grad_sample_mode=grad_sample_mode,
             noise_generator=_secure_generator(self.device),
+            secure_mode=secure_mode,
         )
         parts = self._parts
         self._batches: Iterable[Any] = (

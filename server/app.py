@@ -15,6 +15,7 @@ from fedvault.config import RunConfig
 from fedvault.device import resolve_device
 from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger
+from fedvault.privacy.release import client_level_round_record
 from fedvault.privacy.report import privacy_summary
 from fedvault.protocol import train_config
 from fedvault.rundir import RunDirectory, default_run_dir
@@ -98,16 +99,17 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     if cfg.sealing.enabled(deployed):
         sealing = ServerSealing(server_identity_path(cfg, run_dir.path), grid.run.run_id, cfg.sealing.suite)
         grid = SealedGrid(grid, sealing)
+    release = client_level_round_record if cfg.privacy.client_level else (lambda record: record)
     recorder = RunRecorder(run_dir, cfg.num_server_rounds, title=cfg.task, out=sys.stdout)
     loop = RoundLoop(
         strategy=strategy,
         grid=grid,
         central_evaluate=central_evaluator(task, cfg),
-        on_round=lambda record, arrays: _finish_round(run_dir, loop, recorder, record, arrays),
+        on_round=lambda record, arrays: _finish_round(run_dir, loop, recorder, release(record), arrays),
         timeout=cfg.round_timeout,
         rules=validation_rules(cfg, base),
         min_replies=cfg.min_replies,
-        client_evaluate=cfg.fraction_evaluate > 0 and cfg.test_fraction > 0,
+        client_evaluate=cfg.fraction_evaluate > 0 and cfg.test_fraction > 0 and not private,  # withheld under DP
         ledger=ledger,
     )
     arrays, first_round = ArrayRecord(model.state_dict()), 1

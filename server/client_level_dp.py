@@ -16,6 +16,8 @@ does, with what the accountant's claim needs:
   The wrapped strategy's weighted mean of that one reply is the release itself, and a server optimizer
   (FedAvgM's momentum, FedAdam/FedYogi/FedAdagrad's moments) takes its pseudo-gradient from it:
   post-processing, so no further privacy cost;
+* nothing else from the clients: their train metrics are not returned, and the run directory keeps
+  no client statistics or participation (:func:`fedvault.privacy.release.client_level_round_record`);
 * everything else (evaluation, summary) is the wrapped strategy's.
 
 Strategies whose aggregate needs the individual updates (SCAFFOLD, FedNova, robust aggregators,
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -40,7 +42,7 @@ from fedvault.privacy.client_level import DPFedAvgAggregator
 from fedvault.privacy.events import SERVER_PARTY, DPEvent
 from fedvault.privacy.ledger import Ledger, events_by_party
 from fedvault.privacy.sampling import poisson_sample
-from fedvault.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, TRAIN_LOSS
+from fedvault.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
 from fedvault.server.rounds import RunStopped
 from fedvault.strategies.arrays import to_ndarrays, to_record
 from fedvault.strategies.state import load_strategy_state, strategy_state
@@ -169,7 +171,7 @@ class ClientLevelDP(Strategy):
         self.ledger.append(event)  # durable before the noised model leaves this method
         mean = to_record(dict(zip(reference, released.arrays)), like=reference)
         new_arrays, _ = self.strategy.aggregate_train(server_round, [self._sole_reply(key, mean)])
-        return new_arrays, _mean_train_loss(replies)
+        return new_arrays, None  # the clients' own statistics are not covered: withheld (fedvault.privacy.release)
 
     def _sole_reply(self, key: str, mean: ArrayRecord) -> Message:
         """The release as one reply of weight 1: the wrapped strategy's weighted mean of it is ``mean`` exactly."""
@@ -209,10 +211,3 @@ class ClientLevelDP(Strategy):
         self.aggregator.load_state_dict(
             {k[len(_DP) :]: np.asarray(v).item() for k, v in state.items() if k.startswith(_DP)}
         )
-
-
-def _mean_train_loss(replies: list[Message]) -> MetricRecord | None:
-    """The clients' reported train loss, averaged uniformly (a metric outside the DP guarantee, as it always was)."""
-    metrics = [r.content.metric_records.get(METRICS, MetricRecord()) for r in replies]
-    losses = [float(cast(float, m[TRAIN_LOSS])) for m in metrics if TRAIN_LOSS in m]
-    return MetricRecord({TRAIN_LOSS: sum(losses) / len(losses)}) if losses else None

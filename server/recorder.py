@@ -28,7 +28,8 @@ class RunRecorder:
         accuracy, loss = central.get("accuracy", float("nan")), central.get("loss", float("nan"))
         line = f"round {record['round']:>3}/{self.num_rounds}  accuracy {accuracy:.4f}  loss {loss:.4f}"
         if "train" in record:
-            line += f"  train_loss {record['train'].get('train_loss', float('nan')):.4f}"
+            if "train_loss" in record["train"]:  # withheld under sample-level DP
+                line += f"  train_loss {record['train']['train_loss']:.4f}"
             line += f"  clients {record['replies_ok']}/{record['clients_sampled']}"
             for key, label in (("failed_nodes", "failed"), ("dropped", "dropped")):
                 if record.get(key):
@@ -53,11 +54,17 @@ class RunRecorder:
             "first_round_seconds": trained[0]["seconds"] if trained else None,
             "steady_seconds_per_round": statistics.median(steady) if steady else None,
             "total_seconds": time.perf_counter() - self.started,
-            "bytes_sent": sum(r.get("bytes_sent", 0) for r in rounds),
-            "bytes_received": sum(r.get("bytes_received", 0) for r in rounds),
+            "bytes_sent": _total(rounds, "bytes_sent"),
+            "bytes_received": _total(rounds, "bytes_received"),
             **(extra or {}),
         }
         self.run_dir.write_summary(summary)
         self.run_dir.save_model(state_dict)
         plot_run(rounds, self.run_dir.path, self.title)
         return summary
+
+
+def _total(rounds: list[dict[str, Any]], key: str) -> int | None:
+    """Sum of ``key`` over the rounds that record it; None when none does (withheld under client-level DP)."""
+    values = [r[key] for r in rounds if key in r]
+    return sum(values) if values else None

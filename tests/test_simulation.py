@@ -79,8 +79,9 @@ def test_metrics_have_one_line_per_round_with_traffic_and_time(run_dir):
     for r in rounds[1:]:
         assert r["replies_ok"] == r["clients_sampled"] == 5 and r["failed_nodes"] == []
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["seconds"] > 0
-        assert r["train"]["train_loss"] > 0 and r["train"]["train_steps"] > 0
-        assert "eval_accuracy" in r["evaluate"] and "accuracy" in r["central"]
+        assert r["train"]["train_steps"] > 0 and "accuracy" in r["central"]
+        # DP-SGD covers the update only: the loss on private data and local evaluation are withheld
+        assert "train_loss" not in r["train"] and "train_seconds" not in r["train"] and "evaluate" not in r
 
 
 def test_final_centralized_accuracy_clearly_beats_round_zero(run_dir):

@@ -68,8 +68,8 @@ def test_client_level_dp_stops_at_the_server_budget(tmp_path):
     ledger = [json.loads(line) for line in (out / "privacy_ledger.jsonl").read_text().splitlines()]
     assert [e["event"]["round"] for e in ledger] == list(range(1, done + 1))
     assert all(e["event"]["sample_rate"] == 0.5 and e["event"]["sampling"] == "poisson" for e in ledger)
-    # Poisson sampling: the number of clients varies from round to round around q*N = 4
-    assert all(0 <= r["clients_sampled"] <= 8 for r in rounds[1:])
+    # who (and how many) were Poisson-sampled is secret: the run directory does not keep it
+    assert not any({"clients_sampled", "failed_nodes", "train", "bytes_sent"} & r.keys() for r in rounds)
 
 
 def test_scaffold_under_dp_sgd_learns_within_each_clients_budget(tmp_path):
