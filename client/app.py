@@ -26,13 +26,7 @@ from fedvault.client.node import (
     task_and_model,
     training_data,
 )
-from fedvault.client.private_training import (
-    BudgetExhausted,
-    RoundAlreadySpent,
-    node_ledger_path,
-    run_key,
-    train_private,
-)
+from fedvault.client.private_training import REFUSALS, node_ledger_path, run_key, train_private
 from fedvault.client.sealing import ClientSealing
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
@@ -90,7 +84,7 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
                 done = train_private(
                     cfg, sel, rc, global_state, device, ledger, run_key(cfg, context.run_id), make_steps
                 )
-            except (BudgetExhausted, RoundAlreadySpent) as exc:
+            except REFUSALS as exc:
                 return reply(msg, refusal(exc.status, str(exc)), sealing, "train")
         else:
             done = train_plain(cfg, sel, rc, global_state, device, make_steps)

@@ -3,7 +3,9 @@
 Order matters (conservative accounting): the budget is checked BEFORE training with the event
 this round would add, and the spend is committed to the node's SQLite ledger BEFORE the update
 leaves the client. The ledger is keyed by run and client, so a restarted client continues its
-epsilon instead of starting over (Flower issue #2216).
+epsilon instead of starting over (Flower issue #2216). A ledger whose rows fail their hash chain
+or count (rows removed: :class:`~fedvault.privacy.node_ledger.NodeLedgerTamperedError`) cannot
+tell the client what it spent, so it refuses to train (:class:`LedgerInvalid`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,17 @@ from fedvault.config import RunConfig
 from fedvault.privacy.budget import Budget, projected_epsilon
 from fedvault.privacy.dp_sgd import PrivateTrainer
 from fedvault.privacy.events import DPEvent
-from fedvault.privacy.node_ledger import NodeLedger
-from fedvault.protocol import BUDGET_EXHAUSTED, DP_EPSILON, DP_EVENT, ROUND_ALREADY_SPENT, RoundConfig, dp_event_record
+from fedvault.privacy.node_ledger import NodeLedger, NodeLedgerTamperedError
+from fedvault.protocol import (
+    BUDGET_EXHAUSTED,
+    DP_EPSILON,
+    DP_EVENT,
+    LEDGER_INVALID,
+    ROUND_ALREADY_SPENT,
+    RoundConfig,
+    dp_event_record,
+)
+from fedvault.protocol import run_key as run_key  # re-exported: the ClientApp imports it from here
 from fedvault.strategies.client_steps import finish_client_steps
 from fedvault.strategies.hooks import ClientStep
 from fedvault.tasks import make_loader
@@ -42,6 +53,16 @@ class RoundAlreadySpent(Exception):
     status = ROUND_ALREADY_SPENT
 
 
+class LedgerInvalid(Exception):
+    """The client's node ledger fails its check (rows removed or edited): nothing is trained on it."""
+
+    status = LEDGER_INVALID
+
+
+#: Every way a client refuses to train; each carries its reply ``status``.
+REFUSALS = (BudgetExhausted, RoundAlreadySpent, LedgerInvalid)
+
+
 def node_ledger_path(cfg: RunConfig, node_config: dict) -> Path:
     """Node config ``ledger-path``, else ``privacy.node-ledger``, else beside the run, else ~/.fedvault."""
     chosen = node_config.get("ledger-path") or cfg.privacy.node_ledger
@@ -50,11 +71,6 @@ def node_ledger_path(cfg: RunConfig, node_config: dict) -> Path:
     if cfg.run_dir:
         return Path(cfg.run_dir) / "node-ledger.sqlite"
     return Path.home() / ".fedvault" / "node-ledger.sqlite"
-
-
-def run_key(cfg: RunConfig, run_id: int) -> str:
-    """Stable across restarts and resumes: the run directory's name when there is one."""
-    return Path(cfg.run_dir).name if cfg.run_dir else f"flower-run-{run_id}"
 
 
 @cache
@@ -92,7 +108,7 @@ def train_private(
     make_steps: StepFactory,
 ) -> LocalRound:
     """Check the budget, run the task's training loop under DP-SGD, record the spend; raises
-    :class:`BudgetExhausted` or :class:`RoundAlreadySpent` before anything is trained.
+    :class:`BudgetExhausted`, :class:`RoundAlreadySpent` or :class:`LedgerInvalid` before anything is trained.
 
     ``make_steps(model)`` builds the strategy's client steps on the trainer's model once it holds
     ``global_state``; they run on the private gradient (post-processing)."""
@@ -106,7 +122,10 @@ def train_private(
         party=party,
     )
     budget = Budget(cfg.privacy.target_epsilon, cfg.privacy.target_delta)
-    history = ledger.events(key, party)
+    try:
+        history = ledger.events(key, party)
+    except NodeLedgerTamperedError as exc:
+        raise LedgerInvalid(f"{party}: refusing to train: {exc}") from None
     if any(e.round == rc.server_round for e in history):
         raise RoundAlreadySpent(
             f"{party}: round {rc.server_round} was already trained and paid for (a re-run after "
@@ -138,7 +157,10 @@ def train_private(
         round=rc.server_round,
         party=party,
     )
-    ledger.record(key, party, event)  # before anything of this round leaves the client
+    try:
+        ledger.record(key, party, event)  # before anything of this round leaves the client
+    except NodeLedgerTamperedError as exc:  # rows removed while it trained: release nothing
+        raise LedgerInvalid(f"{party}: not releasing the update: {exc}") from None
     records, metrics = finish_client_steps(steps, trainer.model, result.steps, rc.learning_rate)
     state = cpu_state(trainer.model)
     return LocalRound(

@@ -25,7 +25,7 @@ _EXPORTS = {
     "simulate": "fedvault.simulations.harness",
     "SimulationResult": "fedvault.simulations.harness",
     "SimulationError": "fedvault.simulations.harness",
-    "audit": "fedvault.privacy.report",
+    "audit": "fedvault.server.run_audit",
     "PrivateTrainer": "fedvault.privacy.dp_sgd",
     "load_task": "fedvault.tasks",
     "show_progress": "fedvault.logs",
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from fedvault.errors import ConfigError, FedvaultError
     from fedvault.logs import show_progress
     from fedvault.privacy.dp_sgd import PrivateTrainer
-    from fedvault.privacy.report import audit
+    from fedvault.server.run_audit import audit
     from fedvault.simulations.harness import SimulationError, SimulationResult, simulate
     from fedvault.tasks import load_task
 

@@ -39,11 +39,16 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_TAMPERED = 2  # also every other error (FedvaultError), e.g. a ledger line that fails its chain
+EXIT_UNVERIFIED = 3
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from fedvault.privacy.audit import plot_epsilon, render_table, to_csv, to_json
-    from fedvault.privacy.report import EPSILON_PLOT, audit
+    from fedvault.privacy.report import EPSILON_PLOT
+    from fedvault.server.run_audit import audit
 
-    report = audit(args.run_dir)
+    report = audit(args.run_dir, server_key=args.server_key, node_ledgers=args.node_ledger)
     if args.json:
         print(to_json(report))
     elif args.csv:
@@ -51,10 +56,28 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     else:
         print(render_table(report))
         print(f"plot: {plot_epsilon(report, Path(args.run_dir) / EPSILON_PLOT)}")
+    for finding in report.findings:
+        print(f"fedvault audit: {finding.severity} [{finding.code}]: {finding.message}", file=sys.stderr)
     if report.exceeded:
         print(f"fedvault audit: cap exceeded by {', '.join(report.exceeded)}", file=sys.stderr)
+    refuted = _empirical(Path(args.run_dir), args.canaries) if args.empirical else False
+    if report.tampered:
+        return EXIT_TAMPERED
+    if report.exceeded or refuted:
         return 1
-    return 0
+    return EXIT_UNVERIFIED if report.unverified else 0
+
+
+def _empirical(run_dir: Path, canaries: int) -> bool:
+    """Run the canary audit of the run's mechanisms, print it; True if it refuted a claim."""
+    from fedvault.config import RunConfig
+    from fedvault.privacy.empirical_report import empirical_audit_of_run, render_empirical
+    from fedvault.rundir import CONFIG_FILE
+
+    print(f"empirical audit: training with {canaries} canaries (a separate run; this takes a while)", flush=True)
+    results = empirical_audit_of_run(run_dir, RunConfig.from_sources(run_dir / CONFIG_FILE), canaries)
+    print(render_empirical(results), end="")
+    return any(r["flagged"] for r in results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,12 +109,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser(
         "audit",
-        help="privacy budget report of a run; verifies the ledger's hash chain",
-        description="Verify RUN_DIR/privacy_ledger.jsonl (exit 2 naming the first bad entry if it was altered) and "
-        "report per client: rounds, epsilon by PLD (the claim), PRV and RDP (cross-checks), delta, cap, remaining; "
-        "the run's client-level epsilon; a plot of epsilon per round. Exit 1 if any cap was exceeded.",
+        help="privacy budget report of a run; verifies the ledger against its signed anchors",
+        description="Verify RUN_DIR/privacy_ledger.jsonl: its hash chain, its header (delta and caps; config.toml "
+        "must agree) and its head against the server's signed anchors (privacy_ledger.anchors, checkpoints, "
+        "summary.json); with --node-ledger, merge the clients' own ledgers. Report per client: rounds, node ids, "
+        "dropped (paid for, not aggregated), epsilon by PLD (the claim), PRV and RDP (cross-checks), delta, cap, "
+        "remaining; the run's client-level epsilon; a plot of epsilon per round.",
+        epilog="exit status: 0 ok; 1 a cap was exceeded (or --empirical measured more than the claim); "
+        "2 tampering (an edited, removed or reordered entry, "
+        "truncation, an emptied ledger, a rewrite, entries after the final anchor, a config that differs from the "
+        "ledger, a node id under several party names or a party claimed by several nodes, node-ledger rows "
+        "removed) or any other error; 3 unverified (entries after the last anchor of a run that did not finish, "
+        "a spend only a node ledger holds, an unreadable reply, no key). Limit: whoever holds the server's "
+        "identity key can re-sign a rewritten ledger.",
     )
     audit.add_argument("run_dir", metavar="RUN_DIR")
+    audit.add_argument(
+        "--server-key",
+        metavar="PUB_OR_FINGERPRINT",
+        help="pin the key the anchors must be signed by: an identity.pub file or its SHA-256 fingerprint "
+        "(default: the identity the run's config names, or RUN_DIR/identity/)",
+    )
+    audit.add_argument(
+        "--node-ledger",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a client's SQLite ledger (node-ledger.sqlite) to merge and compare; repeat for several",
+    )
+    audit.add_argument(
+        "--empirical",
+        action="store_true",
+        help="also measure epsilon with canaries: a separate run of this run's DP mechanism and parameters "
+        "(one-run lower bound for DP-SGD, Steinke et al. 2023; one-shot estimate for client-level DP, Andrew et "
+        "al. 2024); writes RUN_DIR/empirical_audit.json with the canary seeds; the run's model holds no canaries",
+    )
+    audit.add_argument(
+        "--canaries", type=int, default=1000, metavar="M", help="canaries for --empirical (default 1000)"
+    )
     fmt = audit.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fmt.add_argument("--csv", action="store_true", help="print CSV instead of a table")

@@ -14,8 +14,8 @@ reply (client -> server)
     ``"metrics"``  MetricRecord ``"num-examples"`` and the metric names below
     ``"dp-event"`` ConfigRecord the DP spend of this reply, already in the client's ledger
                    (:class:`fedvault.privacy.events.DPEvent` fields)
-    ``"status"``   ConfigRecord ``{"status": BUDGET_EXHAUSTED | ROUND_ALREADY_SPENT,
-                   "reason": str}`` when the client refused to train
+    ``"status"``   ConfigRecord ``{"status": BUDGET_EXHAUSTED | ROUND_ALREADY_SPENT |
+                   LEDGER_INVALID, "reason": str}`` when the client refused to train
 
 Strategy records (SCAFFOLD's ``"scaffold.*"``, FedNova's ``"fednova.*"`` metrics) are defined
 next to both halves of their strategy in :mod:`fedvault.strategies`; sealing's ``"fedvault.*"``
@@ -26,9 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedvault.config import RunConfig
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -45,6 +48,7 @@ MOMENTUM = "momentum"
 #: Status values of a refusing client's reply.
 BUDGET_EXHAUSTED = "budget-exhausted"  # training this round would pass the client's epsilon cap
 ROUND_ALREADY_SPENT = "round-already-spent"  # this round was already trained and paid for
+LEDGER_INVALID = "ledger-invalid"  # the client's own privacy ledger fails its check: it cannot know its spend
 
 #: Metric names in replies.
 TRAIN_LOSS = "train_loss"
@@ -136,3 +140,9 @@ def read_dp_event(reply: Message) -> Mapping[str, Any] | None:
     """The reply's ``"dp-event"`` fields, or None when it carries none (validate with ``DPEvent.from_dict``)."""
     record = reply.content.config_records.get(DP_EVENT)
     return dict(record) if record is not None else None
+
+
+def run_key(cfg: RunConfig, run_id: int) -> str:
+    """The run both ledgers are keyed by (a node ledger's ``run_key``, the run ledger header's ``run``):
+    the run directory's name when there is one (stable across restarts and resumes), else the Flower run."""
+    return Path(cfg.run_dir).name if cfg.run_dir else f"flower-run-{run_id}"

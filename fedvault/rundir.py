@@ -19,6 +19,7 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
+IDENTITY_DIR = "identity"  # a simulation's server identity key pair (fedvault.server.sealing)
 
 
 def default_run_dir(task: str, root: str | Path = "runs") -> Path:

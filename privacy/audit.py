@@ -1,11 +1,19 @@
 """The privacy audit of a run directory (behind ``fedvault audit RUN_DIR``).
 
-Verifies the run's hash-chained ledger, then replays each party's events: for every client its
-sample-level epsilon (DP-SGD; cap ``privacy.target-epsilon``) and for the ``server`` party the
-run's client-level epsilon (DP-FedAvg; cap ``privacy.client-level-target-epsilon``), both at
-``privacy.target-delta``, by PLD (the claim), PRV and RDP (cross-checks). ``remaining = cap -
-PLD epsilon``; a party whose PLD epsilon is above its cap is flagged. Outputs: a text table,
-JSON, CSV and a PNG of cumulative PLD epsilon after each round, one line per party.
+1. Verifies the run's hash-chained ledger (:mod:`fedvault.privacy.ledger`; an inconsistent line
+   raises :class:`~fedvault.privacy.ledger.LedgerTamperedError`) and takes delta and the caps
+   from its header entry, not from the config: a config that says otherwise is flagged.
+2. Checks the ledger against the server's signed anchors (:mod:`fedvault.privacy.anchors`):
+   truncation, emptying, consistent rewrites and appends after the final anchor are tampering;
+   entries after the last anchor of a run that did not finish are unverified.
+3. Reconciles who paid (:mod:`fedvault.privacy.reconcile`): node ids vs party names, and, given
+   the clients' SQLite ledgers, every spend they hold (added when the run ledger lacks it).
+4. Replays each party's events: for every client its sample-level epsilon (DP-SGD) and for the
+   ``server`` party the run's client-level epsilon (DP-FedAvg), by PLD (the claim), PRV and RDP
+   (cross-checks); ``remaining = cap - PLD epsilon``; a party above its cap is flagged.
+
+Spends the server received but did not aggregate (dropped by validation) count like the others.
+Outputs: a text table, JSON, CSV and a PNG of cumulative PLD epsilon after each round per party.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import io
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +36,17 @@ from matplotlib.ticker import MaxNLocator
 from fedvault.atomic import atomic_write
 from fedvault.errors import FedvaultError
 from fedvault.privacy.accountants import METHODS, cumulative_epsilons, epsilon
-from fedvault.privacy.ledger import GENESIS_HASH, LEDGER_FILENAME, events_by_party, read_ledger
+from fedvault.privacy.anchors import TrustedKey, check_anchors
+from fedvault.privacy.events import DPEvent
+from fedvault.privacy.findings import Finding
+from fedvault.privacy.ledger import LEDGER_FILENAME, LedgerHeader, read_ledger, spends
+from fedvault.privacy.reconcile import identity_findings, merge_node_ledgers
 
 SERVER_PARTY = "server"
 
 
 class AuditError(FedvaultError, ValueError):
-    """The run directory cannot be audited (no ledger, bad caps or delta)."""
+    """The run directory cannot be audited (no ledger, no header and no config to fall back on)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,9 @@ class PartyAudit:
     cap: float | None
     remaining: float | None
     exceeded: bool
+    nodes: list[int] = field(default_factory=list)  # Flower node ids its spends came from
+    dropped_rounds: list[int] = field(default_factory=list)  # received and paid for, not aggregated
+    node_ledger_rounds: list[int] = field(default_factory=list)  # only in the clients' own ledgers
 
 
 @dataclass(frozen=True)
@@ -63,11 +80,24 @@ class AuditReport:
     delta: float
     parties: list[PartyAudit]
     curves: dict[str, list[tuple[int, float]]]
+    run: str = ""
+    anchored_entries: int = 0
+    key_source: str = "none"
+    node_ledgers: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def exceeded(self) -> list[str]:
         """Parties whose PLD epsilon is above their cap."""
         return [p.party for p in self.parties if p.exceeded]
+
+    @property
+    def tampered(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "tampered"]
+
+    @property
+    def unverified(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "unverified"]
 
 
 def _natural_key(party: str) -> tuple:
@@ -76,44 +106,88 @@ def _natural_key(party: str) -> tuple:
     return (party == SERVER_PARTY, tuple((isinstance(t, str), t) for t in parts))
 
 
-def _check_cap(name: str, cap: float | None) -> None:
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
-        raise AuditError(f"audit {name} must be a number > 0 or None, got {cap!r}")
-
-
 def audit_run(
-    run_dir: str | Path, delta: float, epsilon_cap: float | None = None, client_level_epsilon_cap: float | None = None
+    run_dir: str | Path,
+    *,
+    trusted: TrustedKey | None,
+    anchors: Sequence[tuple[str, Any]] = (),
+    config_header: LedgerHeader | None = None,
+    node_ledgers: Sequence[str | Path] = (),
 ) -> AuditReport:
-    """Verify ``RUN_DIR/privacy_ledger.jsonl`` and account every party's events at ``delta``.
+    """Verify ``RUN_DIR/privacy_ledger.jsonl`` and account every party's events at the ledger's delta.
 
-    ``epsilon_cap`` caps each client's sample-level epsilon (config ``privacy.target-epsilon``),
-    ``client_level_epsilon_cap`` the server's client-level epsilon
-    (``privacy.client-level-target-epsilon``); None means no cap. A tampered ledger raises
-    :class:`~fedvault.privacy.ledger.LedgerTamperedError`; a truncated final line (crash
-    mid-write) is reported in ``integrity`` and the complete entries are audited.
+    ``anchors`` are ``(where, stored anchor)`` pairs (anchors file, checkpoints, summary), checked
+    against ``trusted``; ``config_header`` is what the run's config says (flagged where it differs
+    from the ledger's header, and used only if the ledger has none); ``node_ledgers`` are clients'
+    SQLite ledgers to merge. A tampered line raises
+    :class:`~fedvault.privacy.ledger.LedgerTamperedError`; every other problem is a finding.
     """
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-        raise AuditError(f"audit delta (privacy.target-delta) must be in (0, 1), got {delta!r}")
-    _check_cap("epsilon_cap", epsilon_cap)
-    _check_cap("client_level_epsilon_cap", client_level_epsilon_cap)
     run_dir = Path(run_dir)
     path = run_dir / LEDGER_FILENAME
     if not path.is_file():
         raise AuditError(f"no privacy ledger at {path}: was differential privacy enabled for this run?")
     contents = read_ledger(path)
+    findings: list[Finding] = []
     integrity = "ok"
     if contents.truncated_line is not None:
         integrity = (
             f"truncated final line {contents.truncated_line} (crash mid-write); "
             f"{len(contents.entries)} complete entries verified and audited"
         )
-    histories = events_by_party(contents.entries)
+    header = contents.header
+    if header is None:
+        findings.append(
+            Finding("tampered", "no-header", f"{path} has no header entry (delta and caps are not in the ledger)")
+        )
+        header = config_header
+        if header is None:
+            raise AuditError(f"{path} has no header entry and no config to take delta and caps from")
+    elif config_header is not None and (diff := header.differences(config_header)):
+        findings.append(
+            Finding(
+                "tampered",
+                "config-differs",
+                f"the run's config differs from the ledger's header ({'; '.join(diff)}; ledger's first); "
+                "audited with the ledger's values",
+            )
+        )
+    check = check_anchors(contents.entries, header.run, anchors, trusted)
+    findings += check.findings
+    paid = spends(contents.entries)
+    findings += identity_findings(paid)
+    extra, merged = merge_node_ledgers(paid, header.run, [Path(p) for p in node_ledgers])
+    findings += merged
+    findings += [
+        Finding(
+            "unverified",
+            "unread-reply",
+            f"node {e.unread.node} round {e.unread.round}: reply received but unreadable ({e.unread.reason}); "
+            "its spend is only in that client's ledger",
+        )
+        for e in contents.entries
+        if e.unread is not None
+    ]
+    if findings and integrity == "ok":
+        integrity = "PROBLEMS" if any(f.severity == "tampered" for f in findings) else "unverified entries"
+    histories: dict[str, list[DPEvent]] = defaultdict(list)
+    nodes: dict[str, set[int]] = defaultdict(set)
+    dropped: dict[str, list[int]] = defaultdict(list)
+    for entry in paid:
+        assert entry.event is not None
+        histories[entry.event.party].append(entry.event)
+        if entry.node is not None:
+            nodes[entry.event.party].add(entry.node)
+        if entry.status == "dropped":
+            dropped[entry.event.party].append(entry.event.round)
+    for event in extra:
+        histories[event.party].append(event)
+    delta = header.target_delta
     parties = []
     for party in sorted(histories, key=_natural_key):
         events = histories[party]
         kind = events[0].kind
         values = {method: epsilon(events, delta, method) for method in METHODS}
-        cap = client_level_epsilon_cap if kind == "client" else epsilon_cap
+        cap = header.client_level_epsilon_cap if kind == "client" else header.epsilon_cap
         parties.append(
             PartyAudit(
                 party=party,
@@ -122,21 +196,29 @@ def audit_run(
                 epsilon_pld=values["pld"],
                 epsilon_prv=values["prv"],
                 epsilon_rdp=values["rdp"],
-                delta=float(delta),
-                cap=None if cap is None else float(cap),
+                delta=delta,
+                cap=cap,
                 remaining=None if cap is None else cap - values["pld"],
                 exceeded=cap is not None and values["pld"] > cap,
+                nodes=sorted(nodes[party]),
+                dropped_rounds=sorted(dropped[party]),
+                node_ledger_rounds=sorted(e.round for e in extra if e.party == party),
             )
         )
     return AuditReport(
         run_dir=str(run_dir),
         ledger_path=str(path),
         entries=len(contents.entries),
-        head_hash=contents.entries[-1].hash if contents.entries else GENESIS_HASH,
+        head_hash=contents.head_hash,
         integrity=integrity,
-        delta=float(delta),
+        delta=delta,
         parties=parties,
-        curves=cumulative_epsilons(histories, delta),
+        curves=cumulative_epsilons(dict(histories), delta),
+        run=header.run,
+        anchored_entries=check.anchored,
+        key_source=trusted.source if trusted else "none",
+        node_ledgers=[str(p) for p in node_ledgers],
+        findings=findings,
     )
 
 
@@ -145,13 +227,28 @@ def _fmt(value: float | None) -> str:
 
 
 def render_table(report: AuditReport) -> str:
-    """Human-readable report: ledger integrity, one row per party, and the exceeded caps."""
-    header = ("party", "kind", "rounds", "eps PLD", "eps PRV", "eps RDP", "delta", "cap", "remaining", "status")
+    """Human-readable report: ledger integrity and anchors, one row per party, the findings and exceeded caps."""
+    header = (
+        "party",
+        "kind",
+        "rounds",
+        "nodes",
+        "dropped",
+        "eps PLD",
+        "eps PRV",
+        "eps RDP",
+        "delta",
+        "cap",
+        "remaining",
+        "status",
+    )
     rows = [
         (
             p.party,
             p.kind,
             str(len(p.rounds)),
+            ",".join(map(str, p.nodes)) or "-",
+            str(len(p.dropped_rounds)),
             _fmt(p.epsilon_pld),
             _fmt(p.epsilon_prv),
             _fmt(p.epsilon_rdp),
@@ -164,16 +261,20 @@ def render_table(report: AuditReport) -> str:
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
-        f"privacy audit of {report.run_dir}",
+        f"privacy audit of {report.run_dir} (run {report.run!r})",
         f"ledger: {report.ledger_path}, {report.entries} entries, head {report.head_hash[:16]}…, "
         f"integrity {report.integrity}",
+        f"anchors: {report.anchored_entries} of {report.entries} entries signed; key: {report.key_source}",
+        *([f"node ledgers merged: {', '.join(report.node_ledgers)}"] if report.node_ledgers else []),
         "",
         "  ".join(h.ljust(w) for h, w in zip(header, widths)),
         "  ".join("-" * w for w in widths),
         *("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows),
         "",
         "epsilon claims are backed by PLD (dp-accounting); PRV (Opacus) and RDP are cross-checks.",
+        "dropped = rounds whose reply was received and paid for but not aggregated (counted in epsilon).",
     ]
+    lines += [f"{f.severity.upper()} [{f.code}]: {f.message}" for f in report.findings]
     if report.exceeded:
         lines.append(f"CAP EXCEEDED by: {', '.join(report.exceeded)}")
     return "\n".join(lines) + "\n"
@@ -194,6 +295,7 @@ def to_json(report: AuditReport) -> str:
     """The whole report (including curves and the exceeded list) as indented strict JSON."""
     data = asdict(report)
     data["exceeded"] = report.exceeded
+    data["tampered"] = bool(report.tampered)
     return json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
 
 
@@ -213,6 +315,9 @@ def to_csv(report: AuditReport) -> str:
         "cap",
         "remaining",
         "exceeded",
+        "nodes",
+        "dropped_rounds",
+        "node_ledger_rounds",
     ]
     writer.writerow(columns)
     for p in report.parties:
@@ -229,6 +334,9 @@ def to_csv(report: AuditReport) -> str:
                 "" if p.cap is None else repr(p.cap),
                 "" if p.remaining is None else repr(p.remaining),
                 str(p.exceeded).lower(),
+                " ".join(map(str, p.nodes)),
+                " ".join(map(str, p.dropped_rounds)),
+                " ".join(map(str, p.node_ledger_rounds)),
             ]
         )
     return out.getvalue()

@@ -16,9 +16,11 @@ from fedvault.device import resolve_device
 from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger
 from fedvault.privacy.release import client_level_round_record
-from fedvault.privacy.report import privacy_summary
-from fedvault.protocol import train_config
+from fedvault.privacy.report import ledger_header, privacy_summary
+from fedvault.protocol import run_key, train_config
 from fedvault.rundir import RunDirectory, default_run_dir
+from fedvault.security.identity import load_identity
+from fedvault.server.anchoring import ANCHOR_KEY, LedgerAnchorer, anchor_sources
 from fedvault.server.client_level_dp import ClientLevelDP
 from fedvault.server.recorder import RunRecorder
 from fedvault.server.resume import checkpoint_round, restore
@@ -90,7 +92,11 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     task = load_task(cfg.task)
     model = initial_model(task, cfg)
     private = cfg.privacy.sample_level or cfg.privacy.client_level
-    ledger = Ledger(run_dir.path / LEDGER_FILENAME, recover_truncated_tail=True) if private else None
+    ledger, anchorer = None, None
+    if private:  # the ledger's header carries delta and the caps; its head is signed after every round
+        run = run_key(cfg, 0 if cfg.run_dir else grid.run.run_id)
+        ledger = Ledger(run_dir.path / LEDGER_FILENAME, header=ledger_header(cfg, run), recover_truncated_tail=True)
+        anchorer = LedgerAnchorer(ledger, load_identity(server_identity_path(cfg, run_dir.path)), run)
     base = make_strategy(cfg)
     strategy: Strategy = base
     if cfg.privacy.client_level:
@@ -105,7 +111,7 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
         strategy=strategy,
         grid=grid,
         central_evaluate=central_evaluator(task, cfg),
-        on_round=lambda record, arrays: _finish_round(run_dir, loop, recorder, release(record), arrays),
+        on_round=lambda record, arrays: _finish_round(run_dir, loop, recorder, anchorer, release(record), arrays),
         timeout=cfg.round_timeout,
         rules=validation_rules(cfg, base),
         min_replies=cfg.min_replies,
@@ -124,18 +130,27 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
         print(f"run stopped: {stopped}", file=sys.stdout, flush=True)
         arrays = recorder.last_arrays or arrays
     extra: dict[str, object] = {"task": cfg.task, "run_dir": str(Path(run_dir.path)), "stopped": stopped}
-    if private:
-        report, text = privacy_summary(run_dir.path, cfg)
+    if anchorer is not None:
+        last_round = anchorer.last.round if anchorer.last else first_round - 1
+        extra[ANCHOR_KEY] = anchorer.anchor(last_round, final=True).to_dict()
+        report, text = privacy_summary(run_dir.path, cfg, anchorer.run, anchorer.trusted, anchor_sources(run_dir.path))
         print(text, file=sys.stdout, flush=True)
         extra["privacy"] = report
     return recorder.finish(arrays.to_torch_state_dict(), extra=extra)
 
 
 def _finish_round(
-    run_dir: RunDirectory, loop: RoundLoop, recorder: RunRecorder, record: dict, arrays: ArrayRecord
+    run_dir: RunDirectory,
+    loop: RoundLoop,
+    recorder: RunRecorder,
+    anchorer: LedgerAnchorer | None,
+    record: dict,
+    arrays: ArrayRecord,
 ) -> None:
+    """Metrics line, then the signed ledger head, then the checkpoint that carries it."""
     recorder.on_round(record, arrays)
-    checkpoint_round(run_dir.path, loop, record["round"], arrays)
+    anchor = anchorer.anchor(record["round"]).to_dict() if anchorer is not None else None
+    checkpoint_round(run_dir.path, loop, record["round"], arrays, ledger_anchor=anchor)
 
 
 def central_evaluator(task: Task, cfg: RunConfig):

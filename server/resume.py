@@ -23,6 +23,7 @@ from fedvault.atomic import atomic_write
 from fedvault.errors import ConfigError
 from fedvault.privacy.ledger import LEDGER_FILENAME, read_ledger
 from fedvault.rundir import METRICS_FILE, RunDirectory
+from fedvault.server.anchoring import ANCHOR_KEY
 from fedvault.server.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from fedvault.server.rounds import RoundLoop
 from fedvault.strategies.arrays import to_ndarrays, to_record
@@ -33,8 +34,11 @@ def _ledger_entries(run_dir: Path) -> int:
     return len(read_ledger(path).entries) if path.exists() else 0
 
 
-def checkpoint_round(run_dir: Path, loop: RoundLoop, server_round: int, arrays: ArrayRecord) -> None:
-    """Write the checkpoint of a finished round (atomically, by the checkpoint module)."""
+def checkpoint_round(
+    run_dir: Path, loop: RoundLoop, server_round: int, arrays: ArrayRecord, ledger_anchor: dict | None = None
+) -> None:
+    """Write the checkpoint of a finished round (atomically, by the checkpoint module), with the
+    round's signed ledger anchor when there is one (:mod:`fedvault.server.anchoring`)."""
     rng = random.getstate()
     state = loop.state_dict()
     save_checkpoint(
@@ -45,7 +49,7 @@ def checkpoint_round(run_dir: Path, loop: RoundLoop, server_round: int, arrays: 
             strategy_state=state["strategy"],
             rng_state={"python": [rng[0], list(rng[1]), rng[2]]},
             ledger_entries=_ledger_entries(run_dir),
-            extra={"exhausted": state["exhausted"]},
+            extra={"exhausted": state["exhausted"], **({ANCHOR_KEY: ledger_anchor} if ledger_anchor else {})},
         ),
     )
 

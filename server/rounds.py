@@ -11,9 +11,14 @@ pieces instead of branching here: client-level DP wraps the strategy
    again; a client that left does not stall the run);
 2. stamps ``server-round`` into every instruction, whatever the strategy (a sealing grid signs
    them after that, when they are sent);
-3. sets aside ``budget-exhausted`` replies, then validates every update before aggregation
-   (bad ones are dropped with a logged reason and counted, with those the grid could not open);
-4. appends the clients' DP events to the run's hash-chained ledger before aggregating;
+3. sets aside ``budget-exhausted`` and ``ledger-invalid`` refusals (neither client is sampled
+   again), then validates every update before aggregation (bad ones are dropped with a logged
+   reason and counted, with those the grid could not open);
+4. appends to the run's hash-chained ledger, before aggregating, the DP event of EVERY reply it
+   received, kept or dropped, under the node id Flower authenticated (``metadata.src_node_id``):
+   a dropped reply was paid for all the same. A reply the grid could not open is noted as
+   unread (its spend, if any, is only in the client's ledger); a reply that arrives after the
+   round's timeout is discarded by Flower's ``send_and_receive`` and never reaches the server;
 5. completes a round with the replies that came back before the timeout (the others are recorded
    in ``failed_nodes``) and fails it with one clear line when fewer than ``min_replies`` survive;
 6. hands ``on_round`` a record (metrics, timing, bytes, failures, drops) after every round.
@@ -38,9 +43,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
 from fedvault.errors import FedvaultError
-from fedvault.privacy.events import DPEvent
+from fedvault.privacy.events import DPEvent, DPEventError
 from fedvault.privacy.ledger import Ledger
-from fedvault.protocol import BUDGET_EXHAUSTED, read_dp_event, reply_status, stamp_server_round
+from fedvault.protocol import BUDGET_EXHAUSTED, LEDGER_INVALID, STATUS, read_dp_event, reply_status, stamp_server_round
 from fedvault.strategies.arrays import to_ndarrays, to_record
 from fedvault.strategies.state import load_strategy_state, strategy_state
 from fedvault.strategies.validation import ValidationRules, filter_replies
@@ -178,12 +183,17 @@ class RoundLoop:
         replies, unopened = self._exchange(sent)
 
         exhausted = [r for r in replies if reply_status(r) == BUDGET_EXHAUSTED]
-        self.exhausted.update(r.metadata.src_node_id for r in exhausted)
-        others = [r for r in replies if reply_status(r) != BUDGET_EXHAUSTED]
-        kept, dropped = filter_replies(others, arrays, self.rules)
+        invalid = [r for r in replies if reply_status(r) == LEDGER_INVALID]
+        self.exhausted.update(r.metadata.src_node_id for r in exhausted + invalid)
+        others = [r for r in replies if reply_status(r) not in (BUDGET_EXHAUSTED, LEDGER_INVALID)]
+        kept, rejected = filter_replies(others, arrays, self.rules)
+        kept_ids = {id(r) for r in kept}
+        dropped_replies = [r for r in others if id(r) not in kept_ids]  # filter_replies keeps the order
+        kept, unreadable = self._record_spends(
+            server_round, kept, [(r, why) for r, (_, why) in zip(dropped_replies, rejected)], unopened
+        )
         kept.sort(key=lambda r: r.metadata.src_node_id)  # arrival order must not change the float sums
-        dropped = unopened + dropped
-        self._record_client_events(kept)
+        dropped = unopened + rejected + unreadable + [(r.metadata.src_node_id, _refusal_reason(r)) for r in invalid]
         if len(kept) < self.min_replies:
             raise RunStopped(
                 f"round {server_round}: {len(kept)} usable updates < min-replies={self.min_replies} "
@@ -270,16 +280,49 @@ class RoundLoop:
 
     # ---- privacy ledger --------------------------------------------------------------------
 
-    def _record_client_events(self, replies: Iterable[Message]) -> None:
-        for reply in replies:
-            fields = read_dp_event(reply)
-            if fields is not None:
-                self._append(DPEvent.from_dict(fields))
+    def _record_spends(
+        self,
+        server_round: int,
+        kept: list[Message],
+        rejected: list[tuple[Message, str]],
+        unopened: list[tuple[int, str]],
+    ) -> tuple[list[Message], list[tuple[int, str]]]:
+        """Append the spend of every received reply (kept, then dropped) and note the unopened ones.
 
-    def _append(self, event: DPEvent) -> None:
+        Returns the kept replies whose DP event is readable, and ``(node, reason)`` for the kept ones
+        whose event is malformed (dropped: their spend is unknown, so noted as unread)."""
+        usable: list[Message] = []
+        unreadable: list[tuple[int, str]] = []
+        for reply, status, reason in [(r, "kept", None) for r in kept] + [(r, "dropped", w) for r, w in rejected]:
+            node = reply.metadata.src_node_id
+            fields = read_dp_event(reply) if not reply.has_error() else None
+            try:
+                event = DPEvent.from_dict(fields) if fields is not None else None
+            except DPEventError as exc:
+                why = f"malformed dp-event: {exc}"
+                self._ledger_for(why).append_unread(node, server_round, why)
+                if status == "kept":
+                    unreadable.append((node, why))
+                continue
+            if event is not None:
+                self._ledger_for(str(event)).append(event, node=node, status=status, reason=reason)
+            if status == "kept":
+                usable.append(reply)
+        if self.ledger is not None:
+            for node, reason in unopened:
+                self.ledger.append_unread(node, server_round, reason)
+        return usable, unreadable
+
+    def _ledger_for(self, what: str) -> Ledger:
         if self.ledger is None:
-            raise RunStopped("a DP event arrived but this run has no privacy ledger")
-        self.ledger.append(event)
+            raise RunStopped(f"a DP event arrived ({what}) but this run has no privacy ledger")
+        return self.ledger
+
+
+def _refusal_reason(reply: Message) -> str:
+    """``refused (status): reason`` of a refusing reply."""
+    record = reply.content.config_records[STATUS]
+    return f"refused ({record.get(STATUS)!r}): {record.get('reason', '')!r}"
 
 
 def _payload_bytes(messages: Iterable[Message]) -> int:

@@ -19,13 +19,13 @@ from flwr.serverapp import Grid
 
 from fedvault.config import RunConfig
 from fedvault.protocol import read_server_round
+from fedvault.rundir import IDENTITY_DIR
 from fedvault.security.envelope import open_reply, sign_instruction
 from fedvault.security.identity import announce_run_key, generate_identity, load_identity
 from fedvault.security.sealing import SealingError
 from fedvault.server.rounds import GridWrapper
 
 log = logging.getLogger("fedvault")
-IDENTITY_DIR = "identity"
 
 
 def server_identity_path(cfg: RunConfig, run_dir: Path) -> Path:

@@ -11,13 +11,15 @@ import tomllib
 
 import dp_accounting
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting.pld import pld_privacy_accountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedvault.privacy.accountants import cumulative_epsilons
+from fedvault.privacy.anchors import TrustedKey, key_fingerprint, sign_anchor
 from fedvault.privacy.audit import AuditError, audit_run, plot_epsilon, render_table, to_csv, to_json
 from fedvault.privacy.events import DPEvent
-from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger, LedgerTamperedError
+from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger, LedgerError, LedgerHeader, LedgerTamperedError, read_ledger
 
 CONFIG = """\
 [privacy]
@@ -51,7 +53,11 @@ def direct(spec: tuple, delta: float) -> dict[str, float]:
 @pytest.fixture
 def run_dir(tmp_path):
     (tmp_path / "config.toml").write_text(CONFIG)
-    ledger = Ledger(tmp_path / LEDGER_FILENAME)
+    privacy = tomllib.loads(CONFIG)["privacy"]
+    header = LedgerHeader(
+        "run", privacy["target-delta"], privacy["target-epsilon"], privacy["client-level-target-epsilon"]
+    )
+    ledger = Ledger(tmp_path / LEDGER_FILENAME, header=header)  # delta and caps live in the ledger
     for rnd in range(1, 6):
         for party, (z, q, steps, rounds) in CLIENTS.items():
             if rnd in rounds:
@@ -61,15 +67,21 @@ def run_dir(tmp_path):
     return tmp_path
 
 
+KEY = Ed25519PrivateKey.generate()
+
+
 def audit(run_dir):
-    """What the CLI does: read the caps and delta from the run's resolved config."""
+    """The ledger's own delta and caps (its header), its head signed as now (anchoring: test_ledger_anchoring.py)."""
     privacy = tomllib.loads((run_dir / "config.toml").read_text())["privacy"]
-    return audit_run(
-        run_dir,
-        delta=privacy["target-delta"],
-        epsilon_cap=privacy["target-epsilon"],
-        client_level_epsilon_cap=privacy["client-level-target-epsilon"],
-    ), privacy
+    entries, head = _head(run_dir)
+    anchor = sign_anchor(KEY, run="run", server_round=5, entries=entries, head=head, final=True)
+    trusted = TrustedKey(key_fingerprint(KEY.public_key().public_bytes_raw()), "test key")
+    return audit_run(run_dir, trusted=trusted, anchors=[("test", anchor.to_dict())]), privacy
+
+
+def _head(run_dir):
+    contents = read_ledger(run_dir / LEDGER_FILENAME)
+    return len(contents.entries), contents.head_hash
 
 
 def expected_parties(delta: float) -> dict[str, dict[str, float]]:
@@ -81,7 +93,7 @@ def test_report_numbers_match_the_libraries_and_flag_the_cap(run_dir):
     delta = privacy["target-delta"]
     expected = expected_parties(delta)
     assert report.integrity == "ok"
-    assert report.entries == sum(len(s[3]) for s in CLIENTS.values()) + len(SERVER[3])
+    assert report.entries == 1 + sum(len(s[3]) for s in CLIENTS.values()) + len(SERVER[3])  # header + spends
     assert [p.party for p in report.parties] == ["client-1", "client-2", "client-3", "server"]
     for p in report.parties:
         spec = SERVER if p.party == "server" else CLIENTS[p.party]
@@ -104,7 +116,7 @@ def test_table_json_and_csv_carry_the_same_numbers(run_dir):
     rows = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith(("client-", "server "))}
     for party, values in expected.items():
         row = rows[party]
-        for column, method in ((3, "pld"), (4, "prv"), (5, "rdp")):
+        for column, method in ((5, "pld"), (6, "prv"), (7, "rdp")):
             assert float(row[column]) == pytest.approx(values[method], rel=0.01)
     assert rows["client-3"][-1] == "EXCEEDED" and rows["client-1"][-1] == "ok"
     assert "CAP EXCEEDED by: client-3" in table
@@ -158,9 +170,9 @@ def test_tampered_ledger_fails_the_audit_and_truncation_is_reported(run_dir):
 
 def test_missing_ledger_and_bad_caps_are_clear_errors(tmp_path):
     with pytest.raises(AuditError, match="no privacy ledger"):
-        audit_run(tmp_path, delta=1e-5)
-    with pytest.raises(AuditError, match="epsilon_cap"):
-        audit_run(tmp_path, delta=1e-5, epsilon_cap=-1.0)
+        audit_run(tmp_path, trusted=None)
+    with pytest.raises(LedgerError, match="epsilon_cap"):
+        LedgerHeader("run", 1e-5, -1.0, None)
 
 
 def test_many_clients_share_composition_without_changing_results():

@@ -55,7 +55,7 @@ def test_every_exported_name_resolves():
     for name in fedvault.__all__:
         assert getattr(fedvault, name) is not None, name
     from fedvault.privacy.dp_sgd import PrivateTrainer
-    from fedvault.privacy.report import audit
+    from fedvault.server.run_audit import audit
     from fedvault.simulations.harness import simulate
     from fedvault.tasks import load_task
 

@@ -130,7 +130,8 @@ def test_inserted_entries_are_named(tmp_path):
     assert tampered_at(path).seq == 4
     # a forged entry that fits the chain at position 4 shows at the displaced entry after it
     prev = json.loads(lines[2])
-    body = {"seq": 4, "timestamp": prev["timestamp"], "event": event(9).to_dict(), "prev_hash": prev["hash"]}
+    spend = {"event": event(9).to_dict(), "node": None, "status": "kept", "reason": None}
+    body = {"seq": 4, "timestamp": prev["timestamp"], **spend, "prev_hash": prev["hash"]}
     forged = json.dumps({**body, "hash": entry_hash(body)}).encode() + b"\n"
     write_lines(path, lines[:3] + [forged] + lines[3:])
     error = tampered_at(path)

@@ -119,7 +119,22 @@ def test_audit_cli_reads_the_run(run_dir):
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["entries"] == 15 and not report["exceeded"]
+    assert report["entries"] == 1 + 15 and not report["exceeded"]  # the header, then 5 clients x 3 rounds
+    assert report["anchored_entries"] == report["entries"] and report["findings"] == []
+
+
+def test_empirical_audit_cli_audits_the_runs_mechanism_with_canaries(run_dir):
+    out, _ = run_dir
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedvault.cli", "audit", str(out), "--empirical", "--canaries", "200"],
+        capture_output=True,
+        text=True,
+        timeout=seconds(300),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = json.loads((out / "empirical_audit.json").read_text())
+    assert result["mechanism"] == "dp-sgd" and result["canaries"] == 200 and result["claimed_epsilon"] == 8.0
+    assert result["audited"] <= 8.0 and f"(seed {result['seed']}): consistent with the claim" in proc.stdout
 
 
 def _failing_server_app(error: Exception):

@@ -65,7 +65,9 @@ def test_client_level_dp_stops_at_the_server_budget(tmp_path):
     assert "run stopped: client-level privacy budget" in stdout
     server = [p for p in summary["privacy"]["parties"] if p["party"] == "server"]
     assert server and len(server[0]["rounds"]) == done and server[0]["epsilon_pld"] <= 8.0
-    ledger = [json.loads(line) for line in (out / "privacy_ledger.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert "header" in lines[0]  # delta and caps, then the spends
+    ledger = lines[1:]
     assert [e["event"]["round"] for e in ledger] == list(range(1, done + 1))
     assert all(e["event"]["sample_rate"] == 0.5 and e["event"]["sampling"] == "poisson" for e in ledger)
     # who (and how many) were Poisson-sampled is secret: the run directory does not keep it
