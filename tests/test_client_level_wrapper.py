@@ -221,5 +221,7 @@ def test_fedavgm_under_client_level_dp_with_sealing_on_the_simulation_engine(tmp
     # the run directory keeps only the server's own figures: no client statistics or participation
     assert all(sorted(r) == ["central", "round", "seconds", "train_config"] for r in rounds[1:])
     assert "dropped reply" not in proc.stdout + proc.stderr  # every sealed reply opened (the operator's log)
-    ledger = [json.loads(line)["event"] for line in (out / "privacy_ledger.jsonl").read_text().splitlines()]
+    header, *spends = [json.loads(line) for line in (out / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert "header" in header  # delta and caps, then the spends
+    ledger = [entry["event"] for entry in spends]
     assert ledger == [DPEvent.dp_fedavg(noise_multiplier=1.0, sample_rate=0.75, round=r).to_dict() for r in (1, 2)]
