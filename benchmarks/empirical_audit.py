@@ -2,27 +2,33 @@
 
     python benchmarks/empirical_audit.py [--epsilons 1 3 8] [--canaries 1000] [--task digits]
 
-Sample level (Steinke, Nasr, Jagielski, NeurIPS 2023, one training run, black-box): fedvault's
+Sample level (Steinke, Nasr, Jagielski, NeurIPS 2023, one training run). Black-box: fedvault's
 PrivateTrainer trains one model on the task's training pool plus input-space canaries, each
-included with probability 1/2; the audited value is a 95 %-confidence LOWER BOUND on epsilon
-(Bonferroni-corrected over the swept guess counts). Client level (Andrew et al., ICLR 2024,
+included with probability 1/2, scored on the final model. White-box: the same trainer on the
+training pool alone, with gradient canaries (each included with probability 1/2, Poisson-sampled
+every step, adding C times a unit direction to the clipped sum before the noise), scored by the sum
+over all steps of the released noisy sum's component along the canary. The audited value is a
+95 %-confidence LOWER BOUND on epsilon (Bonferroni-corrected over the swept guess counts); the
+ceiling is the bound if every guess were right, the most m canaries can show. Client level (Andrew et al., ICLR 2024,
 one-shot): DP-FedAvg (fedvault's DPFedAvgAggregator) over simulated honest clients plus canary
 clients; the audited value is an ESTIMATE (Gaussian fits to canary cosines), not a bound.
 
-The broken control trains with no noise (and, sample level, no clipping) but still claims the
-target epsilon: a working audit flags it (audited > claim). It uses --broken-epochs/--broken-lr,
-suited to unclipped gradients. Writes benchmarks/results/empirical_audit.{json,md,png}.
+The broken control trains with no noise (and, black-box, no clipping) but still claims the
+target epsilon: a working audit flags it (audited > claim). Black-box it uses
+--broken-epochs/--broken-lr, suited to unclipped gradients; white-box it runs once per
+--wb-broken-canaries count. Writes benchmarks/results/empirical_audit.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from typing import Any
 
 from sweep import write_results
 
-from fedvault.privacy.empirical_audit import audit_dp_fedavg, audit_dp_sgd
+from fedvault.privacy.empirical_audit import audit_dp_fedavg, audit_dp_sgd, audit_dp_sgd_white_box, one_run_ceiling
 
 DELTA = 1e-5
 
@@ -43,11 +49,43 @@ def sample_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             batch_size=args.batch_size,
             broken_mechanism_for_testing=broken,
         )
-        row = {"level": "sample", "method": "one-run lower bound (95 %)", **audit.to_dict()}
+        row = {"level": "sample", "method": "one-run lower bound (95 %), black-box", **audit.to_dict()}
         row["audited"] = audit.epsilon_lower_bound
+        row["ceiling"] = one_run_ceiling(args.canaries, delta=DELTA)
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         print(_line(row), flush=True)
+    return rows
+
+
+def white_box_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Correct runs per (canary count, claim); the broken control once per canary count, its bound (which
+    does not depend on the claim: noise 0 whatever is claimed) compared with every claim."""
+    rows = []
+    runs = [(m, [eps], False) for m in args.wb_canaries for eps in args.epsilons]
+    runs += [(m, list(args.broken_epsilons), True) for m in args.wb_broken_canaries]
+    for m, claims, broken in runs:
+        start = time.perf_counter()
+        audit = audit_dp_sgd_white_box(
+            args.task,
+            target_epsilon=claims[0],
+            delta=DELTA,
+            num_canaries=m,
+            canary_gradient=args.wb_kind,
+            epochs=args.epochs,
+            learning_rate=args.lr,
+            batch_size=args.batch_size,
+            broken_mechanism_for_testing=broken,
+        )
+        seconds = time.perf_counter() - start
+        for eps in claims:
+            claimed = dataclasses.replace(audit, claimed_epsilon=eps)
+            row = {"level": "sample", "method": "one-run lower bound (95 %), white-box", **claimed.to_dict()}
+            row["audited"] = audit.epsilon_lower_bound
+            row["ceiling"] = audit.details["ceiling"] if audit.details else None
+            row["seconds"] = seconds
+            rows.append(row)
+            print(_line(row), flush=True)
     return rows
 
 
@@ -82,7 +120,7 @@ def _mechanism(row: dict[str, Any]) -> str:
 def _line(row: dict[str, Any]) -> str:
     return (
         f"{row['level']} {_mechanism(row)} claim {row['claimed_epsilon']:g}: audited {row['audited']:.3f} "
-        f"({row['method']}), flagged {row['flagged']}, {row['seconds']:.0f} s"
+        f"({row['method']}, {row['canaries']} canaries), flagged {row['flagged']}, {row['seconds']:.0f} s"
     )
 
 
@@ -93,25 +131,30 @@ def to_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, wall: floa
         f"Sample level: task {args.task}, {args.canaries} '{args.canary}' canaries (each in with prob. 1/2), "
         f"DP-SGD via PrivateTrainer, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, clip 1.0; "
         f"broken control {args.broken_epochs} epochs, lr {args.broken_lr}. Audited = Steinke et al. one-run "
-        "lower bound at 95 % confidence, Bonferroni over the swept (k+, k-) (black-box, last model only). "
+        "lower bound at 95 % confidence, Bonferroni over the swept (k+, k-); black-box: last model only, "
+        f"log-probability scores; white-box: {args.wb_kind} gradient canaries of norm C in the DPOptimizer's "
+        f"clipped sum (same {args.epochs} epochs, lr, batch; {' or '.join(map(str, args.wb_canaries))} canaries; "
+        "broken control: one run per canary count, "
+        f"{' or '.join(map(str, args.wb_broken_canaries))}, noise 0 with clipping), score = sum over all steps of "
+        "the noisy sum's component along the canary. Ceiling = the bound if every guess were right. "
         f"Client level: DP-FedAvg, {args.client_rounds} rounds, 200 honest + {args.canary_clients} canary "
         f"clients, q = 0.1, dim {args.dim}, {args.null_directions} null directions; "
         "audited = Andrew et al. one-shot estimate (not a bound). Flagged = audited > claim.",
         "",
-        "| level | mechanism | method | claimed eps | audited eps | canaries | guesses | correct | "
+        "| level | mechanism | method | claimed eps | audited eps | canaries | ceiling | guesses | correct | "
         "(k+, k-) | uncorrected best | flagged | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sample = r["level"] == "sample"
         lines.append(
             f"| {r['level']} | {_mechanism(r)} | {r['method']} | {r['claimed_epsilon']:g} | {r['audited']:.3f} | "
-            f"{r['canaries']} | {r['guesses'] if sample else '-'} | {r['correct'] if sample else '-'} | "
-            f"{(r['k_plus'], r['k_minus']) if sample else '-'} | "
+            f"{r['canaries']} | {r['ceiling']:.3f} | {r['guesses']} | {r['correct']} | "
+            f"{(r['k_plus'], r['k_minus'])} | "
             f"{r['uncorrected_best']:.3f} | {r['flagged']} | {r['seconds']:.0f} |"
             if sample
             else f"| {r['level']} | {_mechanism(r)} | {r['method']} | {r['claimed_epsilon']:g} | {r['audited']:.3f} | "
-            f"{r['canaries']} | - | - | - | - | {r['flagged']} | {r['seconds']:.0f} |"
+            f"{r['canaries']} | - | - | - | - | - | {r['flagged']} | {r['seconds']:.0f} |"
         )
     correct = [r for r in rows if "broken" not in _mechanism(r)]
     broken = [r for r in rows if "broken" in _mechanism(r)]
@@ -120,6 +163,16 @@ def to_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, wall: floa
         f"- correct mechanisms above their claim: {sum(r['flagged'] for r in correct)} of {len(correct)} "
         "(sample-level bounds are valid at 95 %; client-level values are estimates)",
         f"- broken controls flagged: {sum(r['flagged'] for r in broken)} of {len(broken)}",
+        "- claims above the ceiling (no one-run audit with that many canaries can refute them at delta 1e-5): "
+        + (
+            ", ".join(
+                f"{r['claimed_epsilon']:g} ({r['method'].split(', ')[-1]}, m={r['canaries']}, "
+                f"ceiling {r['ceiling']:.2f})"
+                for r in broken
+                if r.get("ceiling") is not None and r["claimed_epsilon"] >= r["ceiling"]
+            )
+            or "none"
+        ),
         f"- wall time: {wall:.0f} s",
     ]
     return "\n".join(lines) + "\n"
@@ -134,7 +187,14 @@ def figure(rows: list[dict[str, Any]]) -> Any:
     ax = fig.add_subplot()
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        label = f"{r['level']}: {r['method']}" + (" [broken control]" if "broken" in _mechanism(r) else "")
+        white = r["method"].endswith("white-box")
+        label = f"{r['level']}: {r['method']}" + (
+            f" [broken control, m={r['canaries']}]"
+            if "broken" in _mechanism(r)
+            else f" [m={r['canaries']}]"
+            if white
+            else ""
+        )
         series.setdefault(label, []).append((r["claimed_epsilon"], min(r["audited"], 50.0)))
     for label, points in series.items():
         points.sort()
@@ -167,6 +227,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="expected Poisson batch size")
     parser.add_argument("--broken-epochs", type=int, default=60, help="epochs of the broken control")
     parser.add_argument("--broken-lr", type=float, default=0.5, help="lr of the broken control (unclipped)")
+    parser.add_argument(
+        "--wb-canaries", type=int, nargs="+", default=[1000, 4000], help="white-box gradient canaries, correct runs"
+    )
+    parser.add_argument(
+        "--wb-broken-canaries", type=int, nargs="+", default=[1000, 4000], help="white-box canaries, broken control"
+    )
+    parser.add_argument("--wb-kind", choices=["dirac", "gaussian"], default="dirac", help="gradient canary kind")
+    parser.add_argument("--skip-white-box", action="store_true", help="no white-box rows")
     parser.add_argument("--client-rounds", type=int, default=50, help="DP-FedAvg rounds")
     parser.add_argument("--canary-clients", type=int, default=1000, help="client-level canary clients")
     parser.add_argument(
@@ -176,7 +244,8 @@ def main() -> None:
     parser.add_argument("--skip-client", action="store_true", help="sample level only")
     args = parser.parse_args()
     start = time.perf_counter()
-    rows = sample_rows(args) + ([] if args.skip_client else client_rows(args))
+    rows = sample_rows(args) + ([] if args.skip_white_box else white_box_rows(args))
+    rows += [] if args.skip_client else client_rows(args)
     text = to_markdown(rows, args, time.perf_counter() - start)
     print(text)
     write_results("empirical_audit", {"args": vars(args), "delta": DELTA, "rows": rows}, text, figure(rows))

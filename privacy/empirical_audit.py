@@ -21,6 +21,16 @@ keeping the best is a multiple test: :func:`audit_one_run` then tests every cand
 (``CanaryScoreAuditor.epsilon_one_run(threshold_strategy=Bonferroni())``). The best value without
 that correction is reported as well, labelled as *not* a valid bound.
 
+Black-box (:func:`audit_dp_sgd`): input-space canaries, the final model only, scored by the log-
+probability of their label. White-box (:func:`audit_dp_sgd_white_box`, the paper's gradient-space
+setting: canary gradients, every iterate observed): :class:`GradientCanaries` adds ``C·u_c`` to
+Opacus' sum of clipped per-sample gradients at each step where canary ``c`` is Poisson-sampled,
+before the noise, and scores ``s_c = Σ_t ⟨G_t, u_c⟩`` over the released noisy sums ``G_t``. The
+bound is the same theorem on those scores. With ``δ > 0`` no audit passes
+:func:`one_run_ceiling` (every guess right), roughly ``log((1 − c) / (2δG))`` for ``G`` guess
+counts: at ``δ = 1e-5`` it stays near 5 for any ``m`` (4.96 at m = 1000, at most 5.2), so a
+claim above it cannot be refuted by this bound, however broken the mechanism.
+
 Client level — Andrew, Kairouz, Oh, Oprea, McMahan, Suriyakumar, "One-shot Empirical Privacy
 Estimation for Federated Learning" (ICLR 2024, arXiv 2302.03098). Canary clients send a fixed
 random unit direction each time they are sampled; the statistic is the cosine between a canary's
@@ -498,6 +508,210 @@ def audit_dp_sgd(
         "epochs": epochs,
         "batch_size": batch_size,
         "train_examples": len(train),
+        "test_accuracy": accuracy,
+        "train_seconds": time.perf_counter() - start,
+    }
+    return OneRunAudit(**{**asdict(audit), "details": details})
+
+
+# ---- sample level, white-box: gradient canaries, scores from every step -------------------------
+
+
+def one_run_ceiling(
+    m: int, *, delta: float, confidence: float = 0.95, guess_counts: Sequence[tuple[int, int]] | None = None
+) -> float:
+    """The largest bound :func:`audit_one_run` can return with ``m`` canaries: every guess right, for
+    the luckiest split (m/2 included). No audit with ``m`` canaries can refute a claim above it: the
+    ``2mδα`` term of ``p(ε, δ)`` keeps it near ``log((1 − c) / (2δG))`` however many canaries are used."""
+    if m < 2:
+        raise EmpiricalAuditError(f"empirical audit: need at least 2 canaries, got {m}")
+    included = np.arange(m) < m // 2
+    return audit_one_run(
+        included.astype(float), included, delta=delta, confidence=confidence, guess_counts=guess_counts
+    ).epsilon_lower_bound
+
+
+class GradientCanaries:
+    """``m`` gradient canaries planted in an Opacus ``DPOptimizer`` (Steinke et al. 2023, white-box).
+
+    Canary ``c`` is in the run (``included[c]``) with probability 1/2; at every logical step each
+    included canary is Poisson-sampled with the trainer's rate ``q``, as a training example is, and
+    when sampled adds ``C·u_c`` to the sum of clipped per-sample gradients (``C`` the clip bound,
+    ``u_c`` a unit vector in parameter space), before Opacus adds ``N(0, σ²C²I)``. Its score is
+    ``s_c = Σ_t ⟨G_t, u_c⟩`` over every step ``t``, ``G_t`` the released noisy sum: an included
+    canary scores ``C·n_c`` more on average (``n_c ~ Bin(T, q)`` the times it was sampled), against
+    noise of standard deviation ``σC√T``: a separation of ``q√T/σ``, about the run's Gaussian-DP
+    ``μ = q√(T(e^{1/σ²} − 1))`` (Bu et al. 2020's CLT, large σ), the most any score can reach.
+
+    ``kind="dirac"``: ``u_c`` is a coordinate vector ``e_j``, redrawn every step, the ``m``
+    canaries on distinct coordinates (``m ≤`` the parameter count): canaries never overlap, and the
+    data gradients' share of a canary's score averages over coordinates and steps instead of
+    accumulating along one coordinate. ``kind="gaussian"``: one fixed uniformly random unit vector
+    per canary (an ``m × d`` matrix); canaries overlap by about ``1/√d``.
+
+    Randomness (inclusion, sampling, directions) comes from ``rng``, the caller's seeded generator.
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        count: int,
+        *,
+        sample_rate: float,
+        kind: Literal["dirac", "gaussian"],
+        rng: np.random.Generator,
+    ) -> None:
+        import torch
+
+        self.params = [p for p in optimizer.params if p.requires_grad]
+        self.sizes = [p.numel() for p in self.params]
+        self.dim = sum(self.sizes)
+        if kind not in ("dirac", "gaussian"):
+            raise EmpiricalAuditError(f"empirical audit: canary gradients are 'dirac' or 'gaussian', got {kind!r}")
+        if count < 2 or (kind == "dirac" and count > self.dim):
+            raise EmpiricalAuditError(
+                f"empirical audit: need 2 <= canaries <= {self.dim} (the parameter count) for 'dirac', got {count}"
+            )
+        self.optimizer, self.count, self.kind, self.rng = optimizer, count, kind, rng
+        self.sample_rate = _check_open_unit("sample_rate", sample_rate)
+        self.norm = float(optimizer.max_grad_norm)
+        self.included = rng.random(count) < 0.5
+        self.scores = np.zeros(count)
+        self.participations = np.zeros(count, dtype=np.int64)
+        self.steps = 0
+        self.directions: Any = None
+        if kind == "gaussian":
+            rows = torch.as_tensor(_unit_rows(rng, count, self.dim), dtype=torch.float32)
+            self.directions = rows.to(self.params[0].device)
+        self._coords = np.zeros(count, dtype=np.int64)
+        self._original = optimizer.add_noise
+
+    def __enter__(self) -> GradientCanaries:
+        self.optimizer.add_noise = self._add_noise  # an instance attribute shadows DPOptimizer.add_noise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.optimizer.add_noise
+
+    def _flat(self, values: Any) -> Any:
+        import torch
+
+        return torch.cat([v.reshape(-1) for v in values]).double()
+
+    def _add_noise(self) -> None:
+        """Opacus calls ``add_noise`` once per logical step, with ``p.summed_grad`` the complete sum of
+        clipped per-sample gradients: add the sampled canaries to it, let Opacus noise it, score."""
+        import torch
+
+        sampled = self.included & (self.rng.random(self.count) < self.sample_rate)
+        self.participations += sampled
+        device, dtype = self.params[0].device, self.params[0].dtype
+        if self.kind == "dirac":
+            self._coords = self.rng.permutation(self.dim)[: self.count]
+            canary = torch.zeros(self.dim, dtype=dtype, device=device)
+            canary[torch.as_tensor(self._coords[sampled], device=device)] = self.norm
+        else:
+            assert self.directions is not None
+            weights = torch.as_tensor(sampled, dtype=self.directions.dtype, device=device) * self.norm
+            canary = (weights @ self.directions).to(dtype)
+        for p, part in zip(self.params, torch.split(canary, self.sizes), strict=True):
+            p.summed_grad.add_(part.view_as(p.summed_grad))
+        self._original()
+        released = self._flat(p.grad for p in self.params)  # the noisy sum G_t, before scale_grad
+        if self.kind == "dirac":
+            step_scores = released[torch.as_tensor(self._coords, device=device)]
+        else:
+            assert self.directions is not None
+            step_scores = self.directions.double() @ released
+        self.scores += step_scores.cpu().numpy()
+        self.steps += 1
+
+
+def audit_dp_sgd_white_box(
+    task: Any = "digits",
+    *,
+    target_epsilon: float,
+    delta: float = 1e-5,
+    num_canaries: int = 1000,
+    canary_gradient: Literal["dirac", "gaussian"] = "dirac",
+    epochs: int = 30,
+    batch_size: int = 256,
+    learning_rate: float = 2.0,
+    momentum: float = 0.9,
+    max_grad_norm: float = 1.0,
+    confidence: float = 0.95,
+    guess_counts: Sequence[tuple[int, int]] | None = None,
+    seed: int | None = None,
+    broken_mechanism_for_testing: bool = False,
+) -> OneRunAudit:
+    """White-box one-run audit of fedvault's DP-SGD (Steinke et al. 2023's gradient-space setting:
+    gradient canaries, every iterate observed): train the task's model on its training pool with :class:`PrivateTrainer`
+    calibrated to ``(target_epsilon, delta)`` over ``epochs`` epochs, with ``num_canaries``
+    :class:`GradientCanaries` in its ``DPOptimizer``, and audit their scores with
+    :func:`audit_one_run`. ``details["ceiling"]`` is :func:`one_run_ceiling` for the canary count.
+
+    ``broken_mechanism_for_testing=True`` is a **test/benchmark control only**: noise multiplier 0
+    (clipping kept), while the result still claims ``target_epsilon``. Never use it to train a model.
+    """
+    import torch
+
+    from fedvault.privacy.dp_sgd import PrivateTrainer
+    from fedvault.tasks import load_task, make_loader
+
+    _check_delta(delta)
+    seed = _new_seed(seed)
+    rng = np.random.default_rng(seed)
+    task = load_task(task) if isinstance(task, str) else task
+    data = task.load_data(seed=0)
+    loader = make_loader(data.train, batch_size, shuffle=False)
+    torch.manual_seed(int(rng.integers(2**62)))
+    model = task.build_model()
+    optimizer = lambda params: torch.optim.SGD(params, lr=learning_rate, momentum=momentum)  # noqa: E731
+    kwargs = {"max_grad_norm": max_grad_norm, "criterion": task.criterion()}
+    start = time.perf_counter()
+    if broken_mechanism_for_testing:
+        trainer = PrivateTrainer(model, optimizer, loader, noise_multiplier=0.0, **kwargs)
+    else:
+        trainer = PrivateTrainer.with_budget(
+            model, optimizer, loader, target_epsilon=target_epsilon, target_delta=delta, epochs=epochs, **kwargs
+        )
+    with trainer:
+        canaries = GradientCanaries(
+            trainer.parts.optimizer, num_canaries, sample_rate=trainer.sample_rate, kind=canary_gradient, rng=rng
+        )
+        with canaries:
+            result = trainer.train(task, epochs)
+        spent = None if broken_mechanism_for_testing else trainer.epsilon(delta)
+        noise, q = trainer.noise_multiplier, trainer.sample_rate
+        test = make_loader(data.test, 1024, shuffle=False)
+        accuracy = task.evaluate(trainer.model, test, torch.device("cpu"))["accuracy"]
+    if canaries.steps != result.steps:
+        raise EmpiricalAuditError(
+            f"empirical audit: canaries saw {canaries.steps} of the run's {result.steps} steps; scores incomplete"
+        )
+    audit = audit_one_run(
+        canaries.scores,
+        canaries.included,
+        delta=delta,
+        confidence=confidence,
+        guess_counts=guess_counts,
+        claimed_epsilon=target_epsilon,
+        seed=seed,
+    )
+    details = {
+        "task": task.name,
+        "canary": f"gradient ({canary_gradient})",
+        "setting": "white-box (gradient canaries, all steps)",
+        "mechanism": "broken (no noise)" if broken_mechanism_for_testing else "dp-sgd",
+        "accounted_epsilon": spent,
+        "noise_multiplier": noise,
+        "sample_rate": q,
+        "steps": canaries.steps,
+        "parameters": canaries.dim,
+        "mean_participations": float(canaries.participations[canaries.included].mean()),
+        "ceiling": one_run_ceiling(num_canaries, delta=delta, confidence=confidence, guess_counts=guess_counts),
+        "epochs": epochs,
+        "batch_size": batch_size,
         "test_accuracy": accuracy,
         "train_seconds": time.perf_counter() - start,
     }

@@ -17,7 +17,7 @@ from typing import Any
 
 from fedvault.atomic import atomic_write
 from fedvault.config import RunConfig
-from fedvault.privacy.empirical_audit import audit_dp_fedavg, audit_dp_sgd
+from fedvault.privacy.empirical_audit import audit_dp_fedavg, audit_dp_sgd_white_box
 from fedvault.tasks import load_task
 
 EMPIRICAL_FILE = "empirical_audit.json"
@@ -29,7 +29,7 @@ def empirical_audit_of_run(run_dir: Path, cfg: RunConfig, canaries: int) -> list
     p = cfg.privacy
     results = []
     if p.sample_level:
-        audit = audit_dp_sgd(
+        audit = audit_dp_sgd_white_box(
             cfg.task,
             target_epsilon=p.target_epsilon,
             delta=p.target_delta,

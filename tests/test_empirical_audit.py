@@ -13,12 +13,15 @@ from dp_accounting import get_epsilon_gaussian
 from fedvault.errors import FedvaultError
 from fedvault.privacy.empirical_audit import (
     EmpiricalAuditError,
+    GradientCanaries,
     audit_dp_fedavg,
     audit_dp_sgd,
+    audit_dp_sgd_white_box,
     audit_one_run,
     default_guess_grid,
     epsilon_two_gaussians,
     guess,
+    one_run_ceiling,
     one_run_epsilon,
     one_run_p_value,
     one_shot_estimate,
@@ -187,3 +190,64 @@ def test_dp_sgd_audit_below_claim_and_broken_mechanism_flagged():
     )
     assert broken.details is not None and broken.details["noise_multiplier"] == 0.0
     assert broken.epsilon_lower_bound > 1.0 and broken.flagged
+
+
+# ---- white-box: gradient canaries in the DPOptimizer -------------------------------------------
+
+
+def test_ceiling_is_the_perfect_audit_and_stalls_with_delta():
+    grid = default_guess_grid(1000)
+    included = np.arange(1000) < 500
+    perfect = audit_one_run(included.astype(float), included, delta=1e-5, guess_counts=grid)
+    assert one_run_ceiling(1000, delta=1e-5) == pytest.approx(perfect.epsilon_lower_bound)
+    # The 2m*delta*alpha term: past a few thousand canaries more of them barely help at delta 1e-5.
+    assert one_run_ceiling(1000, delta=1e-5) < one_run_ceiling(4000, delta=1e-5) < 8.0
+
+
+def test_gradient_canaries_enter_the_clipped_sum_before_the_noise():
+    # sigma = 0 and zero inputs (no data gradient): the released sums hold only the canaries.
+    import torch
+
+    from fedvault.privacy.dp_sgd import PrivateTrainer
+    from fedvault.tasks import ArrayDataset, make_loader
+    from fedvault.tasks.digits import DigitsTask
+
+    model = torch.nn.Linear(4, 3, bias=False)
+    data = ArrayDataset(np.zeros((64, 4), dtype=np.float32), np.zeros(64, dtype=np.int64))
+    loader = make_loader(data, 16, shuffle=False)
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    criterion = torch.nn.CrossEntropyLoss()
+    with PrivateTrainer(model, sgd, loader, noise_multiplier=0.0, max_grad_norm=2.0, criterion=criterion) as trainer:
+        optimizer = trainer.parts.optimizer
+        for kind in ("dirac", "gaussian"):
+            canaries = GradientCanaries(
+                optimizer, 12, sample_rate=trainer.sample_rate, kind=kind, rng=np.random.default_rng(3)
+            )
+            with canaries:
+                result = trainer.train(DigitsTask(), 5)
+            assert canaries.steps == result.steps == 20
+            assert np.all(canaries.participations[~canaries.included] == 0)
+            counts = canaries.participations.astype(float)
+            if kind == "dirac":  # distinct coordinates: each score is C times the canary's own count
+                np.testing.assert_allclose(canaries.scores, 2.0 * counts, atol=1e-9)
+            else:  # s = U (sum_t G_t) = C U U^T n
+                u = canaries.directions.double().numpy()
+                np.testing.assert_allclose(canaries.scores, 2.0 * u @ (u.T @ counts), atol=1e-5)
+            assert "add_noise" not in vars(optimizer)  # the wrapper is gone afterwards
+        with pytest.raises(EmpiricalAuditError, match="parameter count"):
+            GradientCanaries(optimizer, 13, sample_rate=0.25, kind="dirac", rng=np.random.default_rng(0))
+
+
+def test_white_box_dp_sgd_below_claim_and_broken_mechanism_flagged():
+    # Bounds seen (30 epochs, 1000 canaries): 0.23 / 0.78 / 2.1 at claims 1 / 3 / 8, broken 4.3 (ceiling 4.96).
+    # Here (18 steps, 500 canaries), broken 2.0-2.7 in 3 tries, correct 0-0.05 (ceiling 4.36).
+    kw = {"num_canaries": 500, "delta": 1e-5, "epochs": 6, "batch_size": 512}
+    correct = audit_dp_sgd_white_box("digits", target_epsilon=1.0, **kw)
+    assert correct.details is not None
+    assert correct.details["accounted_epsilon"] == pytest.approx(1.0, abs=0.01)
+    assert correct.epsilon_lower_bound <= 1.0 and not correct.flagged
+    assert 180 < correct.included < 320 and correct.canaries == 500 and correct.details["steps"] == 18
+    broken = audit_dp_sgd_white_box("digits", target_epsilon=1.0, broken_mechanism_for_testing=True, **kw)
+    assert broken.details is not None and broken.details["noise_multiplier"] == 0.0
+    assert broken.epsilon_lower_bound > 1.0 and broken.flagged
+    assert isinstance(broken.seed, int) and broken.seed != correct.seed
