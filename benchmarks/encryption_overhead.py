@@ -46,8 +46,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from sweep import RESULTS, simulate, write_results
 
-from fedvault.security.envelope import open_reply, seal_reply, sign_instruction, verify_instruction
-from fedvault.security.identity import IdentityPin, announce_run_key, fingerprint
+from fedvault.security.envelope import announced, content_digest, open_reply, seal_reply, signed_for, verify_instruction
+from fedvault.security.identity import IdentityPin, InstructionBinding, announce_run_key, fingerprint
 from fedvault.security.sealing import (
     CHUNK_SIZE,
     DEFAULT_SUITE,
@@ -121,7 +121,7 @@ def flower_timer(update: dict[str, np.ndarray], suite: str) -> Timer:
     for name, value in update.items():
         arrays[name] = Array(value)
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1000})})
-    binding = dataclasses.asdict(CONTEXT)  # run_id, round, node_id, kind
+    binding = dataclasses.asdict(CONTEXT)  # run_id, round, node_id, kind, instruction
 
     def run() -> tuple[float, float]:
         start = time.perf_counter()
@@ -225,14 +225,17 @@ def sealing_work_per_round(clients: int, reps: int = 20) -> dict:
     run_key, announcement = announce_run_key(identity, 1, DEFAULT_SUITE)
     instruction = RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": 0.05, "server-round": 1})})
     reply = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 400, "train_loss": 1.0})})
-    binding = {"run_id": 1, "round": 1, "kind": "train"}
+    address = {"run_id": 1, "round": 1, "kind": "train"}
 
     def one_round() -> float:
         start = time.perf_counter()
-        signed = sign_instruction(instruction, identity, announcement, run_id=1, round=1)
+        unsigned = announced(instruction, announcement)
+        digest = content_digest(unsigned)  # once per round; each node gets its own statement
         for node in range(1, clients + 1):
-            recipient = verify_instruction(signed, pin=pin, run_id=1, round=1)
-            open_reply(seal_reply(reply, recipient, node_id=node, **binding), run_key, node_id=node, **binding)
+            signed = signed_for(unsigned, digest, identity, InstructionBinding(1, 1, "train", node))
+            verified = verify_instruction(signed, pin=pin, node_id=node, **address)
+            binding = {**address, "node_id": node, "instruction": verified.digest}
+            open_reply(seal_reply(reply, verified.recipient, **binding), run_key, **binding)
         return time.perf_counter() - start
 
     one_round()

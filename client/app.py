@@ -4,6 +4,10 @@ Replies use Flower's usual keys so stock Flower strategies and ServerApps intero
 fedvault clients; the whole wire format is in :mod:`fedvault.protocol`. Training runs the task's
 own loop with DP on and off (:mod:`fedvault.client.local_training`). Under sample-level DP the
 replies carry only what the client's epsilon covers (:mod:`fedvault.privacy.release`).
+
+What the client requires of an instruction (signed by its pinned server, sealed replies, allowed
+suites, its DP floor, no replayed rounds) is its own policy (:mod:`fedvault.client.policy`),
+checked before anything is trained; the run config cannot change it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from fedvault.client.node import (
     task_and_model,
     training_data,
 )
+from fedvault.client.policy import ClientPolicy, PolicyRefused
 from fedvault.client.private_training import REFUSALS, node_ledger_path, run_key, train_private
 from fedvault.client.sealing import ClientSealing
 from fedvault.config import RunConfig
@@ -55,23 +60,35 @@ def config_from_context(context: Context) -> RunConfig:
     return RunConfig.from_flat(dict(context.run_config))
 
 
-def build_client_app(config: RunConfig | None = None) -> ClientApp:
-    """A ClientApp using ``config``, or the Flower run config when ``config`` is None."""
+def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | None = None) -> ClientApp:
+    """A ClientApp using ``config``, or the Flower run config when ``config`` is None.
+
+    Its security policy is ``policy``; else, deployed (``config`` None), the node config's
+    (:meth:`ClientPolicy.from_node_config`: sealing on unless the node says off); else (a baked-in
+    simulation config, whose one operator runs every party) sealing as ``config`` says.
+    """
     get_config: ConfigSource = (lambda _ctx: config) if config is not None else config_from_context
-    deployed = config is None
     app = ClientApp()
 
-    def sealer(cfg: RunConfig, msg: Message, context: Context) -> ClientSealing | None:
-        """Verifies the server's signature first: nothing is trained for an unsigned or forged instruction."""
-        return ClientSealing(cfg, msg, context) if cfg.sealing.enabled(deployed) else None
-
-    def reply(msg: Message, content: RecordDict, sealing: ClientSealing | None, kind: str) -> Message:
-        return Message(sealing.seal(content, kind) if sealing else content, reply_to=msg)
+    def checked(msg: Message, context: Context, kind: str) -> tuple[RunConfig, ClientPolicy, ClientSealing]:
+        """The run config, the policy, and the instruction checked against it: nothing is trained for an
+        unsigned, forged, relabelled or replayed instruction (these raise)."""
+        cfg = get_config(context)
+        if policy is not None:
+            own = policy
+        elif config is None:
+            own = ClientPolicy.from_node_config(context.node_config)
+        else:
+            own = ClientPolicy(sealing=cfg.sealing.enabled(deployed=False))
+        return cfg, own, ClientSealing(own, msg, context, kind)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg = get_config(context)
-        sealing = sealer(cfg, msg, context)
+        cfg, own, sealing = checked(msg, context, "train")
+        try:
+            cfg = own.dp.apply(cfg)  # the run may ask for more noise than the client's floor, never less
+        except PolicyRefused as exc:
+            return sealing.reply(msg, refusal(exc.status, str(exc)))
         sel = DataSelection.from_run(cfg, context.node_config)
         rc = read_round_config(msg.content, round_defaults(cfg))
         device = resolve_device(str(context.node_config.get("device", cfg.device)))
@@ -85,7 +102,7 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
                     cfg, sel, rc, global_state, device, ledger, run_key(cfg, context.run_id), make_steps
                 )
             except REFUSALS as exc:
-                return reply(msg, refusal(exc.status, str(exc)), sealing, "train")
+                return sealing.reply(msg, refusal(exc.status, str(exc)))
         else:
             done = train_plain(cfg, sel, rc, global_state, device, make_steps)
         state = done.state_dict
@@ -104,23 +121,22 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         if not cfg.privacy.sample_level:  # under DP-SGD both are functions of the data no epsilon covers
             metrics[TRAIN_LOSS], metrics[TRAIN_SECONDS] = float(done.result.loss), time.perf_counter() - start
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
-        return reply(msg, RecordDict({ARRAYS: arrays, METRICS: metrics, **done.records}), sealing, "train")
+        return sealing.reply(msg, RecordDict({ARRAYS: arrays, METRICS: metrics, **done.records}))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg = get_config(context)
-        sealing = sealer(cfg, msg, context)
+        cfg, own, sealing = checked(msg, context, "evaluate")
         device = resolve_device(str(context.node_config.get("device", cfg.device)))
         _, test_data = client_data(DataSelection.from_run(cfg, context.node_config))
-        if cfg.privacy.sample_level:  # DP-SGD covers none of the local test split: its metrics are withheld
-            return reply(msg, RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: len(test_data)})}), sealing, "evaluate")
+        if cfg.privacy.sample_level or own.dp.required:  # no epsilon covers the local test split: withheld
+            return sealing.reply(msg, RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: len(test_data)})}))
         task, model = task_and_model(cfg.task)
         model.load_state_dict(msg.content.array_records[ARRAYS].to_torch_state_dict())
         result = task.evaluate(model.to(device), make_loader(test_data, 256, shuffle=False), device)
         metrics = MetricRecord(
             {EVAL_LOSS: result["loss"], EVAL_ACCURACY: result["accuracy"], NUM_EXAMPLES: len(test_data)}
         )
-        return reply(msg, RecordDict({METRICS: metrics}), sealing, "evaluate")
+        return sealing.reply(msg, RecordDict({METRICS: metrics}))
 
     return app
 

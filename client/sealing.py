@@ -1,39 +1,55 @@
-"""Client side of sealed updates: verify the pinned server's signature on every instruction,
-seal every reply to the run key it announced (``fedvault.security.envelope``)."""
+"""Client side of sealed updates, under the client's own policy (:mod:`fedvault.client.policy`).
+
+For each instruction: verify the pinned server's signature for this run, round, node (Flower's
+``context.node_id``, the id this SuperNode registered under) and handler (``"train"`` /
+``"evaluate"``) and the announced suite against the allow-list; refuse a round at or below one
+already answered; seal the reply to the announced run key, naming the instruction's digest
+(``fedvault.security.envelope``). A policy with sealing on refuses an unsigned instruction
+whatever the run config says.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flwr.app import Context, Message, RecordDict
 
-from fedvault.config import RunConfig
-from fedvault.errors import ConfigError
+from fedvault.client.policy import AnsweredRounds, ClientPolicy
 from fedvault.protocol import read_server_round
-from fedvault.security.envelope import seal_reply, verify_instruction
-from fedvault.security.identity import IdentityPin
-from fedvault.security.sealing import RunPublicKey
-
-
-def pinned_identity(cfg: RunConfig, node_config: dict) -> IdentityPin:
-    """Node config ``server-identity`` or ``sealing.server-identity``: a fingerprint or an identity.pub path."""
-    value = str(node_config.get("server-identity") or cfg.sealing.server_identity)
-    if not value:
-        raise ConfigError(
-            "sealing is on but no server identity is pinned (node config 'server-identity' or "
-            "'sealing.server-identity': the fingerprint `fedvault keys init` printed)"
-        )
-    return IdentityPin.from_public_key_file(value) if Path(value).is_file() else IdentityPin.from_fingerprint(value)
+from fedvault.security.envelope import VerifiedInstruction, seal_reply, verify_instruction
 
 
 class ClientSealing:
-    """Verifies one instruction and seals its reply."""
+    """Checks one instruction against the policy (raises before anything is trained) and seals its reply."""
 
-    def __init__(self, cfg: RunConfig, msg: Message, context: Context) -> None:
-        self.run_id, self.round, self.node = context.run_id, read_server_round(msg.content), msg.metadata.dst_node_id
-        self.recipient: RunPublicKey = verify_instruction(
-            msg.content, pin=pinned_identity(cfg, context.node_config), run_id=self.run_id, round=self.round
+    def __init__(self, policy: ClientPolicy, msg: Message, context: Context, kind: str) -> None:
+        self.run_id, self.round, self.node, self.kind = (
+            context.run_id,
+            read_server_round(msg.content),
+            context.node_id,
+            kind,
         )
+        self.verified: VerifiedInstruction | None = None
+        if policy.sealing:
+            self.verified = verify_instruction(
+                msg.content,
+                pin=policy.require_pin(),
+                run_id=self.run_id,
+                round=self.round,
+                kind=kind,
+                node_id=self.node,
+                suites=policy.suites,
+            )
+        AnsweredRounds(policy, context).claim(kind, self.round)
 
-    def seal(self, content: RecordDict, kind: str) -> RecordDict:
-        return seal_reply(content, self.recipient, run_id=self.run_id, round=self.round, node_id=self.node, kind=kind)
+    def reply(self, msg: Message, content: RecordDict) -> Message:
+        """The reply to ``msg``: sealed when the policy seals."""
+        if self.verified is not None:
+            content = seal_reply(
+                content,
+                self.verified.recipient,
+                run_id=self.run_id,
+                round=self.round,
+                node_id=self.node,
+                kind=self.kind,
+                instruction=self.verified.digest,
+            )
+        return Message(content, reply_to=msg)

@@ -1,6 +1,7 @@
 """``fedvault keys init``, ``fedvault server`` and ``fedvault client``: Flower's deployment engine.
 
-``fedvault server`` starts a SuperLink (TLS + SuperNode authentication unless ``--insecure``),
+``fedvault server`` starts a SuperLink (TLS + SuperNode authentication unless ``--insecure``) on
+loopback behind a public front that serves only the Fleet API (:mod:`fedvault.deploy.superlink`),
 registers the client keys, writes a Flower app directory whose ``[tool.flwr.app.config]`` is the
 resolved run config (generated from :class:`fedvault.config.RunConfig` at submit time, so it
 carries every key, strategy parameters included, and never drifts from the repo's pyproject),
@@ -100,8 +101,14 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="SuperLink state (database, logs, app dir); run directories go to DIR/runs",
     )
-    server.add_argument("--host", help="interface to listen on (default 0.0.0.0; 127.0.0.1 with --insecure)")
-    server.add_argument("--port", type=int, default=8000, help="SuperLink port (default 8000)")
+    server.add_argument("--host", help="interface clients connect to (default 0.0.0.0; 127.0.0.1 with --insecure)")
+    server.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="port clients connect to (default 8000); it serves only Flower's Fleet API, the admin API "
+        "(flwr) listens on 127.0.0.1",
+    )
     server.add_argument(
         "--insecure", action="store_true", help="no TLS and no SuperNode authentication (local experiments only)"
     )
@@ -145,9 +152,30 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     client.add_argument(
         "--server-identity",
         metavar="FINGERPRINT|FILE",
-        help="pinned server identity for sealed updates (default KEYS/identity.pub if present)",
+        help="pinned server identity (default KEYS/identity.pub if present); required unless --insecure. "
+        "This node then accepts only instructions that identity signed, and seals every reply",
     )
-    client.add_argument("--insecure", action="store_true", help="no TLS and no authentication")
+    client.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no authentication; without a pinned identity also unsealed (local experiments only)",
+    )
+    client.add_argument(
+        "--suite",
+        action="append",
+        choices=("x25519", "mlkem768-x25519"),
+        help="HPKE suite this node accepts (repeatable; default: all)",
+    )
+    client.add_argument(
+        "--require-dp", action="store_true", help="refuse to train unless the run uses sample-level DP-SGD"
+    )
+    client.add_argument(
+        "--max-epsilon",
+        type=float,
+        metavar="E",
+        help="this node's epsilon cap per run (implies --require-dp): trains with min(run's, E)",
+    )
+    client.add_argument("--delta", type=float, metavar="D", help="this node's delta: trains with min(run's, D)")
     client.add_argument(
         "--state", metavar="DIR", help="SuperNode log and node privacy ledger (default ~/.fedvault/client-<I>)"
     )
@@ -300,8 +328,13 @@ def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             dial = _client_address(layout, host, args.port)
             _say(
                 out,
-                f"SuperLink (pid {superlink.process.pid}) listening on {join_host_port(host, args.port)}; "
-                f"state {state_dir}",
+                f"SuperLink (pid {superlink.process.pid}) listening on {join_host_port(host, args.port)} for "
+                f"SuperNodes (Fleet API only); state {state_dir}",
+            )
+            _say(
+                out,
+                f"admin API (flwr) on {superlink.connection.address} only: "
+                f"FLWR_HOME={superlink.connection.flwr_home} flwr ls {superlink.connection.name}",
             )
             keys_hint = "--insecure" if layout is None else "--keys KEYS"
             _say(
@@ -353,6 +386,10 @@ def follow_run(superlink: Any, run_id: int, log_path: Path, out: TextIO) -> str:
             printed = _print_new(streamer, printed, out)
             if not superlink.process.alive():
                 raise exited_error(superlink.process, f"while run {run_id} was going")
+            if not superlink.front.alive():
+                raise DeployError(
+                    f"the public Fleet front on {superlink.front.address} stopped while run {run_id} was going"
+                )
             now = time.monotonic()
             if stream_ended_at is None and not streamer.alive():
                 stream_ended_at, next_poll = now, now
@@ -452,15 +489,7 @@ def cmd_client(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         node_config["device"] = args.device
     if args.data_path:
         node_config["data-path"] = str(Path(args.data_path).expanduser().resolve())
-    pin = args.server_identity or _default_pin(args.keys)
-    if pin:
-        node_config["server-identity"] = str(Path(pin).resolve()) if Path(pin).is_file() else pin
-    else:
-        print(
-            "fedvault client: warning: no server identity pinned (--server-identity); "
-            "runs with sealed updates will fail on this node",
-            file=sys.stderr,
-        )
+    node_config.update(client_policy_config(args, state_dir))
     with _sigterm_as_interrupt():
         try:
             node = start_supernode(
@@ -487,6 +516,40 @@ def cmd_client(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if code != 0:
         raise DeployError(f"SuperNode exited with code {code} (log: {node.process.log_path})")
     return 0
+
+
+def client_policy_config(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
+    """This node's security policy as node config keys (:mod:`fedvault.client.policy`): the run
+    config cannot change them. Without a pin only ``--insecure`` starts, unsealed and warned."""
+    from fedvault.client.policy import ClientPolicy
+
+    policy: dict[str, Any] = {"answered-rounds": str(state_dir / "answered-rounds")}
+    pin = args.server_identity or _default_pin(args.keys)
+    if pin:
+        policy["server-identity"] = str(Path(pin).resolve()) if Path(pin).is_file() else pin
+    elif args.insecure:
+        policy["sealing"] = "off"
+        print(
+            "fedvault client: WARNING: --insecure without a pinned server identity: this node accepts "
+            "unsigned instructions from anyone who reaches it and sends its updates, metrics and DP events "
+            "UNSEALED (the SuperLink stores them in plaintext). Local experiments only.",
+            file=sys.stderr,
+        )
+    else:
+        raise ConfigError(
+            "no server identity pinned: pass --server-identity FINGERPRINT|identity.pub (or put identity.pub "
+            "in the --keys folder); --insecure runs without TLS and unsealed, for local experiments only"
+        )
+    if args.suite:
+        policy["sealing-suites"] = ",".join(args.suite)
+    if args.require_dp:
+        policy["dp-required"] = True
+    if args.max_epsilon is not None:
+        policy["dp-max-epsilon"] = args.max_epsilon
+    if args.delta is not None:
+        policy["dp-delta"] = args.delta
+    ClientPolicy.from_values(policy)  # a bad pin or value fails here, not in the first round
+    return policy
 
 
 def _default_pin(keys_dir: str | None) -> str | None:

@@ -1,9 +1,14 @@
 """Start a Flower SuperLink for fedvault, register client keys, submit and track runs.
 
 Flower 1.41 serves the Fleet (SuperNodes), Control (``flwr`` CLI) and Runtime (ServerApp) APIs
-on one HTTPS port. fedvault starts ``flower-superlink`` with TLS (certificate from
-:mod:`fedvault.security.tls_keys`), SuperNode authentication (only registered public keys may connect), a
-SQLite state database, no runtime ``uv sync``, and a gRPC health server used for readiness.
+on one HTTPS port, and its open-source Control API has no authentication. fedvault therefore
+binds ``flower-superlink`` to 127.0.0.1 on an internal *admin* port and puts the
+:mod:`~fedvault.deploy.fleet_front` on the public address: it forwards Flower's Fleet routes
+only, so a party that reaches the public port can act as a registered SuperNode and nothing
+more. The admin API (this module's ``flwr`` calls, the SuperExec, an operator's ``flwr``) stays
+on loopback. The SuperLink runs with TLS (certificate from :mod:`fedvault.security.tls_keys`, on
+both ports), SuperNode authentication (only registered public keys may connect), a SQLite state
+database, no runtime ``uv sync``, and a gRPC health server used for readiness.
 
 The ``flwr`` CLI finds a SuperLink through a named connection in ``$FLWR_HOME/config.toml``.
 fedvault writes an isolated FLWR_HOME under the state directory naming one connection,
@@ -14,7 +19,7 @@ State directory layout::
 
     state.db        SuperLink state (runs, logs, registered nodes); survives restarts
     superlink.log   SuperLink output (stdout and stderr)
-    flwr-home/      FLWR_HOME of the SuperLink process and of the flwr CLI (config.toml)
+    flwr-home/      FLWR_HOME of the SuperLink process and of the flwr CLI (config.toml: the admin address)
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 import tomli_w
 
 from fedvault.atomic import atomic_write
+from fedvault.deploy.fleet_front import FleetFront, start_fleet_front
 from fedvault.deploy.processes import (
     ManagedProcess,
     child_env,
@@ -55,6 +61,7 @@ LOG_FILE = "superlink.log"
 FLWR_HOME_DIR = "flwr-home"
 CLI_TIMEOUT_S = 120.0
 _ALREADY_REGISTERED = "[code: 23]"  # Flower: "Public key already in use."
+ADMIN_HOST = "127.0.0.1"  # the SuperLink itself (Control, Runtime and Fleet APIs) listens here only
 _ANY_HOST = {"0.0.0.0", "::", ""}
 
 
@@ -78,17 +85,19 @@ class Connection:
 
 @dataclass
 class SuperLink:
-    """A running SuperLink started by :func:`start_superlink`."""
+    """A running SuperLink started by :func:`start_superlink`, behind its Fleet front."""
 
     process: ManagedProcess
-    address: str  # host:port dialled on this machine; remote SuperNodes use a SAN of server.pem
-    connection: Connection
+    front: FleetFront  # the public port: Fleet API only
+    address: str  # public host:port dialled on this machine; remote SuperNodes use a SAN of server.pem
+    connection: Connection  # the admin API on loopback (connection.address), for flwr
     health_address: str
     database: Path
     node_ids: dict[Path, int | None] = field(default_factory=dict)  # public key -> registered id
 
     def stop(self) -> int:
-        """Stop the SuperLink process (its state stays in ``database``)."""
+        """Stop the front, then the SuperLink process (its state stays in ``database``)."""
+        self.front.stop()
         return stop(self.process)
 
 
@@ -128,25 +137,30 @@ def start_superlink(
     *,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
+    admin_port: int | None = None,
     health_address: str | None = None,
     insecure: bool = False,
     register: bool = True,
     timeout: float = 60.0,
 ) -> SuperLink:
-    """Start ``flower-superlink``, wait until it serves, and register every client public key.
+    """Start ``flower-superlink`` on loopback, register every client public key, then open the
+    public Fleet front on ``host:port``.
 
+    The SuperLink listens on ``127.0.0.1:admin_port`` (default: a free port), where the returned
+    ``connection`` reaches its Control API; ``host:port`` forwards only Fleet requests to it.
     TLS and SuperNode authentication use ``keys_dir`` (a :mod:`fedvault.security.tls_keys` layout); with
     ``register=True`` each ``clients/client-<i>.pub`` is registered. ``insecure=True`` turns
     off TLS and authentication (any SuperNode may join) and logs a warning: local experiments
     only. ``health_address`` defaults to a free loopback port. On failure the process is
-    stopped and :class:`~fedvault.deploy.processes.ProcessError` carries its log tail.
+    stopped and :class:`~fedvault.deploy.processes.ProcessError` (or
+    :class:`~fedvault.deploy.fleet_front.FleetFrontError` for the public port) says why.
     """
     state_dir = Path(state_dir).expanduser().resolve()
     if insecure:
         keys = None
         log.warning(
             "INSECURE SuperLink: no TLS and no SuperNode authentication; anything that reaches "
-            "%s can join as a SuperNode, submit runs and read results. Local experiments only.",
+            "%s can join as a SuperNode, receive the models and send updates. Local experiments only.",
             join_host_port(host, port),
         )
     elif keys_dir is None:
@@ -154,24 +168,35 @@ def start_superlink(
     else:
         keys = load_layout(keys_dir, server=True)
     state_dir.mkdir(parents=True, exist_ok=True)
-    health_address = health_address or join_host_port("127.0.0.1", free_port())
-    argv = superlink_command(state_dir=state_dir, keys=keys, host=host, port=port, health_address=health_address)
-    local_host = "127.0.0.1" if host in _ANY_HOST else host
-    address = join_host_port(local_host, port)
-    connection = write_connection(state_dir / FLWR_HOME_DIR, address, None if keys is None else keys.ca_cert)
+    health_address = health_address or join_host_port(ADMIN_HOST, free_port())
+    admin_port = admin_port or free_port(ADMIN_HOST)
+    argv = superlink_command(
+        state_dir=state_dir, keys=keys, host=ADMIN_HOST, port=admin_port, health_address=health_address
+    )
+    admin_address = join_host_port(ADMIN_HOST, admin_port)
+    connection = write_connection(state_dir / FLWR_HOME_DIR, admin_address, None if keys is None else keys.ca_cert)
     process = start_process(argv, name="SuperLink", log_path=state_dir / LOG_FILE, env=connection.env())
-    superlink = SuperLink(process, address, connection, health_address, state_dir / STATE_DB)
+    node_ids: dict[Path, int | None] = {}
     try:
         wait_healthy(health_address, timeout, process)
         # Flower starts the health server in the API's startup hook, just before the port binds.
-        wait_listening(local_host, port, timeout, process)
+        wait_listening(ADMIN_HOST, admin_port, timeout, process)
         if register and keys is not None:
             for public_key in keys.client_public_keys():
-                superlink.node_ids[public_key] = register_node(connection, public_key)
+                node_ids[public_key] = register_node(connection, public_key)
+        front = start_fleet_front(
+            host,
+            port,
+            f"{'http' if keys is None else 'https'}://{admin_address}",
+            certfile=None if keys is None else keys.server_cert,
+            keyfile=None if keys is None else keys.server_key,
+            upstream_ca=None if keys is None else keys.ca_cert,
+        )
     except BaseException:
         stop(process)
         raise
-    return superlink
+    address = join_host_port(ADMIN_HOST if host in _ANY_HOST else host, port)
+    return SuperLink(process, front, address, connection, health_address, state_dir / STATE_DB, node_ids)
 
 
 def write_connection(

@@ -15,7 +15,7 @@ reply (client -> server)
     ``"dp-event"`` ConfigRecord the DP spend of this reply, already in the client's ledger
                    (:class:`fedvault.privacy.events.DPEvent` fields)
     ``"status"``   ConfigRecord ``{"status": BUDGET_EXHAUSTED | ROUND_ALREADY_SPENT |
-                   LEDGER_INVALID, "reason": str}`` when the client refused to train
+                   LEDGER_INVALID | POLICY_REFUSED, "reason": str}`` when the client refused to train
 
 Strategy records (SCAFFOLD's ``"scaffold.*"``, FedNova's ``"fednova.*"`` metrics) are defined
 next to both halves of their strategy in :mod:`fedvault.strategies`; sealing's ``"fedvault.*"``
@@ -49,6 +49,7 @@ MOMENTUM = "momentum"
 BUDGET_EXHAUSTED = "budget-exhausted"  # training this round would pass the client's epsilon cap
 ROUND_ALREADY_SPENT = "round-already-spent"  # this round was already trained and paid for
 LEDGER_INVALID = "ledger-invalid"  # the client's own privacy ledger fails its check: it cannot know its spend
+POLICY_REFUSED = "policy-refused"  # the run asks for less DP than the client's own policy allows
 
 #: Metric names in replies.
 TRAIN_LOSS = "train_loss"

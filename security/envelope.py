@@ -6,11 +6,16 @@ Wire format (record names are constants of this module)::
       "fedvault.run-key"    ConfigRecord {"statement": bytes, "signature": bytes}
                             (identity.RunKeyAnnouncement: the run's KEM key, signed)
       "fedvault.signature"  ConfigRecord {"identity": raw Ed25519 public key (32 bytes),
-                                          "signature": sign_arrays(identity, run, round,
-                                                                   content_digest(content))}
+                                          "statement": InstructionBinding(run, round, kind,
+                                                       node).statement(content_digest(content)),
+                                          "signature": sign_statement(identity, statement)}
+                            one statement per destination node and message type; the client
+                            checks every field against its own run, node and handler
 
     reply (client -> server): the whole reply content replaced by
-      "fedvault.seal"       ConfigRecord {"header": bytes, "key": bytes}     (sealing.Sealed)
+      "fedvault.seal"       ConfigRecord {"header": bytes, "key": bytes}     (sealing.Sealed; the
+                            header names run, round, node, kind and instruction_digest(statement)
+                            of the instruction answered)
       "fedvault.sealed"     ArrayRecord {"chunk-0": Array(dtype="uint8", shape=(len,),
                                           stype="fedvault.sealed-chunk", data=ciphertext), ...}
 
@@ -36,7 +41,8 @@ import base64
 import hashlib
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -45,14 +51,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedvault.security.identity import (
     IdentityError,
     IdentityPin,
+    InstructionBinding,
     RunKeyAnnouncement,
     identity_public_bytes,
-    sign_arrays,
+    instruction_digest,
+    sign_statement,
     verify_announcement,
-    verify_arrays_signature,
+    verify_statement,
 )
 from fedvault.security.sealing import (
     CHUNK_SIZE,
+    SUITES,
     RunKeyPair,
     RunPublicKey,
     SealContext,
@@ -91,40 +100,96 @@ def content_digest(content: RecordDict) -> bytes:
     return digest.digest()
 
 
-def sign_instruction(
-    content: RecordDict, identity: Ed25519PrivateKey, announcement: RunKeyAnnouncement, *, run_id: int, round: int
+def announced(content: RecordDict, announcement: RunKeyAnnouncement) -> RecordDict:
+    """``content`` plus the run key announcement (a new RecordDict; the records are shared)."""
+    unsigned = RecordDict(dict(content.items()))
+    unsigned[RUN_KEY_RECORD] = ConfigRecord(dict(announcement.to_dict()))  # dict() widens the value type
+    return unsigned
+
+
+def signed_for(
+    unsigned: RecordDict, digest: bytes, identity: Ed25519PrivateKey, binding: InstructionBinding
 ) -> RecordDict:
-    """``content`` plus the run key announcement and a signature over both (a new RecordDict)."""
-    signed = RecordDict(dict(content.items()))
-    signed[RUN_KEY_RECORD] = ConfigRecord(dict(announcement.to_dict()))  # dict() widens the value type
-    signature = sign_arrays(identity, run_id, round, content_digest(signed))
-    signed[SIGNATURE_RECORD] = ConfigRecord({"identity": identity_public_bytes(identity), "signature": signature})
+    """``unsigned`` (from :func:`announced`, whose ``content_digest`` is ``digest``) signed for one
+    destination: many nodes share the records and the digest, each gets its own statement."""
+    statement = binding.statement(digest)
+    signed = RecordDict(dict(unsigned.items()))
+    signed[SIGNATURE_RECORD] = ConfigRecord(
+        {
+            "identity": identity_public_bytes(identity),
+            "statement": statement,
+            "signature": sign_statement(identity, statement),
+        }
+    )
     return signed
 
 
-def verify_instruction(content: RecordDict, *, pin: IdentityPin, run_id: int, round: int) -> RunPublicKey:
-    """Check the server's signature and run key announcement; the run key to seal replies to.
+def sign_instruction(
+    content: RecordDict,
+    identity: Ed25519PrivateKey,
+    announcement: RunKeyAnnouncement,
+    *,
+    run_id: int,
+    round: int,
+    kind: str,
+    node_id: int,
+) -> RecordDict:
+    """``content`` plus the run key announcement and a signature over both for one node and kind."""
+    unsigned = announced(content, announcement)
+    return signed_for(unsigned, content_digest(unsigned), identity, InstructionBinding(run_id, round, kind, node_id))
+
+
+def signed_instruction_digest(content: RecordDict) -> bytes:
+    """:func:`~fedvault.security.identity.instruction_digest` of a signed instruction's statement."""
+    signature = _config(content, SIGNATURE_RECORD)
+    if signature is None:
+        raise IdentityError(f"instruction is not signed (no {SIGNATURE_RECORD!r})", SIGNATURE_RECORD)
+    return instruction_digest(_bytes(signature, "statement", SIGNATURE_RECORD))
+
+
+@dataclass(frozen=True)
+class VerifiedInstruction:
+    """A verified instruction: the run key to seal the reply to, and the digest the reply names."""
+
+    recipient: RunPublicKey
+    digest: bytes
+
+
+def verify_instruction(
+    content: RecordDict,
+    *,
+    pin: IdentityPin,
+    run_id: int,
+    round: int,
+    kind: str,
+    node_id: int,
+    suites: Collection[str] = tuple(SUITES),
+) -> VerifiedInstruction:
+    """Check the server's signature and run key announcement against what this client expects.
 
     Raises :class:`IdentityError` when the instruction is unsigned, signed by a key other than
-    the pinned one, altered, or for another run or round.
+    the pinned one, altered, for another run, round, node or message kind, or announces a suite
+    outside ``suites``.
     """
     signature = _config(content, SIGNATURE_RECORD)
     if signature is None:
         problem = f"instruction is not signed (no {SIGNATURE_RECORD!r})"
         raise IdentityError(problem, SIGNATURE_RECORD)
-    verify_arrays_signature(
+    statement = _bytes(signature, "statement", SIGNATURE_RECORD)
+    verify_statement(
+        statement,
         _bytes(signature, "signature", SIGNATURE_RECORD),
         identity_public_key=_bytes(signature, "identity", SIGNATURE_RECORD),
         pin=pin,
-        run_id=run_id,
-        round=round,
-        arrays_digest=content_digest(content),
+        expected=InstructionBinding(run_id, round, kind, node_id),
+        content_digest=content_digest(content),
     )
     announcement = _config(content, RUN_KEY_RECORD)
     if announcement is None:
         problem = f"instruction has no run key announcement ({RUN_KEY_RECORD!r})"
         raise IdentityError(problem, RUN_KEY_RECORD)
-    return verify_announcement(RunKeyAnnouncement.from_dict(announcement), pin=pin, run_id=run_id)
+    recipient = verify_announcement(RunKeyAnnouncement.from_dict(announcement), pin=pin, run_id=run_id, suites=suites)
+    return VerifiedInstruction(recipient, instruction_digest(statement))
 
 
 def seal_reply(
@@ -135,9 +200,11 @@ def seal_reply(
     round: int,
     node_id: int,
     kind: str,
+    instruction: bytes,
     chunk_size: int = CHUNK_SIZE,
 ) -> RecordDict:
-    """Seal every record of a reply to the run key; only sizes stay visible."""
+    """Seal every record of a reply to the run key, as the answer to ``instruction`` (its digest);
+    only sizes stay visible."""
     frames: list[tuple[dict[str, Any], Any]] = []
     for name, record in content.items():
         record_type = _record_type(record)
@@ -150,7 +217,8 @@ def seal_reply(
         else:
             values = canonical_json(_encode_values(record))
             frames.append(({"record": name, "type": record_type}, values))
-    sealed = seal_frames(frames, recipient, SealContext(run_id, round, node_id, kind), chunk_size=chunk_size)
+    context = SealContext(run_id, round, node_id, kind, instruction)
+    sealed = seal_frames(frames, recipient, context, chunk_size=chunk_size)
     chunks = ArrayRecord()
     for index, chunk in enumerate(sealed.chunks):
         chunks[f"chunk-{index}"] = Array(dtype="uint8", shape=(len(chunk),), stype=CHUNK_STYPE, data=chunk)
@@ -159,12 +227,14 @@ def seal_reply(
 
 
 def open_reply(
-    content: RecordDict, run_key: RunKeyPair, *, run_id: int, round: int, node_id: int, kind: str
+    content: RecordDict, run_key: RunKeyPair, *, run_id: int, round: int, node_id: int, kind: str, instruction: bytes
 ) -> RecordDict:
-    """Check and open a sealed reply; the original records, in order.
+    """Check and open a sealed reply to the instruction whose digest is ``instruction``; the
+    original records, in order.
 
     Raises :class:`SealingError` naming what failed (``field``): a missing envelope record, a
-    header field (replay from another round/node/run/kind), ``key``, ``chunks`` or ``chunk i``.
+    header field (replay from another round/node/run/kind/instruction), ``key``, ``chunks`` or
+    ``chunk i``.
     """
     seal = _config(content, SEAL_RECORD)
     if seal is None:
@@ -172,7 +242,7 @@ def open_reply(
     sealed = Sealed(
         header=_bytes(seal, "header", SEAL_RECORD), key=_bytes(seal, "key", SEAL_RECORD), chunks=tuple(_chunks(content))
     )
-    frames = iter(open_frames(sealed, run_key, SealContext(run_id, round, node_id, kind)))
+    frames = iter(open_frames(sealed, run_key, SealContext(run_id, round, node_id, kind, instruction)))
     try:
         return _rebuild(frames)
     except SealingError:

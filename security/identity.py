@@ -7,10 +7,13 @@
   run key announcement: the statement ``canonical JSON {"v": 1, "type": "run-key",
   "run", "suite", "kem" (hex), "created" (unix s), "identity" (hex)}`` is signed as
   ``"fedvault/run-key/v1\\0" || statement``. A client accepts it only if the identity key matches
-  its pin, the signature verifies, and the run is its own run.
-* The global model is signed as ``"fedvault/model/v1\\0" || canonical JSON {"v": 1, "type":
-  "model", "run", "round", "digest" (hex)}`` over a digest of what is sent
-  (:func:`fedvault.security.envelope.content_digest`).
+  its pin, the signature verifies, the run is its own run and the suite is in its allow-list.
+* Every instruction is signed as ``"fedvault/instruction/v2\\0" || canonical JSON {"v": 2,
+  "type": "instruction", "run", "round", "kind" (Flower message type: "train", "evaluate"),
+  "node" (destination node id), "nonce" (16 random bytes, hex), "digest" (hex)}`` over a digest of what is sent
+  (:func:`fedvault.security.envelope.content_digest`): one statement per destination node, so an
+  instruction cannot be redelivered to another node or as another message type. Its SHA-256
+  (:func:`instruction_digest`) is what a sealed reply names as the instruction it answers.
 
 The distinct domain prefixes keep one kind of signature from passing as the other. Statements
 travel as the exact bytes signed, so verification never depends on re-encoding.
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedvault.atomic import atomic_write
 from fedvault.security.sealing import (
     DEFAULT_SUITE,
+    SUITES,
     RunKeyPair,
     RunPublicKey,
     SealingError,
@@ -44,8 +50,10 @@ from fedvault.security.sealing import (
 IDENTITY_KEY = "identity.key"
 IDENTITY_PUB = "identity.pub"
 _RUN_KEY_DOMAIN = b"fedvault/run-key/v1\x00"
-_MODEL_DOMAIN = b"fedvault/model/v1\x00"
+_INSTRUCTION_DOMAIN = b"fedvault/instruction/v2\x00"
+_DIGEST_DOMAIN = b"fedvault/instruction-digest/v2\x00"
 _STATEMENT_FIELDS = frozenset({"v", "type", "run", "suite", "kem", "created", "identity"})
+_INSTRUCTION_FIELDS = frozenset({"v", "type", "run", "round", "kind", "node", "nonce", "digest"})
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -213,8 +221,11 @@ def announce_run_key(
     return run_key, RunKeyAnnouncement(statement, identity.sign(_RUN_KEY_DOMAIN + statement))
 
 
-def verify_announcement(announcement: RunKeyAnnouncement, *, pin: IdentityPin, run_id: int) -> RunPublicKey:
-    """The run public key to seal to, once the announcement is pinned, signed and for ``run_id``."""
+def verify_announcement(
+    announcement: RunKeyAnnouncement, *, pin: IdentityPin, run_id: int, suites: Collection[str] = tuple(SUITES)
+) -> RunPublicKey:
+    """The run public key to seal to, once the announcement is pinned, signed, for ``run_id`` and of
+    a suite in the client's allow-list ``suites``."""
     fields = announcement.fields()
     key = pin.check(_unhex(fields["identity"], "announcement identity"))
     try:
@@ -223,6 +234,12 @@ def verify_announcement(announcement: RunKeyAnnouncement, *, pin: IdentityPin, r
         raise IdentityError("run key announcement signature is invalid", "announcement") from None
     if fields["run"] != run_id:
         raise IdentityError(f"run key announcement is for run {fields['run']}, this is run {run_id}", "announcement")
+    if fields["suite"] not in suites:
+        allowed = ", ".join(sorted(suites))
+        raise IdentityError(
+            f"the server announced suite {fields['suite']!r}, which this client does not allow (allowed: {allowed})",
+            "announcement",
+        )
     return RunPublicKey.from_bytes(fields["suite"], _unhex(fields["kem"], "announcement kem"))
 
 
@@ -231,28 +248,76 @@ def identity_public_bytes(identity: Ed25519PrivateKey) -> bytes:
     return identity.public_key().public_bytes_raw()
 
 
-def sign_arrays(identity: Ed25519PrivateKey, run_id: int, round: int, arrays_digest: bytes) -> bytes:
-    """Ed25519 signature binding a model digest to one run and round."""
-    return identity.sign(_MODEL_DOMAIN + _model_statement(run_id, round, arrays_digest))
+@dataclass(frozen=True)
+class InstructionBinding:
+    """What one instruction is for: run, round, message kind and destination node."""
+
+    run_id: int
+    round: int
+    kind: str
+    node_id: int
+
+    def statement(self, content_digest: bytes, nonce: bytes | None = None) -> bytes:
+        """The exact bytes signed (before the domain prefix); ``nonce`` (default: 16 fresh random
+        bytes) makes each instruction, and so the digest its reply names, unique."""
+        return canonical_json(
+            {
+                "v": 2,
+                "type": "instruction",
+                "run": self.run_id,
+                "round": self.round,
+                "kind": self.kind,
+                "node": self.node_id,
+                "nonce": (os.urandom(16) if nonce is None else nonce).hex(),
+                "digest": content_digest.hex(),
+            }
+        )
 
 
-def verify_arrays_signature(
-    signature: bytes, *, identity_public_key: bytes, pin: IdentityPin, run_id: int, round: int, arrays_digest: bytes
+def sign_statement(identity: Ed25519PrivateKey, statement: bytes) -> bytes:
+    """Ed25519 signature over an instruction statement (:meth:`InstructionBinding.statement`)."""
+    return identity.sign(_INSTRUCTION_DOMAIN + statement)
+
+
+def instruction_digest(statement: bytes) -> bytes:
+    """SHA-256 naming one signed instruction; a sealed reply carries it (``SealContext.instruction``)."""
+    return hashlib.sha256(_DIGEST_DOMAIN + statement).digest()
+
+
+def verify_statement(
+    statement: bytes,
+    signature: bytes,
+    *,
+    identity_public_key: bytes,
+    pin: IdentityPin,
+    expected: InstructionBinding,
+    content_digest: bytes,
 ) -> None:
-    """Raise :class:`IdentityError` unless the pinned identity signed this digest for run/round."""
+    """Raise :class:`IdentityError` unless the pinned identity signed ``statement`` and it names
+    ``expected`` run, round, kind and node and the digest of what arrived (the first field that
+    differs is named: another round, a train instruction delivered as evaluate, another node)."""
     key = pin.check(identity_public_key)
     try:
-        key.verify(signature, _MODEL_DOMAIN + _model_statement(run_id, round, arrays_digest))
+        key.verify(signature, _INSTRUCTION_DOMAIN + statement)
     except InvalidSignature:
+        raise IdentityError("instruction signature is invalid (statement or signature altered)", "signature") from None
+    fields = parse_canonical_json(statement, "instruction statement")
+    if not isinstance(fields, dict) or set(fields) != _INSTRUCTION_FIELDS or fields["v"] != 2:
+        raise IdentityError(f"instruction statement fields must be {sorted(_INSTRUCTION_FIELDS)}, v 2", "signature")
+    wanted = {"run": expected.run_id, "round": expected.round, "kind": expected.kind, "node": expected.node_id}
+    for name, value in wanted.items():
+        if fields[name] != value or type(fields[name]) is not type(value):
+            raise IdentityError(
+                f"instruction was signed for {name} {fields[name]!r}, but arrived as {name} {value!r} "
+                "(replayed, redirected or relabelled)",
+                "signature",
+            )
+    if fields["digest"] != content_digest.hex():
         raise IdentityError(
-            f"model signature does not verify for run {run_id} round {round}: the model, its "
-            "config or the signature was altered, or it was signed for another round",
+            f"instruction content does not match its signature (run {expected.run_id} round {expected.round}): "
+            "the model or its config was altered",
             "signature",
-        ) from None
-
-
-def _model_statement(run_id: int, round: int, digest: bytes) -> bytes:
-    return canonical_json({"v": 1, "type": "model", "run": run_id, "round": round, "digest": digest.hex()})
+        )
 
 
 def _unhex(value: Any, what: str) -> bytes:

@@ -2,11 +2,11 @@
 
 Construction (a KEM/DEM hybrid with a chunked DEM)::
 
-    header = canonical JSON {"v": 1, "suite", "run", "round", "node", "kind",
+    header = canonical JSON {"v": 2, "suite", "run", "round", "node", "kind", "instruction" (hex),
                              "chunk": C, "length": L, "count": n = max(1, ceil(L / C))}
-    H      = SHA-256("fedvault/seal/v1/header\\0" || header)
+    H      = SHA-256("fedvault/seal/v2/header\\0" || header)
     K      = os.urandom(Nk)                                   fresh for every message
-    key    = HPKE SealBase(pkR, info = "fedvault/seal/v1/key\\0" || H, aad = "", pt = K)
+    key    = HPKE SealBase(pkR, info = "fedvault/seal/v2/key\\0" || H, aad = "", pt = K)
            = enc || ct                                        (RFC 9180 sections 5.1.1 and 6.1)
     chunk_i = AES-GCM-Seal(K, nonce = I2OSP(i, 12), aad = H || I2OSP(i, 8) || I2OSP(n, 8),
                            pt = P[i*C : (i+1)*C])             i = 0 .. n-1
@@ -27,7 +27,10 @@ Why this shape:
   the (authenticated) header detects truncation and extension; a fresh K per message defeats
   splicing records from other messages. H, i and n are also in every record's AAD: redundant
   given the above, but it keeps each record self-describing should K ever outlive one message.
-* Replay across rounds/nodes/kinds/runs is caught first by comparing the header with what the
+* ``instruction`` is the digest of the signed instruction the reply answers
+  (:func:`fedvault.security.identity.instruction_digest`): a reply opens only as the answer to
+  that one instruction, not to another one for the same run, round, node and kind.
+* Replay across rounds/nodes/kinds/runs/instructions is caught first by comparing the header with what the
   opener expects (a clear reason), then cryptographically (a forged header breaks H).
 * HPKE base mode authenticates nothing about the sender: who sent a reply is Flower's node
   authentication; the server checks ``node`` against the message's source node.
@@ -62,16 +65,16 @@ from cryptography.utils import Buffer
 
 from fedvault.errors import FedvaultError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 1 << 10
 MAX_CHUNK_SIZE = 1 << 26
 MAX_CHUNKS = (1 << 32) - 1
 TAG_SIZE = 16
 ALIGNMENT = 64
-_HEADER_DOMAIN = b"fedvault/seal/v1/header\x00"
-_KEY_DOMAIN = b"fedvault/seal/v1/key\x00"
-_HEADER_FIELDS = frozenset({"v", "suite", "run", "round", "node", "kind", "chunk", "length", "count"})
+_HEADER_DOMAIN = b"fedvault/seal/v2/header\x00"
+_KEY_DOMAIN = b"fedvault/seal/v2/key\x00"
+_HEADER_FIELDS = frozenset({"v", "suite", "run", "round", "node", "kind", "instruction", "chunk", "length", "count"})
 _X25519_BYTES = 32
 _MLKEM768_BYTES = 1184
 
@@ -131,12 +134,14 @@ def get_suite(name: str) -> Suite:
 
 @dataclass(frozen=True)
 class SealContext:
-    """What a sealed message is bound to: run, round, node and message kind (e.g. "train")."""
+    """What a sealed message is bound to: run, round, node, message kind (e.g. "train") and the
+    digest of the instruction it answers (empty: none)."""
 
     run_id: int
     round: int
     node_id: int
     kind: str
+    instruction: bytes = b""
 
     def __post_init__(self) -> None:
         for name in ("run_id", "round", "node_id"):
@@ -145,6 +150,8 @@ class SealContext:
                 raise SealingError("context", f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.kind, str) or not self.kind:
             raise SealingError("context", f"kind must be a non-empty str, got {self.kind!r}")
+        if not isinstance(self.instruction, bytes):
+            raise SealingError("context", f"instruction must be bytes, got {type(self.instruction).__name__}")
 
 
 @dataclass(frozen=True)
@@ -246,6 +253,7 @@ def seal_bytes(
             "round": context.round,
             "node": context.node_id,
             "kind": context.kind,
+            "instruction": context.instruction.hex(),
             "chunk": chunk_size,
             "length": length,
             "count": count,
@@ -393,6 +401,7 @@ def _check_header(header: bytes, suite: str, context: SealContext) -> dict[str, 
         "round": context.round,
         "node": context.node_id,
         "kind": context.kind,
+        "instruction": context.instruction.hex(),
     }
     for name, value in expected.items():
         if fields[name] != value or type(fields[name]) is not type(value):

@@ -45,7 +45,15 @@ from flwr.supercore.run import Run
 from fedvault.errors import FedvaultError
 from fedvault.privacy.events import DPEvent, DPEventError
 from fedvault.privacy.ledger import Ledger
-from fedvault.protocol import BUDGET_EXHAUSTED, LEDGER_INVALID, STATUS, read_dp_event, reply_status, stamp_server_round
+from fedvault.protocol import (
+    BUDGET_EXHAUSTED,
+    LEDGER_INVALID,
+    POLICY_REFUSED,
+    STATUS,
+    read_dp_event,
+    reply_status,
+    stamp_server_round,
+)
 from fedvault.strategies.arrays import to_ndarrays, to_record
 from fedvault.strategies.state import load_strategy_state, strategy_state
 from fedvault.strategies.validation import ValidationRules, filter_replies
@@ -183,9 +191,9 @@ class RoundLoop:
         replies, unopened = self._exchange(sent)
 
         exhausted = [r for r in replies if reply_status(r) == BUDGET_EXHAUSTED]
-        invalid = [r for r in replies if reply_status(r) == LEDGER_INVALID]
+        invalid = [r for r in replies if reply_status(r) in (LEDGER_INVALID, POLICY_REFUSED)]  # named, not retried
         self.exhausted.update(r.metadata.src_node_id for r in exhausted + invalid)
-        others = [r for r in replies if reply_status(r) not in (BUDGET_EXHAUSTED, LEDGER_INVALID)]
+        others = [r for r in replies if reply_status(r) not in (BUDGET_EXHAUSTED, LEDGER_INVALID, POLICY_REFUSED)]
         kept, rejected = filter_replies(others, arrays, self.rules)
         kept_ids = {id(r) for r in kept}
         dropped_replies = [r for r in others if id(r) not in kept_ids]  # filter_replies keeps the order

@@ -72,7 +72,8 @@ def test_partitions_of_different_nodes_differ_and_load_once():
 def test_app_reads_flower_run_config_when_none_is_baked_in(flower_task_identity):
     model = load_task("digits").build_model()
     ctx = _context(2)
-    ctx.run_config = {"task": "digits", "num-clients": 4, "privacy.sample-level": False, "sealing.mode": "off"}
+    ctx.node_config["sealing"] = "off"  # the node's own policy (tests/test_client_policy.py): an unsealed experiment
+    ctx.run_config = {"task": "digits", "num-clients": 4, "privacy.sample-level": False}
     reply = build_client_app()(_message("train", model), ctx)
     assert reply.content["metrics"]["num-examples"] > 0
 

@@ -3,7 +3,8 @@
 The module starts one federation (keys, `fedvault server`, three `fedvault client`) for a two-round
 `digits` run, then, against the same clients: kills a second run's server side after round 1's
 checkpoint and resumes it with `fedvault server --resume`; searches the SuperLink's state for the
-bytes of a client update with sealing on and (control) off; and, last, SIGKILLs a client mid-round.
+bytes of a client update, also when the run config says sealing off (control: the initial
+model's bytes are found); and, last, SIGKILLs a client mid-round.
 Every process is stopped by PID in teardown, also when a test fails. Refusal of an unregistered
 SuperNode key and of a SuperNode without the CA at the process level is covered in
 tests/test_deployment_processes.py; here only the CLI's one-line error is checked.
@@ -20,23 +21,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import re
 import signal
-import subprocess
-import time
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from deploy_helpers import READY, Processes, client_args, killpg, run_cli, wait_for
 from flwr.common.config import get_fused_config_from_dir
 from waits import seconds
 
 from fedvault.config import RunConfig
 from fedvault.deploy.cli import cmd_keys_init, resolve_server_config, write_app_dir
-from fedvault.deploy.processes import child_env, executable, free_port, start_process, stop, wait_for_log
+from fedvault.deploy.processes import free_port, wait_for_log
 from fedvault.deploy.superlink import start_superlink
 from fedvault.errors import ConfigError
 from fedvault.security.tls_keys import KeysError, init_keys
@@ -67,7 +66,6 @@ RUN = [
 ]
 RUN_TIMEOUT_S = seconds(150)
 FAULT_TIMEOUT_S = seconds(25)
-READY = re.compile(r"^ready$", re.MULTILINE)
 
 
 # ---- fast checks of the command layer (no processes) ------------------------------------------
@@ -118,7 +116,7 @@ def test_server_config_refuses_reusing_a_run_dir_and_resuming_without_a_checkpoi
 def test_client_without_the_ca_is_a_one_line_error(tmp_path):
     keys = init_keys(tmp_path / "k", 1)
     keys.ca_cert.unlink()
-    done = _cli(
+    done = run_cli(
         [
             "client",
             "--server",
@@ -143,50 +141,20 @@ def test_client_without_the_ca_is_a_one_line_error(tmp_path):
 # ---- real processes ---------------------------------------------------------------------------
 
 
-class Processes:
-    """Children a test started; :meth:`stop_all` stops each by PID (process group)."""
-
-    def __init__(self) -> None:
-        self.managed, self.groups = [], []
-
-    def start(self, args: list[str], log: Path, name: str):
-        process = start_process([executable("fedvault"), *args], name=name, log_path=log, env=child_env())
-        self.managed.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for process in reversed(self.managed):
-            stop(process, timeout=seconds(15))
-        for pgid in self.groups:  # SuperLinks of servers that were SIGKILLed (their own sessions)
-            _killpg(pgid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """Keys, an uninterrupted two-round run, and three clients that stay up for the module."""
     root = tmp_path_factory.mktemp("deploy")
     processes = Processes()
     try:
-        keys_out = _cli(["keys", "init", str(root / "keys"), "--clients", "3"])
+        keys_out = run_cli(["keys", "init", str(root / "keys"), "--clients", "3"])
         assert keys_out.returncode == 0, keys_out.stderr
         port = free_port()
         server = processes.start(_server_args(root, port, "reference"), root / "server.log", "fedvault server")
         wait_for_log(server, READY, seconds(60))
         clients = [
             processes.start(
-                [
-                    "client",
-                    "--server",
-                    f"127.0.0.1:{port}",
-                    "--keys",
-                    str(root / "keys"),
-                    "--client-id",
-                    str(i),
-                    "--num-partitions",
-                    "3",
-                    "--state",
-                    str(root / f"client-{i}"),
-                ],
+                client_args(port, root / "keys", i, 3, root / f"client-{i}"),
                 root / f"client-{i}.log",
                 f"fedvault client {i}",
             )
@@ -233,7 +201,7 @@ def test_unregistered_client_is_refused_with_one_line(federation, tmp_path):
     link = start_superlink(tmp_path / "link", federation["keys"], port=free_port())
     try:
         keys.ca_cert.write_bytes((federation["keys"] / "ca.pem").read_bytes())  # trusts the right CA
-        done = _cli(
+        done = run_cli(
             [
                 "client",
                 "--server",
@@ -265,11 +233,11 @@ def test_killed_server_resumes_from_its_checkpoint_to_the_same_model(federation)
     run_dir = root / "runs" / "killed"
     server = processes.start(_server_args(root, federation["port"], "killed"), root / "killed.log", "fedvault server")
     first = run_dir / "checkpoints" / "round-0001.npz"
-    _wait_for(lambda: first.exists() or not server.alive(), RUN_TIMEOUT_S, "round 1's checkpoint")
+    wait_for(lambda: first.exists() or not server.alive(), RUN_TIMEOUT_S, "round 1's checkpoint")
     superlink = int(re.search(r"SuperLink \(pid (\d+)\)", server.log_text()).group(1))
     processes.groups.append(superlink)
     server.popen.send_signal(signal.SIGKILL)  # the whole server side dies at once
-    _killpg(superlink, signal.SIGKILL)
+    killpg(superlink, signal.SIGKILL)
     server.popen.wait(timeout=seconds(10))
     assert not (run_dir / "summary.json").exists()
 
@@ -308,13 +276,16 @@ def test_killed_server_resumes_from_its_checkpoint_to_the_same_model(federation)
 
 @pytest.mark.integration
 @pytest.mark.parametrize("sealing", ["auto", "off"])
-def test_superlink_state_holds_update_bytes_only_when_sealing_is_off(federation, sealing):
+def test_superlink_state_holds_no_update_bytes_even_when_the_run_config_says_sealing_off(federation, sealing):
     """One client trains one round, so the final global model is that client's reply, bitwise
     (FedAvg of a single update: weight 1.0). Search every file in the SuperLink's state directory
-    for it: sealed (the deployment default) it is absent; the control run with sealing off shows
-    the search finds it when it is there."""
+    for it: it is absent, also when the run config says ``sealing.mode = "off"`` (finding V2: the
+    server's local policy file and the pinned clients keep sealing on). Control: the initial model,
+    which instructions carry signed but in the clear, is found by the same search."""
     root, processes = federation["root"], federation["processes"]
     run = f"plaintext-{sealing}"
+    policy = root / f"server-policy-{sealing}.toml"  # the server's own file (fedvault.server.sealing)
+    policy.write_text(f'mode = "on"\nidentity-key = "{federation["keys"] / "identity.key"}"\n')
     args = _server_args(root, federation["port"], run) + [
         "--set",
         "num-server-rounds=1",
@@ -325,7 +296,7 @@ def test_superlink_state_holds_update_bytes_only_when_sealing_is_off(federation,
         "--set",
         f"seed={11 if sealing == 'auto' else 13}",
     ]
-    server = processes.start(args, root / f"{run}.log", "fedvault server")
+    server = processes.start(args, root / f"{run}.log", "fedvault server", {"FEDVAULT_SERVER_POLICY": str(policy)})
     assert server.popen.wait(timeout=RUN_TIMEOUT_S) == 0, server.log_text()
     records = [json.loads(line) for line in (root / "runs" / run / "metrics.jsonl").read_text().splitlines() if line]
     assert records[1]["replies_ok"] == records[1]["clients_sampled"] == 1
@@ -334,13 +305,13 @@ def test_superlink_state_holds_update_bytes_only_when_sealing_is_off(federation,
     assert len(patterns) > 20
     stored = {path: path.read_bytes() for path in (root / "state").rglob("*") if path.is_file()}
     assert any(path.name.startswith("state.db") for path in stored)
-    found = sorted(
-        {str(path.relative_to(root)) for path, data in stored.items() for window in patterns if window in data}
-    )
-    if sealing == "off":
-        assert found, "control: the plaintext update should be in the SuperLink's state"
-    else:
-        assert found == [], f"plaintext update bytes found in {found}"
+
+    def found(windows: list[bytes]) -> list[str]:
+        return sorted({str(p.relative_to(root)) for p, data in stored.items() for w in windows if w in data})
+
+    assert found(patterns) == [], f"plaintext update bytes found in {found(patterns)}"
+    control = [w for name, value in initial.items() for w in _windows(value)]
+    assert found(control), "control: the initial model (sent in the clear) should be in the SuperLink's state"
 
 
 @pytest.mark.integration
@@ -354,13 +325,13 @@ def test_a_client_killed_mid_round_is_recorded_and_the_run_completes(federation)
     received_before = supernode_log.read_text().count("Receiving: train message")
     args = _server_args(root, federation["port"], "fault") + ["--set", f"round-timeout={FAULT_TIMEOUT_S}"]
     server = processes.start(args, root / "fault.log", "fedvault server")
-    _wait_for(
+    wait_for(
         lambda: supernode_log.read_text().count("Receiving: train message") > received_before or not server.alive(),
         RUN_TIMEOUT_S,
         "round 1's train message at client 3",
     )
     for pgid in (supernode_pid, victim.pid):  # the SuperNode (and its ClientApp) die mid-round
-        _killpg(pgid, signal.SIGKILL)
+        killpg(pgid, signal.SIGKILL)
     assert server.popen.wait(timeout=RUN_TIMEOUT_S + 3 * FAULT_TIMEOUT_S) == 0, server.log_text()
 
     records = [
@@ -398,25 +369,13 @@ def _server_args(root: Path, port: int, run: str) -> list[str]:
     ]
 
 
-def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [executable("fedvault"), *args], capture_output=True, text=True, env=child_env(), timeout=seconds(120)
-    )
-
-
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} after {timeout:g} s")
-        time.sleep(0.2)
-
-
-def _killpg(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _windows(array: np.ndarray, size: int = 64) -> list[bytes]:
+    """High-entropy ``size``-byte slices of a float32 array (none for other dtypes)."""
+    if np.asarray(array).dtype != np.float32:
+        return []
+    raw = np.ascontiguousarray(array).tobytes()
+    slices = (raw[start : start + size] for start in range(0, len(raw) - size + 1, size))
+    return [w for w in slices if len(set(np.frombuffer(w, np.float32))) >= size // 8]
 
 
 def _update_windows(state: dict, initial: dict, size: int = 64) -> list[bytes]:

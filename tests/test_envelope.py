@@ -22,11 +22,20 @@ from fedvault.security.envelope import (
     sign_instruction,
     verify_instruction,
 )
-from fedvault.security.identity import IdentityError, IdentityPin, announce_run_key, fingerprint, sign_arrays
+from fedvault.security.identity import (
+    IdentityError,
+    IdentityPin,
+    InstructionBinding,
+    announce_run_key,
+    fingerprint,
+    sign_statement,
+)
 from fedvault.security.sealing import HYBRID_SUITE, MIN_CHUNK_SIZE, SealContext, SealingError, seal_frames
 
 RUN, ROUND, NODE = 2**63 + 3, 4, 991
-BINDING = dict(run_id=RUN, round=ROUND, node_id=NODE, kind="train")
+INSTRUCTION = bytes(range(32))  # the digest of the instruction a reply answers
+BINDING = dict(run_id=RUN, round=ROUND, node_id=NODE, kind="train", instruction=INSTRUCTION)
+ADDRESS = dict(run_id=RUN, round=ROUND, kind="train", node_id=NODE)  # what a client expects of an instruction
 
 
 def over_the_wire(content: RecordDict) -> RecordDict:
@@ -149,6 +158,7 @@ def test_large_reply_with_default_chunks_and_hybrid_suite():
         ({"node_id": NODE + 1}, "header.node"),
         ({"run_id": RUN + 1}, "header.run"),
         ({"kind": "evaluate"}, "header.kind"),
+        ({"instruction": bytes(32)}, "header.instruction"),  # the answer to another instruction
     ],
 )
 def test_reply_replayed_to_another_round_node_run_or_kind_is_rejected(server, sealed_reply, change, field):
@@ -239,7 +249,7 @@ def test_unsealed_reply_is_rejected(server):
 )
 def test_authenticated_but_malformed_reply_is_rejected_cleanly(server, frames):
     _, run_key, _, _ = server
-    sealed = seal_frames(frames, run_key.public, SealContext(RUN, ROUND, NODE, "train"))
+    sealed = seal_frames(frames, run_key.public, SealContext(RUN, ROUND, NODE, "train", INSTRUCTION))
     content = RecordDict(
         {
             SEAL_RECORD: ConfigRecord({"header": sealed.header, "key": sealed.key}),
@@ -271,12 +281,12 @@ def instruction() -> RecordDict:
 @pytest.fixture(scope="module")
 def signed(server):
     identity, _, announcement, _ = server
-    return sign_instruction(instruction(), identity, announcement, run_id=RUN, round=ROUND)
+    return sign_instruction(instruction(), identity, announcement, **ADDRESS)
 
 
 def _refuse(content: RecordDict, pin: IdentityPin, **change) -> IdentityError:
     with pytest.raises(IdentityError) as info:
-        verify_instruction(content, pin=pin, **(dict(run_id=RUN, round=ROUND) | change))
+        verify_instruction(content, pin=pin, **(ADDRESS | change))
     return info.value
 
 
@@ -284,9 +294,10 @@ def test_signed_instruction_verifies_and_gives_the_run_key(server, signed):
     _, run_key, _, pin = server
     received = over_the_wire(signed)
     assert {RUN_KEY_RECORD, SIGNATURE_RECORD} <= set(received)
-    public = verify_instruction(received, pin=pin, run_id=RUN, round=ROUND)
-    reply = seal_reply(reply_content(), public, **BINDING)
-    assert open_reply(reply, run_key, **BINDING)["metrics"]["num-examples"] == 4321
+    verified = verify_instruction(received, pin=pin, **ADDRESS)
+    binding = BINDING | {"instruction": verified.digest}
+    reply = seal_reply(reply_content(), verified.recipient, **binding)
+    assert open_reply(reply, run_key, **binding)["metrics"]["num-examples"] == 4321
 
 
 def test_tampered_model_is_rejected(server, signed):
@@ -323,7 +334,7 @@ def test_instruction_signed_by_another_server_is_rejected(server):
     _, _, _, pin = server
     impostor = Ed25519PrivateKey.generate()
     _, announcement = announce_run_key(impostor, RUN)
-    forged = sign_instruction(instruction(), impostor, announcement, run_id=RUN, round=ROUND)
+    forged = sign_instruction(instruction(), impostor, announcement, **ADDRESS)
     assert "pins" in str(_refuse(forged, pin))
 
 
@@ -340,10 +351,12 @@ def test_unsigned_instruction_or_missing_announcement_is_rejected(server, signed
 
     # The server signs content without an announcement: the signature holds, the key is missing.
     without = instruction()
+    statement = InstructionBinding(RUN, ROUND, "train", NODE).statement(content_digest(without))
     without[SIGNATURE_RECORD] = ConfigRecord(
         {
             "identity": identity.public_key().public_bytes_raw(),
-            "signature": sign_arrays(identity, RUN, ROUND, content_digest(without)),
+            "statement": statement,
+            "signature": sign_statement(identity, statement),
         }
     )
     assert _refuse(without, pin).field == RUN_KEY_RECORD

@@ -31,11 +31,18 @@ def _stop_managed_superlink(flwr_home: Path) -> None:
 def test_flwr_run_dot_trains_with_fedvault_apps(tmp_path):
     flwr_home = tmp_path / "flwr-home"
     run_dir = tmp_path / "run"
+    # Flower's local simulation passes no node config and has no pinned server identity: each
+    # party's own policy file says "unsealed" (the run config cannot: it asks sealing.mode="off" below,
+    # which the deployed apps ignore).
+    (tmp_path / "client-policy.toml").write_text('sealing = "off"\n')
+    (tmp_path / "server-policy.toml").write_text('mode = "off"\n')
     env = {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "FEDVAULT_CLIENT_POLICY": str(tmp_path / "client-policy.toml"),
+        "FEDVAULT_SERVER_POLICY": str(tmp_path / "server-policy.toml"),
     }
     try:
         proc = subprocess.run(

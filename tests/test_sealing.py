@@ -15,15 +15,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedvault.security.identity import (
     IdentityError,
     IdentityPin,
+    InstructionBinding,
     RunKeyAnnouncement,
     announce_run_key,
     fingerprint,
     generate_identity,
     load_identity,
     load_identity_public_key,
-    sign_arrays,
+    sign_statement,
     verify_announcement,
-    verify_arrays_signature,
+    verify_statement,
 )
 from fedvault.security.sealing import (
     CHUNK_SIZE,
@@ -42,7 +43,7 @@ from fedvault.security.sealing import (
 )
 
 SMALL = MIN_CHUNK_SIZE  # small chunks make many-chunk messages cheap
-CONTEXT = SealContext(run_id=2**63 + 11, round=3, node_id=2**64 - 5, kind="train")
+CONTEXT = SealContext(run_id=2**63 + 11, round=3, node_id=2**64 - 5, kind="train", instruction=b"\x11" * 32)
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +176,13 @@ def test_each_message_uses_a_fresh_key(run_key):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("v", 2),
+        ("v", 1),
         ("suite", HYBRID_SUITE),
         ("run", 1),
         ("round", 4),
         ("node", 6),
         ("kind", "evaluate"),
+        ("instruction", "22" * 32),
         ("chunk", 2 * SMALL),
         ("length", 4 * SMALL + 99),
         ("count", 6),
@@ -194,9 +196,10 @@ def test_every_header_field_is_authenticated(run_key, sealed, field, value):
     # Opened by a victim expecting the original context: the field mismatch is named.
     assert _reject(forged, run_key).field.startswith(("header", "chunk"))
     # Opened by one expecting the forged values: the cryptography still refuses it.
-    if field in ("run", "round", "node", "kind"):
+    if field in ("run", "round", "node", "kind", "instruction"):
         name = {"run": "run_id", "node": "node_id"}.get(field, field)
-        expecting_forgery = dataclasses.replace(CONTEXT, **{name: value})
+        expected = bytes.fromhex(value) if field == "instruction" else value
+        expecting_forgery = dataclasses.replace(CONTEXT, **{name: expected})
         assert _reject(forged, run_key, expecting_forgery).field == "key"
 
 
@@ -267,6 +270,7 @@ def test_chunks_spliced_from_another_message_are_rejected(run_key, sealed):
         ({"node_id": 1}, "header.node"),
         ({"run_id": 7}, "header.run"),
         ({"kind": "evaluate"}, "header.kind"),
+        ({"instruction": b"\x22" * 32}, "header.instruction"),
     ],
 )
 def test_replay_to_another_round_node_run_or_kind_is_rejected(run_key, sealed, change, field):
@@ -380,46 +384,41 @@ def test_announcement_for_another_run_is_rejected(server):
         verify_announcement(old, pin=pin, run_id=CONTEXT.run_id)
 
 
-def test_model_signature_binds_digest_run_and_round(server):
+def test_instruction_signature_binds_digest_run_round_kind_and_node(server):
     identity, pin = server
     public = identity.public_key().public_bytes_raw()
     digest = hashlib.sha256(b"model").digest()
-    signature = sign_arrays(identity, CONTEXT.run_id, 3, digest)
-    verify_arrays_signature(
-        signature, identity_public_key=public, pin=pin, run_id=CONTEXT.run_id, round=3, arrays_digest=digest
-    )
-    tampered = [
-        dict(arrays_digest=hashlib.sha256(b"modem").digest()),
-        dict(round=4),
-        dict(run_id=CONTEXT.run_id + 1),
-        dict(signature=_flip(signature, 0)),
+    binding = InstructionBinding(CONTEXT.run_id, 3, "train", 7)
+    statement = binding.statement(digest)
+    signature = sign_statement(identity, statement)
+    call = dict(identity_public_key=public, pin=pin, expected=binding, content_digest=digest)
+    verify_statement(statement, signature, **call)
+    changes = [
+        (dict(content_digest=hashlib.sha256(b"modem").digest()), "content does not match"),
+        (dict(expected=dataclasses.replace(binding, round=4)), "signed for round 3"),
+        (dict(expected=dataclasses.replace(binding, run_id=CONTEXT.run_id + 1)), "signed for run"),
+        (dict(expected=dataclasses.replace(binding, kind="evaluate")), "signed for kind 'train'"),
+        (dict(expected=dataclasses.replace(binding, node_id=8)), "signed for node 7"),
     ]
-    for change in tampered:
-        call = (
-            dict(
-                signature=signature,
-                identity_public_key=public,
-                pin=pin,
-                run_id=CONTEXT.run_id,
-                round=3,
-                arrays_digest=digest,
-            )
-            | change
-        )
-        with pytest.raises(IdentityError, match="does not verify") as info:
-            verify_arrays_signature(call.pop("signature"), **call)
+    for change, reason in changes:
+        with pytest.raises(IdentityError, match=reason) as info:
+            verify_statement(statement, signature, **(call | change))
         assert info.value.field == "signature"
+    with pytest.raises(IdentityError, match="signature is invalid"):
+        verify_statement(statement, _flip(signature, 0), **call)
+    with pytest.raises(IdentityError, match="signature is invalid"):  # a statement edited to another node
+        verify_statement(statement.replace(b'"node":7', b'"node":8'), signature, **call)
 
 
-def test_run_key_signature_cannot_pass_as_a_model_signature(server):
+def test_run_key_signature_cannot_pass_as_an_instruction_signature(server):
     identity, pin = server
     _, announcement = announce_run_key(identity, CONTEXT.run_id)
     with pytest.raises(IdentityError):
-        verify_arrays_signature(
+        verify_statement(
+            announcement.statement,
             announcement.signature,
             identity_public_key=identity.public_key().public_bytes_raw(),
             pin=pin,
-            run_id=CONTEXT.run_id,
-            round=3,
-            arrays_digest=hashlib.sha256(announcement.statement).digest(),
+            expected=InstructionBinding(CONTEXT.run_id, 3, "train", 7),
+            content_digest=hashlib.sha256(announcement.statement).digest(),
         )

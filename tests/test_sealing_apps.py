@@ -11,10 +11,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedvault.client.app import build_client_app
+from fedvault.client.policy import ClientPolicy
 from fedvault.config import RunConfig
 from fedvault.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, stamp_server_round, train_config
-from fedvault.security.envelope import SEAL_RECORD, SEALED_RECORD, SIGNATURE_RECORD
-from fedvault.security.identity import IdentityError, generate_identity
+from fedvault.security.envelope import SEAL_RECORD, SEALED_RECORD, SIGNATURE_RECORD, signed_instruction_digest
+from fedvault.security.identity import IdentityError, IdentityPin, generate_identity
 from fedvault.server.rounds import RoundLoop
 from fedvault.server.sealing import SealedGrid, ServerSealing
 from fedvault.strategies.validation import ValidationRules
@@ -34,10 +35,14 @@ def setup(tmp_path, flower_task_identity):
             "learning-rate": 0.05,
             "privacy.sample-level": False,
             "sealing.mode": "on",
-            "sealing.server-identity": files.fingerprint,
         }
     )
-    return cfg, ServerSealing(files.private_key, RUN_ID, "x25519")
+    return cfg, ServerSealing(files.private_key, RUN_ID, "x25519"), ClientPolicy(pin=IdentityPin(files.fingerprint))
+
+
+def _app(setup):
+    cfg, _, policy = setup
+    return build_client_app(cfg, policy)
 
 
 def _instruction(server: ServerSealing, server_round: int, node: int = 7) -> Message:
@@ -69,47 +74,58 @@ def _as_received(reply: Message, node: int = 7) -> Message:
 
 
 def test_round_trip_opens_to_flower_keys(setup):
-    cfg, server = setup
-    reply = build_client_app(cfg)(_instruction(server, 1), _context())
+    _, server, _ = setup
+    instruction = _instruction(server, 1)
+    reply = _app(setup)(instruction, _context())
     assert set(reply.content) == {"fedvault.seal", "fedvault.sealed"}  # nothing readable in transit
-    opened, dropped = server.open([_as_received(reply)], 1, "train")
+    opened, dropped = server.open([_as_received(reply)], 1, "train", signed_instruction_digest(instruction.content))
     assert dropped == [] and opened[0].content["metrics"]["num-examples"] > 0
     assert set(opened[0].content["arrays"].keys()) == set(load_task("digits").build_model().state_dict())
 
 
 def test_replayed_in_another_round_or_moved_to_another_node_is_dropped(setup):
-    cfg, server = setup
-    reply = build_client_app(cfg)(_instruction(server, 1), _context())
-    _, dropped = server.open([_as_received(reply)], 2, "train")
+    _, server, _ = setup
+    instruction = _instruction(server, 1)
+    digest = signed_instruction_digest(instruction.content)
+    reply = _app(setup)(instruction, _context())
+    _, dropped = server.open([_as_received(reply)], 2, "train", digest)
     assert dropped and "round" in dropped[0][1]
-    reply = build_client_app(cfg)(_instruction(server, 1), _context())
-    _, dropped = server.open([_as_received(reply, node=8)], 1, "train")
+    reply = _app(setup)(_instruction(server, 1), _context())
+    _, dropped = server.open([_as_received(reply, node=8)], 1, "train", digest)
     assert dropped and dropped[0][0] == 8 and "node" in dropped[0][1]
 
 
+def test_reply_to_another_instruction_is_dropped(setup):
+    _, server, _ = setup
+    first, second = _instruction(server, 1), _instruction(server, 1)  # same round, node and kind
+    reply = _app(setup)(first, _context())
+    _, dropped = server.open([_as_received(reply)], 1, "train", signed_instruction_digest(second.content))
+    assert dropped and "instruction" in dropped[0][1]
+
+
 def test_flipped_byte_is_dropped(setup):
-    cfg, server = setup
-    reply = build_client_app(cfg)(_instruction(server, 1), _context())
+    _, server, _ = setup
+    instruction = _instruction(server, 1)
+    reply = _app(setup)(instruction, _context())
     _flip_a_byte(reply.content)
-    _, dropped = server.open([_as_received(reply)], 1, "train")
+    _, dropped = server.open([_as_received(reply)], 1, "train", signed_instruction_digest(instruction.content))
     assert dropped and "chunk 0" in dropped[0][1]
 
 
 def test_client_refuses_a_model_from_another_server(setup, tmp_path):
-    cfg, _ = setup
     impostor = ServerSealing(generate_identity(tmp_path / "other").private_key, RUN_ID, "x25519")
     with pytest.raises(IdentityError):
-        build_client_app(cfg)(_instruction(impostor, 1), _context())
+        _app(setup)(_instruction(impostor, 1), _context())
 
 
 def test_client_refuses_a_tampered_model(setup):
-    cfg, server = setup
+    _, server, _ = setup
     msg = _instruction(server, 1)
     arrays = msg.content["arrays"]
     first = next(iter(arrays.keys()))
     arrays[first] = type(arrays[first])(arrays[first].numpy() + 1.0)
     with pytest.raises(IdentityError):
-        build_client_app(cfg)(msg, _context())
+        _app(setup)(msg, _context())
 
 
 # ---- SealedGrid ---------------------------------------------------------------------------------
@@ -175,8 +191,8 @@ def _unsigned(server_round: int, nodes: list[int]) -> list[Message]:
 
 
 def test_sealed_grid_signs_under_the_stamped_round_and_opens_every_reply(setup):
-    cfg, server = setup
-    transport = Loopback(build_client_app(cfg), [7, 8])
+    _, server, _ = setup
+    transport = Loopback(_app(setup), [7, 8])
     grid = SealedGrid(transport, server)
     sent = _unsigned(3, [7, 8])
     replies = list(grid.send_and_receive(sent, timeout=5))
@@ -188,8 +204,8 @@ def test_sealed_grid_signs_under_the_stamped_round_and_opens_every_reply(setup):
 
 
 def test_sealed_grid_push_and_pull_open_too(setup):
-    cfg, server = setup
-    grid = SealedGrid(Loopback(build_client_app(cfg), [7, 8], tamper={7}), server)
+    _, server, _ = setup
+    grid = SealedGrid(Loopback(_app(setup), [7, 8], tamper={7}), server)
     ids = list(grid.push_messages(_unsigned(2, [7, 8])))
     replies = list(grid.pull_messages(ids))
     assert [r.metadata.src_node_id for r in replies] == [8] and ARRAYS in replies[0].content
@@ -200,13 +216,13 @@ def test_sealed_grid_push_and_pull_open_too(setup):
 
 def test_round_loop_over_a_sealed_grid_records_the_drop_reason(setup):
     """The loop stamps, the grid signs and opens; a tampered reply is dropped and named in the record."""
-    cfg, server = setup
+    _, server, _ = setup
     records = []
     torch.manual_seed(0)
     arrays = ArrayRecord(load_task("digits").build_model().state_dict())
     loop = RoundLoop(
         strategy=FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=2, min_train_nodes=2),
-        grid=SealedGrid(Loopback(build_client_app(cfg), [7, 8], tamper={8}), server),
+        grid=SealedGrid(Loopback(_app(setup), [7, 8], tamper={8}), server),
         central_evaluate=lambda server_round, arrays: MetricRecord({}),
         on_round=lambda record, arrays: records.append(record),
         timeout=5,
