@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -11,31 +12,59 @@ from pathlib import Path
 from fedvault import __version__
 from fedvault.cli_config import add_config_args, config_epilog
 from fedvault.config import RunConfig
-from fedvault.errors import FedvaultError
+from fedvault.errors import ConfigError, FedvaultError
+from fedvault.interruption import Interrupted, run_interruptible
 from fedvault.logs import show_progress
+from fedvault.rundir import RunDirectory, default_run_dir
 
 EXIT_USAGE = 2
+EXIT_STOPPED = 3  # the run stopped before its last round (finished rounds are kept)
+INTERRUPTED_LOG = "interrupted.log"  # what the engine printed while it shut down after SIGINT/SIGTERM
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f'run-dir="{args.out}"'] if args.out else [])
     cfg = RunConfig.from_sources(args.config, overrides)  # config errors before torch, Flower and Ray load
-    from fedvault.simulations.harness import simulate
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.task)
+    from fedvault.simulations.harness import simulate, stop_engine
 
-    result = simulate(cfg, verbose=args.verbose)
+    try:
+        resolved = cfg.with_options(run_dir=str(run_dir))
+        result = run_interruptible(
+            lambda: simulate(resolved, verbose=args.verbose, overwrite=args.overwrite), run_dir / INTERRUPTED_LOG
+        )
+    except Interrupted as stop:
+        stop_engine()
+        finished = sum(1 for r in RunDirectory(run_dir).rounds() if r["round"] > 0)
+        stop.tell(
+            f"fedvault simulate: {stop}; {finished} finished rounds are kept in {run_dir} with their checkpoints "
+            f"and ledger entries (engine output: {run_dir / INTERRUPTED_LOG}); continue with: "
+            f"fedvault simulate --out {run_dir} --set resume=true"
+        )
+        stop.exit()
     s = result.summary
     final = f"{s['final_accuracy']:.4f}" if s["final_accuracy"] is not None else "n/a"
     print(
         f"done: {s['rounds']} rounds in {s['wall_seconds']:.1f}s; centralized accuracy "
         f"{s['initial_accuracy']:.4f} -> {final}; run directory: {result.path}"
     )
-    return 1 if s.get("stopped") and s["rounds"] == 0 else 0
+    if s.get("stopped"):
+        print(f"fedvault simulate: stopped early after {s['rounds']} rounds: {s['stopped']}", file=sys.stderr)
+        return EXIT_STOPPED
+    return 0
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
-    from fedvault.strategies.registry import format_strategies, list_strategies
+    from fedvault.strategies.registry import format_strategies, format_strategy, list_strategies
 
-    print(format_strategies(list_strategies()))
+    infos = list_strategies()
+    if args.name is None:
+        print(format_strategies(infos))
+        return 0
+    chosen = [info for info in infos if info.name == args.name.lower()]
+    if not chosen:
+        raise ConfigError(f"no strategy named {args.name!r}; known: {', '.join(info.name for info in infos)}")
+    print(format_strategy(chosen[0]))
     return 0
 
 
@@ -91,13 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate",
         help="run many clients on this machine (Flower Simulation Engine)",
         description="Run a federated simulation on this machine and write a run directory "
-        "(config.toml, metrics.jsonl, summary.json, model.pt, accuracy.png, loss.png).",
+        "(config.toml, metrics.jsonl, summary.json, model.pt, accuracy.png, loss.png). An existing run "
+        "directory is refused unless resumed (--set resume=true, with the run's own config) or --overwrite. "
+        "Exit status: 0 all rounds done; 2 an error; 3 stopped early (budget, too few clients; rounds kept).",
         epilog=config_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(simulate)
     simulate.add_argument("--out", metavar="DIR", help="run directory (default runs/<time>-<task>)")
     simulate.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    simulate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="if --out already holds a run, move it aside to <out>.replaced-<time> first (nothing is deleted)",
+    )
     simulate.set_defaults(func=_cmd_simulate)
 
     strategies = sub.add_parser(
@@ -105,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the strategies a config can name, with parameters",
         description="Strategies for strategy.name, with their strategy.<param> keys and defaults.",
     )
+    strategies.add_argument("name", nargs="?", metavar="NAME", help="show one strategy in full")
     strategies.set_defaults(func=_cmd_strategies)
 
     audit = sub.add_parser(
@@ -175,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fedvault {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fedvault audit RUN | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented remedy
+        return 141
 
 
 if __name__ == "__main__":

@@ -150,29 +150,32 @@ class AttackConfig(_Validated):
 
 @dataclass(frozen=True)
 class SealingConfig(_Validated):
-    """End-to-end sealed replies and signed instructions (see docs/threat_model.md)."""
+    """End-to-end sealed replies and signed instructions (see docs/threat_model.md).
+
+    These keys are the simulation's (``fedvault simulate``: one operator runs every party). Deployed,
+    each party's policy is its own: a client's from its node config (:mod:`fedvault.client.policy`),
+    the ServerApp's from its local file (:mod:`fedvault.server.sealing`); the run config cannot
+    switch sealing off or choose the suite, and no client takes its pin from it."""
 
     SECTION: ClassVar[str] = "sealing"
 
     mode: str = option(
         "auto",
-        "auto = on under flwr run / fedvault server, off in fedvault simulate; on; off",
+        "fedvault simulate: on or off (auto = off); deployed, each party's own policy decides (README, Sealed updates)",
         choices=("auto", "on", "off"),
     )
     suite: str = option(
         "x25519",
-        "HPKE suite: x25519 (X25519+HKDF-SHA256+AES-128-GCM) or the mlkem768-x25519 hybrid",
+        "HPKE suite in simulation: x25519 (X25519+HKDF-SHA256+AES-128-GCM) or the mlkem768-x25519 hybrid",
         choices=("x25519", "mlkem768-x25519"),
     )
     identity_key: str = option(
         "", "server: Ed25519 identity key (fedvault keys init); empty = a fresh one in the run dir"
     )
-    server_identity: str = option(
-        "", "client: pinned server identity (fingerprint or identity.pub path); node config 'server-identity' overrides"
-    )
 
     def enabled(self, deployed: bool) -> bool:
-        """``auto`` seals in deployment (``flwr run``, ``fedvault server``) and not in ``fedvault simulate``."""
+        """What the run config asks: ``auto`` seals deployed and not in ``fedvault simulate`` (only a
+        simulation follows it; deployed parties follow their local policies)."""
         return self.mode == "on" or (self.mode == "auto" and deployed)
 
 
@@ -363,12 +366,19 @@ class RunConfig(_Validated):
                 f"with one noised DP-FedAvg mean, and {self.strategy.name} {refused}; use fedavg, fedprox, fedavgm, "
                 "fedadam, fedyogi or fedadagrad, or privacy.client-level = false)"
             )
+        if self.privacy.sample_level and self.strategy.name.lower() == "qfedavg":
+            raise ConfigError(
+                "invalid value for 'strategy.name': 'qfedavg' (it weights each client by its train loss, which a "
+                "DP-SGD client withholds: no epsilon covers it; use another strategy or privacy.sample-level = false)"
+            )
 
 
 def reference() -> Iterator[tuple[str, str, Any, str]]:
     """(key, type name, default, help) for every key: the README's config reference."""
     for key, spec in _schema(RunConfig):
-        yield key, spec.type.__name__, spec.default, spec.help
+        listed = all(choice in spec.help for choice in spec.choices)
+        choices = "" if listed else f" (one of: {', '.join(spec.choices)})"
+        yield key, spec.type.__name__, spec.default, spec.help + choices
 
 
 @cache

@@ -12,13 +12,24 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fedvault.atomic import atomic_write
+from fedvault.config import RunConfig
 
 
 def _series(rounds: list[dict[str, Any]], section: str, key: str) -> tuple[list[int], list[float]]:
     points = [(r["round"], r[section][key]) for r in rounds if key in r.get(section, {})]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def run_title(cfg: RunConfig) -> str:
+    """The settings a reader of a plot needs: task, clients, strategy and the privacy in force."""
+    p = cfg.privacy
+    mechanisms = [f"DP-SGD eps {p.target_epsilon:g}"] * p.sample_level
+    mechanisms += [f"client-level DP z {p.client_noise_multiplier:g}"] * p.client_level
+    privacy = f"{', '.join(mechanisms)}, delta {p.target_delta:g}" if mechanisms else "no DP"
+    return f"{cfg.task}, {cfg.num_clients} clients ({cfg.partitioner}), {cfg.strategy.name}, {privacy}"
 
 
 def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
@@ -43,8 +54,9 @@ def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list[Pa
             if xs:
                 ax.plot(xs, ys, marker="o", label=label)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(name)
-        ax.set_title(f"{title}: {name} per round")
+        ax.set_title(f"{name} per round\n{title}", fontsize="medium")
         ax.grid(alpha=0.3)
         ax.legend()
         path = out_dir / f"{name}.png"

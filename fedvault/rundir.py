@@ -14,6 +14,7 @@ from typing import Any
 import tomli_w
 
 from fedvault.atomic import append_line, atomic_write
+from fedvault.errors import FedvaultError
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -31,6 +32,38 @@ def default_run_dir(task: str, root: str | Path = "runs") -> Path:
         suffix += 1
         path = Path(root) / f"{stem}-{suffix}"
     return path
+
+
+class RunDirectoryError(FedvaultError, ValueError):
+    """A run directory that cannot be used as asked (it holds another run, or no run to resume)."""
+
+
+def claim_run_dir(path: str | Path, *, resume: bool, overwrite: bool = False) -> Path | None:
+    """Make ``path`` safe for a run; returns where an overwritten run was moved, else None.
+
+    A directory that already holds files is refused (nothing of a finished run is ever mixed with
+    another run) unless ``resume`` continues the run in it, or ``overwrite`` first moves it aside to
+    ``<name>.replaced-<YYYYmmdd-HHMMSS>`` (nothing is deleted). Resuming needs its ``config.toml``.
+    """
+    path = Path(path)
+    if resume:
+        if not (path / CONFIG_FILE).is_file():
+            raise RunDirectoryError(f"resume: {path} holds no run to continue (no {CONFIG_FILE})")
+        return None
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return None
+    if not overwrite:
+        raise RunDirectoryError(
+            f"{path} already holds a run: continue it with --set resume=true, choose a new --out, "
+            "or pass --overwrite to move the old run aside"
+        )
+    aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
+    path.rename(aside)
+    return aside
 
 
 class RunDirectory:

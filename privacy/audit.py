@@ -66,6 +66,18 @@ class PartyAudit:
     nodes: list[int] = field(default_factory=list)  # Flower node ids its spends came from
     dropped_rounds: list[int] = field(default_factory=list)  # received and paid for, not aggregated
     node_ledger_rounds: list[int] = field(default_factory=list)  # only in the clients' own ledgers
+    mechanism: str = ""  # noise multiplier(s), sample rate(s) and total steps of its events
+
+    @property
+    def status(self) -> str:
+        """``EXCEEDED`` when the claim (PLD) is above the cap; a cross-check above it is named too."""
+        if self.exceeded:
+            return "EXCEEDED"
+        above = [name for name, value in (("PRV", self.epsilon_prv), ("RDP", self.epsilon_rdp)) if self._over(value)]
+        return f"ok ({' and '.join(above)} above cap)" if above else "ok"
+
+    def _over(self, value: float) -> bool:
+        return self.cap is not None and value > self.cap
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,7 @@ def audit_run(
                 nodes=sorted(nodes[party]),
                 dropped_rounds=sorted(dropped[party]),
                 node_ledger_rounds=sorted(e.round for e in extra if e.party == party),
+                mechanism=describe_mechanism(events),
             )
         )
     return AuditReport(
@@ -219,6 +232,18 @@ def audit_run(
         key_source=trusted.source if trusted else "none",
         node_ledgers=[str(p) for p in node_ledgers],
         findings=findings,
+    )
+
+
+def describe_mechanism(events: list[DPEvent]) -> str:
+    """``z=1.1 q=0.05 steps=120``: the distinct noise multipliers and sample rates, and the total steps."""
+
+    def distinct(values: list[float]) -> str:
+        return "/".join(f"{v:.4g}" for v in sorted(set(values)))
+
+    return (
+        f"z={distinct([e.noise_multiplier for e in events])} q={distinct([e.sample_rate for e in events])} "
+        f"steps={sum(e.steps for e in events)}"
     )
 
 
@@ -240,6 +265,7 @@ def render_table(report: AuditReport) -> str:
         "delta",
         "cap",
         "remaining",
+        "mechanism",
         "status",
     )
     rows = [
@@ -255,7 +281,8 @@ def render_table(report: AuditReport) -> str:
             f"{p.delta:g}",
             _fmt(p.cap),
             _fmt(p.remaining),
-            "EXCEEDED" if p.exceeded else "ok",
+            p.mechanism,
+            p.status,
         )
         for p in report.parties
     ]
@@ -296,6 +323,8 @@ def to_json(report: AuditReport) -> str:
     data = asdict(report)
     data["exceeded"] = report.exceeded
     data["tampered"] = bool(report.tampered)
+    for row, party in zip(data["parties"], report.parties):
+        row["status"] = party.status
     return json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
 
 
@@ -318,6 +347,8 @@ def to_csv(report: AuditReport) -> str:
         "nodes",
         "dropped_rounds",
         "node_ledger_rounds",
+        "mechanism",
+        "status",
     ]
     writer.writerow(columns)
     for p in report.parties:
@@ -337,6 +368,8 @@ def to_csv(report: AuditReport) -> str:
                 " ".join(map(str, p.nodes)),
                 " ".join(map(str, p.dropped_rounds)),
                 " ".join(map(str, p.node_ledger_rounds)),
+                p.mechanism,
+                p.status,
             ]
         )
     return out.getvalue()

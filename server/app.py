@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
+from fedvault.plots import run_title
 from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger
 from fedvault.privacy.release import client_level_round_record
@@ -25,7 +26,7 @@ from fedvault.server.client_level_dp import ClientLevelDP
 from fedvault.server.recorder import RunRecorder
 from fedvault.server.resume import checkpoint_round, restore
 from fedvault.server.rounds import RoundLoop, RunStopped
-from fedvault.server.sealing import SealedGrid, ServerSealing, server_identity_path
+from fedvault.server.sealing import SealedGrid, ServerSealing, ServerSealingPolicy
 from fedvault.strategies.registry import build_strategy
 from fedvault.strategies.validation import ValidationRules
 from fedvault.tasks import Task, load_task, load_task_data, make_loader
@@ -45,7 +46,7 @@ def build_server_app(config: RunConfig | None = None) -> ServerApp:
 
 def make_strategy(cfg: RunConfig) -> Strategy:
     """The configured strategy, with fedvault's run-wide settings where it accepts them."""
-    common = {
+    common = {  # strategies.registry.RUN_SETTINGS names these keys and their sources for `fedvault strategies`
         "fraction-train": cfg.fraction_train,
         "fraction-evaluate": cfg.fraction_evaluate,
         "min-train-nodes": max(1, int(cfg.fraction_train * cfg.num_clients)),
@@ -92,21 +93,22 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     task = load_task(cfg.task)
     model = initial_model(task, cfg)
     private = cfg.privacy.sample_level or cfg.privacy.client_level
+    sealing_policy = ServerSealingPolicy.local(cfg, deployed)  # the server's own files, not the run config
     ledger, anchorer = None, None
     if private:  # the ledger's header carries delta and the caps; its head is signed after every round
         run = run_key(cfg, 0 if cfg.run_dir else grid.run.run_id)
         ledger = Ledger(run_dir.path / LEDGER_FILENAME, header=ledger_header(cfg, run), recover_truncated_tail=True)
-        anchorer = LedgerAnchorer(ledger, load_identity(server_identity_path(cfg, run_dir.path)), run)
+        anchorer = LedgerAnchorer(ledger, load_identity(sealing_policy.identity_path(run_dir.path)), run)
     base = make_strategy(cfg)
     strategy: Strategy = base
     if cfg.privacy.client_level:
         assert ledger is not None  # client-level DP is private
         strategy = ClientLevelDP.from_config(base, cfg, ledger)
-    if cfg.sealing.enabled(deployed):
-        sealing = ServerSealing(server_identity_path(cfg, run_dir.path), grid.run.run_id, cfg.sealing.suite)
+    if sealing_policy.enabled:
+        sealing = ServerSealing(sealing_policy.identity_path(run_dir.path), grid.run.run_id, sealing_policy.suite)
         grid = SealedGrid(grid, sealing)
     release = client_level_round_record if cfg.privacy.client_level else (lambda record: record)
-    recorder = RunRecorder(run_dir, cfg.num_server_rounds, title=cfg.task, out=sys.stdout)
+    recorder = RunRecorder(run_dir, cfg.num_server_rounds, title=run_title(cfg), out=sys.stdout)
     loop = RoundLoop(
         strategy=strategy,
         grid=grid,

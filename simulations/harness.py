@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +27,13 @@ from typing import Any
 import torch
 
 from fedvault.client.app import build_client_app
+from fedvault.client.policy import ClientPolicy
 from fedvault.config import RunConfig
 from fedvault.errors import ConfigError, FedvaultError
 from fedvault.logs import show_progress
 from fedvault.partition import partition
-from fedvault.rundir import CONFIG_FILE, RunDirectory, default_run_dir
-from fedvault.security.identity import fingerprint, load_identity_public_key
+from fedvault.rundir import CONFIG_FILE, RunDirectory, claim_run_dir, default_run_dir
+from fedvault.security.identity import IdentityPin, fingerprint, load_identity_public_key
 from fedvault.server.app import build_server_app, make_strategy
 from fedvault.server.sealing import server_identity_path
 from fedvault.tasks import load_task_data
@@ -114,13 +116,18 @@ def client_gpus(cfg: RunConfig) -> float:
 
 
 def with_simulation_identity(cfg: RunConfig, run_dir: Path) -> RunConfig:
-    """``sealing.mode = "on"`` in a simulation: a server identity in the run dir, pinned by every client."""
+    """``sealing.mode = "on"`` in a simulation: a server identity in the run dir (see :func:`client_policy`)."""
     path = server_identity_path(cfg, run_dir)
-    pin = fingerprint(load_identity_public_key(path.with_suffix(".pub")))
-    sealing = dataclasses.replace(
-        cfg.sealing, identity_key=str(path), server_identity=cfg.sealing.server_identity or pin
-    )
-    return dataclasses.replace(cfg, sealing=sealing)
+    return dataclasses.replace(cfg, sealing=dataclasses.replace(cfg.sealing, identity_key=str(path)))
+
+
+def client_policy(cfg: RunConfig) -> ClientPolicy:
+    """The simulated clients' policy: one operator runs every party, so it seals as ``cfg`` says,
+    pinning the server identity the harness made (a deployed client's policy is its node config)."""
+    if not cfg.sealing.enabled(deployed=False):
+        return ClientPolicy(sealing=False)
+    public = Path(cfg.sealing.identity_key).with_suffix(".pub")
+    return ClientPolicy(sealing=True, pin=IdentityPin(fingerprint(load_identity_public_key(public))))
 
 
 def backend_config(cfg: RunConfig, verbose: bool) -> dict:
@@ -136,6 +143,7 @@ def simulate(
     *,
     verbose: bool = False,
     progress: bool = False,
+    overwrite: bool = False,
     **options: Any,
 ) -> SimulationResult:
     """Run a simulation of ``config`` (a RunConfig, a TOML file, or None for the defaults).
@@ -143,18 +151,26 @@ def simulate(
     ``options`` override keys by their Python names, as in :meth:`RunConfig.create`
     (``simulate("run.toml", num_server_rounds=5)``). ``progress`` shows fedvault's log lines
     (:func:`fedvault.logs.show_progress`) during the call; ``verbose`` also shows Flower's and Ray's.
+    An existing run directory is refused unless ``resume`` continues it (with its own saved config)
+    or ``overwrite`` moves it aside (:func:`fedvault.rundir.claim_run_dir`).
     Raises :class:`SimulationError` (or the FedvaultError the ServerApp raised) when the run fails.
     """
     cfg = _resolve(config).with_options(**options) if options else _resolve(config)
     with _process_state_restored():  # also undoes what libraries set when first imported here (scikit-learn)
         if progress:
             show_progress()
-        preflight(cfg)
         run_dir = RunDirectory(cfg.run_dir or default_run_dir(cfg.task))
+        moved = claim_run_dir(run_dir.path, resume=cfg.resume, overwrite=overwrite)
+        if moved is not None:
+            log.info("--overwrite: the run that was in %s is now in %s", run_dir.path, moved)
+        if cfg.resume:
+            cfg = resumed_config(cfg, run_dir.path)
+        preflight(cfg)
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.path))
         if cfg.sealing.enabled(deployed=False):
             cfg = with_simulation_identity(cfg, run_dir.path)
-        run_dir.create(cfg.to_flat())
+        if not cfg.resume:
+            run_dir.create(cfg.to_flat())
         log.info(
             "simulating %d clients x %d rounds of %s -> %s",
             cfg.num_clients,
@@ -172,6 +188,28 @@ def simulate(
     return SimulationResult(run_dir.path, cfg, summary, run_dir.rounds())
 
 
+#: Keys a resume may differ in from the run's saved config (the rest is the run's own).
+RESUME_FREE_KEYS = frozenset({"resume", "run-dir", "sealing.identity-key"})
+
+
+def resumed_config(asked: RunConfig, run_dir: Path) -> RunConfig:
+    """The run's own saved config, with ``resume`` on. A key ``asked`` sets (to other than its default)
+    and the saved run has otherwise is refused: a resume never silently changes a run."""
+    saved = RunConfig.from_sources(run_dir / CONFIG_FILE)
+    mine, theirs, defaults = asked.to_flat(), saved.to_flat(), RunConfig().to_flat()
+    clashes = sorted(
+        k for k in mine if k not in RESUME_FREE_KEYS and mine[k] != defaults.get(k) and mine[k] != theirs.get(k)
+    )
+    if clashes:
+        shown = ", ".join(f"{k}={mine.get(k)!r} (run: {theirs.get(k)!r})" for k in clashes[:4])
+        raise ConfigError(
+            f"resume: {run_dir} continues with its own config, but this asks for {shown}"
+            + (f" and {len(clashes) - 4} more" if len(clashes) > 4 else "")
+            + "; drop those settings (or start a new run with a new --out)"
+        )
+    return dataclasses.replace(saved, resume=True)
+
+
 def _resolve(config: RunConfig | str | os.PathLike[str] | None) -> RunConfig:
     if config is None:
         return RunConfig()
@@ -182,16 +220,24 @@ def _resolve(config: RunConfig | str | os.PathLike[str] | None) -> RunConfig:
     raise ConfigError(f"simulate() takes a RunConfig, a TOML file path or None, got {type(config).__name__}")
 
 
+def stop_engine() -> None:
+    """Shut down Ray if this process started it (after an interruption: its actors die with it)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def _run_flower_simulation(cfg: RunConfig, run_dir: Path, verbose: bool) -> None:
     """``flwr.simulation.run_simulation``; a failure surfaces as a FedvaultError carrying its message."""
     from flwr.simulation import run_simulation
 
     _quiet_flower(verbose)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")  # Ray's would abort on SIGTERM (exit -6)
     try:
         run_simulation(
             server_app=build_server_app(cfg),
-            client_app=build_client_app(cfg),
+            client_app=build_client_app(cfg, client_policy(cfg)),
             num_supernodes=cfg.num_clients,
             backend_config=backend_config(cfg, verbose),
         )

@@ -180,15 +180,51 @@ def list_strategies() -> list[StrategyInfo]:
     return infos
 
 
+#: Constructor arguments fedvault sets from the run config (where a strategy accepts them), and from what.
+RUN_SETTINGS = {
+    "fraction-train": "fraction-train",
+    "fraction-evaluate": "fraction-evaluate",
+    "min-train-nodes": "fraction-train x num-clients",
+    "min-evaluate-nodes": "fraction-evaluate x num-clients",
+    "min-available-nodes": "num-clients",
+    "num-clients": "num-clients",
+    "client-learning-rate": "learning-rate",
+}
+#: Flower's record-key arguments: fedvault's apps use Flower's default keys, so they are not for a config.
+RECORD_KEYS = frozenset({"weighted-by-key", "arrayrecord-key", "configrecord-key"})
+
+
+def _default(param: StrategyParam) -> str:
+    return "REQUIRED" if param.default is REQUIRED else repr(param.default)
+
+
+def _own_params(info: StrategyInfo) -> list[StrategyParam]:
+    """The parameters a config sets with ``strategy.<param>`` (not run-wide settings, not record keys)."""
+    return [p for p in info.params if p.name not in RUN_SETTINGS and p.name not in RECORD_KEYS]
+
+
 def format_strategies(infos: list[StrategyInfo]) -> str:
-    """Plain-text listing: one block per strategy with its settable parameters and defaults."""
-    lines = []
-    for info in infos:
-        lines.append(f"{info.name}  ({info.source})")
-        lines.append(f"    {info.doc}")
-        for p in info.params:
-            default = "REQUIRED" if p.default is REQUIRED else repr(p.default)
-            lines.append(f"    strategy.{p.name} = {default}  [{p.type_name}]")
+    """A short table: one line per strategy with its own ``strategy.<param>`` defaults."""
+    width = max((len(info.name) for info in infos), default=0)
+    lines = [
+        f"{info.name.ljust(width)}  {info.doc}"
+        + "".join(f"\n{' ' * width}    strategy.{p.name} = {_default(p)}" for p in _own_params(info))
+        for info in infos
+    ]
+    lines.append("\ndetails, with the settings fedvault passes from the run config: fedvault strategies NAME")
+    return "\n".join(lines)
+
+
+def format_strategy(info: StrategyInfo) -> str:
+    """One strategy in full: source, doc, every parameter with its default and where its value comes from."""
+    lines = [f"{info.name}  ({info.source})", f"    {info.doc}"]
+    for p in info.params:
+        if p.name in RUN_SETTINGS:
+            lines.append(f"    {p.name}: set from the run config ({RUN_SETTINGS[p.name]})  [{p.type_name}]")
+        elif p.name in RECORD_KEYS:
+            lines.append(f"    {p.name}: Flower's default {_default(p)} (the record key fedvault's apps use)")
+        else:
+            lines.append(f"    strategy.{p.name} = {_default(p)}  [{p.type_name}]")
     return "\n".join(lines)
 
 

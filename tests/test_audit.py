@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import functools
 import io
 import json
+import os
 import random
 import tomllib
 
@@ -15,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting.pld import pld_privacy_accountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from fedvault.cli import main
 from fedvault.privacy.accountants import cumulative_epsilons
 from fedvault.privacy.anchors import TrustedKey, key_fingerprint, sign_anchor
 from fedvault.privacy.audit import AuditError, audit_run, plot_epsilon, render_table, to_csv, to_json
@@ -195,3 +199,24 @@ def test_many_clients_share_composition_without_changing_results():
                 100 * k,
             )
             assert curves[party][k - 1] == (events[k - 1].round, pytest.approx(accountant.get_epsilon(1e-5), rel=0.01))
+
+
+def test_each_party_shows_its_mechanism_and_a_cross_check_above_the_cap_is_named(run_dir):
+    report, _ = audit(run_dir)
+    by_party = {p.party: p for p in report.parties}
+    assert by_party["client-1"].mechanism == "z=1.5 q=0.02 steps=250"
+    assert by_party["server"].mechanism == "z=1 q=0.1 steps=5"
+    assert "z=1.3 q=0.05 steps=40" in render_table(report)
+    assert by_party["client-3"].status == "EXCEEDED"
+    loose = dataclasses.replace(by_party["client-1"], cap=by_party["client-1"].epsilon_pld + 1e-9)
+    above = [name for name in ("PRV", "RDP") if getattr(loose, f"epsilon_{name.lower()}") > loose.cap]
+    assert above and loose.status == f"ok ({' and '.join(above)} above cap)"
+    assert json.loads(to_json(report))["parties"][0]["status"] == by_party["client-1"].status
+
+
+def test_audit_into_a_closed_pipe_ends_without_a_traceback(run_dir):
+    """``fedvault audit RUN | head``: the reader is gone before the table is printed."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w", buffering=1) as closed, contextlib.redirect_stdout(closed):
+        assert main(["audit", str(run_dir)]) == 141

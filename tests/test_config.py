@@ -217,3 +217,9 @@ def test_strategy_params_are_sorted_hyphenated_scalars():
     for bad in ({"p": [1]}, {"": 1}, {"x_y": 1, "x-y": 2}, 5):
         with pytest.raises(ConfigError, match="invalid value for 'strategy_params'"):
             RunConfig(strategy_params=bad)
+
+
+def test_qfedavg_is_refused_under_dp_sgd_whose_clients_withhold_their_train_loss():
+    with pytest.raises(ConfigError, match=r"'qfedavg' \(it weights each client by its train loss, which a DP-SGD"):
+        RunConfig.from_flat({"strategy.name": "qfedavg"})
+    assert RunConfig.from_flat({"strategy.name": "qfedavg", "privacy.sample-level": False}).strategy.name == "qfedavg"

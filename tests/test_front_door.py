@@ -225,3 +225,13 @@ def test_engine_failures_surface_as_fedvault_errors_and_state_is_restored(
         fedvault.simulate(RunConfig.create(task="digits", num_clients=2), run_dir=str(tmp_path / "run"))
     assert type(info.value).__name__ == expected_type and message in str(info.value)
     assert (dict(os.environ), flwr_log.level, flwr_log.propagate, list(flwr_log.filters)) == before
+
+
+def test_plot_titles_carry_the_run_settings():
+    from fedvault.plots import run_title
+
+    assert run_title(RunConfig.create(task="digits", num_clients=5)) == (
+        "digits, 5 clients (iid), fedavg, DP-SGD eps 8, delta 1e-05"
+    )
+    plain = RunConfig.create(task="digits", privacy_sample_level=False, strategy_name="fedprox")
+    assert run_title(plain).endswith("fedprox, no DP")

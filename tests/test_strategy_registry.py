@@ -216,3 +216,20 @@ def test_entry_point_plugin_builds_and_is_listed(tmp_path, example_on_path, monk
     assert infos["broken"].doc.startswith("cannot load:") and "no_such_module_xyz" in infos["broken"].doc
     with pytest.raises(StrategyError, match="entry point 'broken' in group 'fedvault.strategies' failed to load"):
         build_strategy("broken")
+
+
+def test_the_short_listing_shows_only_what_a_config_sets_and_the_details_say_where_the_rest_comes_from():
+    from fedvault.config import RunConfig
+    from fedvault.server.app import make_strategy
+    from fedvault.strategies.registry import RECORD_KEYS, RUN_SETTINGS, format_strategy
+
+    infos = {info.name: info for info in list_strategies()}
+    short = format_strategies(list(infos.values()))
+    assert "strategy.server-momentum = 0.0" in short and "fraction-train" not in short and "arrayrecord" not in short
+    assert len(short.splitlines()) < 60
+    detail = format_strategy(infos["fedavgm"])
+    assert "min-available-nodes: set from the run config (num-clients)" in detail
+    assert "weighted-by-key: Flower's default 'num-examples'" in detail
+    built = make_strategy(RunConfig.from_flat({"strategy.name": "fedavgm", "num-clients": 6, "fraction-train": 0.5}))
+    assert built.min_available_nodes == 6 and built.min_train_nodes == 3  # the values RUN_SETTINGS describes
+    assert RUN_SETTINGS.keys().isdisjoint(RECORD_KEYS)

@@ -1,0 +1,105 @@
+"""Run directories are never clobbered, resume continues a run's own config, early stops exit non-zero."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from waits import seconds
+
+from fedvault.config import RunConfig
+from fedvault.errors import ConfigError
+from fedvault.rundir import RunDirectory, RunDirectoryError, claim_run_dir
+from fedvault.simulations.harness import resumed_config, simulate
+
+
+def _finished_run(path) -> dict:
+    """A run directory as a finished run leaves it; returns each file's bytes."""
+    RunDirectory(path).create(RunConfig.create(task="digits", num_server_rounds=2, learning_rate=0.05).to_flat())
+    (path / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n')
+    (path / "summary.json").write_text(json.dumps({"rounds": 2}))
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def test_an_existing_run_is_refused_and_left_byte_identical(tmp_path):
+    run = tmp_path / "runA"
+    before = _finished_run(run)
+    with pytest.raises(RunDirectoryError, match=r"runA already holds a run: continue it with --set resume=true"):
+        claim_run_dir(run, resume=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert claim_run_dir(tmp_path / "new", resume=False) is None
+    (tmp_path / "empty").mkdir()
+    assert claim_run_dir(tmp_path / "empty", resume=False) is None
+
+
+def test_overwrite_moves_the_old_run_aside_and_deletes_nothing(tmp_path):
+    run = tmp_path / "runA"
+    before = _finished_run(run)
+    aside = claim_run_dir(run, resume=False, overwrite=True)
+    assert aside is not None and aside.name.startswith("runA.replaced-") and not run.exists()
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before
+    _finished_run(run)
+    second = claim_run_dir(run, resume=False, overwrite=True)
+    assert second is not None and second != aside and aside.exists()
+
+
+def test_resume_needs_a_run_and_continues_its_own_config(tmp_path):
+    with pytest.raises(RunDirectoryError, match="holds no run to continue"):
+        claim_run_dir(tmp_path, resume=True)
+    run = tmp_path / "runA"
+    _finished_run(run)
+    resumed = resumed_config(RunConfig.create(run_dir=str(run), resume=True), run)
+    assert resumed.task == "digits" and resumed.num_server_rounds == 2 and resumed.resume
+    with pytest.raises(ConfigError, match=r"continues with its own config, but this asks for learning-rate=0.3"):
+        resumed_config(RunConfig.create(run_dir=str(run), resume=True, learning_rate=0.3), run)
+
+
+def test_simulate_refuses_a_used_out_directory_before_any_engine_starts(tmp_path):
+    run = tmp_path / "runA"
+    before = _finished_run(run)
+    with pytest.raises(RunDirectoryError):
+        simulate(RunConfig.create(task="digits", run_dir=str(run)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(run), "--set", "task=digits"],
+        capture_output=True,
+        text=True,
+        timeout=seconds(120),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"fedvault simulate: error: {run} already holds a run")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.integration
+def test_sigterm_keeps_the_finished_rounds_and_the_printed_command_resumes_to_the_end(tmp_path):
+    run, rounds = tmp_path / "run", 40
+    settings = ["task=digits", "batch-size=32", "learning-rate=0.05", "local-epochs=1", f"num-server-rounds={rounds}"]
+    cmd = [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(run)]
+    for item in settings + ["privacy.sample-level=false", "fraction-evaluate=0.0"]:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + seconds(300)
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # rounds 0, 1 and 2 finished
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=seconds(120))
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "Error" not in err.replace("fedvault simulate: interrupted", ""), err[-3000:]
+    kept = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]
+    assert kept[:3] == [0, 1, 2] and kept[-1] < rounds
+    resume = err.strip().splitlines()[-1].split("continue with: ")[1]
+    assert resume == f"fedvault simulate --out {run} --set resume=true"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedvault.cli", *resume.split()[1:]],
+        capture_output=True,
+        text=True,
+        timeout=seconds(420),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    finished = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]
+    assert finished[: len(kept)] == kept and finished[-1] == rounds and sorted(set(finished)) == finished
