@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -314,6 +315,7 @@ def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if cfg.sealing.enabled(deployed=True) and not cfg.sealing.identity_key:
         identity_key = _server_identity_key(layout, state_dir)
         cfg = RunConfig.from_flat({**cfg.to_flat(), "sealing.identity-key": str(identity_key)})
+    _write_server_policy(cfg, state_dir)
     host = args.host or ("127.0.0.1" if args.insecure else "0.0.0.0")
     with _sigterm_as_interrupt():
         superlink = start_superlink(
@@ -444,6 +446,25 @@ def _client_address(layout: KeyLayout | None, host: str, port: int) -> str:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [str(n.value) for n in sans if str(n.value) not in LOCAL_ADDRESSES]
     return join_host_port(names[0] if names else "127.0.0.1", port)
+
+
+SERVER_POLICY_FILE = "server-policy.toml"
+
+
+def _write_server_policy(cfg: RunConfig, state_dir: Path) -> Path:
+    """The ServerApp's sealing policy as a local file (``STATE/server-policy.toml``), named to the
+    SuperLink's children by ``$FEDVAULT_SERVER_POLICY``: a run config edited on the SuperLink cannot
+    turn sealing off or swap the identity (:class:`fedvault.server.sealing.ServerSealingPolicy`)."""
+    from fedvault.server.sealing import SERVER_POLICY_ENV
+
+    policy = {"mode": "on" if cfg.sealing.enabled(deployed=True) else "off", "suite": cfg.sealing.suite}
+    if cfg.sealing.identity_key:
+        policy["identity-key"] = str(Path(cfg.sealing.identity_key).resolve())
+    path = state_dir / SERVER_POLICY_FILE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda handle: handle.write(tomli_w.dumps(policy).encode()), mode=0o600)
+    os.environ[SERVER_POLICY_ENV] = str(path)  # inherited by the SuperLink and the ServerApp it starts
+    return path
 
 
 def _server_identity_key(layout: KeyLayout | None, state_dir: Path) -> Path:

@@ -3,10 +3,11 @@
 The canaries never enter the run's model: the audit trains a fresh model with the run's own
 mechanism and parameters and throws it away. Sample-level DP: fedvault's ``PrivateTrainer`` at the
 run's (target epsilon, delta), clip norm, learning rate, momentum and epochs x rounds, with
-canaries planted in the task's training pool, audited in one run (Steinke, Nasr and Jagielski,
-NeurIPS 2023). Client-level DP: fedvault's DP-FedAvg aggregator at the run's epsilon, rounds,
-sampling rate q and clip norm on a model of the task's size, with canary clients (Andrew et al.,
-ICLR 2024; an estimate, not a bound). Results go to ``RUN/empirical_audit.json`` with the canary seeds.
+gradient canaries added to the clipped sum before the noise and scored over every step (white-box),
+audited in one run (Steinke, Nasr and Jagielski, NeurIPS 2023). Client-level DP: fedvault's
+DP-FedAvg aggregator at the run's epsilon, rounds, sampling rate q and clip norm on a model of the
+task's size, with canary clients (Andrew et al., ICLR 2024; an estimate, not a bound). Results go
+to ``RUN/empirical_audit.json`` with the canary seeds.
 """
 
 from __future__ import annotations

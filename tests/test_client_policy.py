@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from waits import seconds
 
 from fedvault.client.app import build_client_app
 from fedvault.client.policy import ClientPolicy, ClientPolicyError, DPFloor
@@ -242,6 +244,19 @@ def test_deployed_server_seals_whatever_the_run_config_says(tmp_path, monkeypatc
     assert not ServerSealingPolicy.local(RunConfig.from_flat({"sealing.mode": "on"}), deployed=True).enabled
 
 
+def test_fedvault_server_hands_its_serverapp_a_local_policy_file(tmp_path, monkeypatch):
+    from fedvault.deploy.cli import _write_server_policy
+
+    monkeypatch.delenv(SERVER_POLICY_ENV, raising=False)
+    key = tmp_path / "keys" / "identity.key"
+    mine = RunConfig.from_flat({"sealing.mode": "on", "sealing.identity-key": str(key)})
+    path = _write_server_policy(mine, tmp_path / "state")
+    assert os.environ[SERVER_POLICY_ENV] == str(path) and path.stat().st_mode & 0o077 == 0
+    edited = RunConfig.from_flat({"sealing.mode": "off", "sealing.identity-key": str(tmp_path / "attacker.key")})
+    policy = ServerSealingPolicy.local(edited, deployed=True)  # what the ServerApp reads from the stored run
+    assert policy.enabled and policy.identity_key == str(key.resolve())
+
+
 def test_fedvault_client_without_a_pin_refuses_to_start_with_one_line(tmp_path):
     keys = init_keys(tmp_path / "k", 1)  # TLS keys, no identity.pub
     args = ["--server", "127.0.0.1:9", "--keys", str(keys.directory), "--client-id", "1", "--num-partitions", "1"]
@@ -250,7 +265,7 @@ def test_fedvault_client_without_a_pin_refuses_to_start_with_one_line(tmp_path):
         capture_output=True,
         text=True,
         env=child_env(),
-        timeout=120,
+        timeout=seconds(120),
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
