@@ -79,7 +79,7 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
         elif config is None:
             own = ClientPolicy.from_node_config(context.node_config)
         else:
-            own = ClientPolicy(sealing=cfg.sealing.enabled(deployed=False))
+            own = ClientPolicy(sealing=cfg.sealing.enabled(deployed=False), refuse_replays=False)
         return cfg, own, ClientSealing(own, msg, context, kind)
 
     @app.train()

@@ -104,6 +104,9 @@ class ClientPolicy:
     suites: frozenset[str] = frozenset(SUITES)
     dp: DPFloor = field(default_factory=DPFloor)
     answered_dir: Path | None = None
+    #: Refuse a round at or below one already answered. Off only in a simulation, where one process
+    #: runs every party and no relay can replay (a ServerApp may then run several trainings in one run).
+    refuse_replays: bool = True
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> ClientPolicy:

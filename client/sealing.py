@@ -38,7 +38,8 @@ class ClientSealing:
                 node_id=self.node,
                 suites=policy.suites,
             )
-        AnsweredRounds(policy, context).claim(kind, self.round)
+        if policy.refuse_replays:
+            AnsweredRounds(policy, context).claim(kind, self.round)
 
     def reply(self, msg: Message, content: RecordDict) -> Message:
         """The reply to ``msg``: sealed when the policy seals."""

@@ -125,9 +125,10 @@ def client_policy(cfg: RunConfig) -> ClientPolicy:
     """The simulated clients' policy: one operator runs every party, so it seals as ``cfg`` says,
     pinning the server identity the harness made (a deployed client's policy is its node config)."""
     if not cfg.sealing.enabled(deployed=False):
-        return ClientPolicy(sealing=False)
+        return ClientPolicy(sealing=False, refuse_replays=False)
     public = Path(cfg.sealing.identity_key).with_suffix(".pub")
-    return ClientPolicy(sealing=True, pin=IdentityPin(fingerprint(load_identity_public_key(public))))
+    pin = IdentityPin(fingerprint(load_identity_public_key(public)))
+    return ClientPolicy(sealing=True, pin=pin, refuse_replays=False)  # no relay in one process: nothing to replay
 
 
 def backend_config(cfg: RunConfig, verbose: bool) -> dict:
