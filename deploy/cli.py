@@ -452,11 +452,15 @@ SERVER_POLICY_FILE = "server-policy.toml"
 
 
 def _write_server_policy(cfg: RunConfig, state_dir: Path) -> Path:
-    """The ServerApp's sealing policy as a local file (``STATE/server-policy.toml``), named to the
-    SuperLink's children by ``$FEDVAULT_SERVER_POLICY``: a run config edited on the SuperLink cannot
-    turn sealing off or swap the identity (:class:`fedvault.server.sealing.ServerSealingPolicy`)."""
+    """The ServerApp's sealing policy as a local file (``STATE/server-policy.toml``, from this command's
+    own config and flags), named to the SuperLink's children by ``$FEDVAULT_SERVER_POLICY``: a run
+    config edited on the SuperLink cannot turn sealing off or swap the identity
+    (:class:`fedvault.server.sealing.ServerSealingPolicy`). A policy file the operator already names
+    in ``$FEDVAULT_SERVER_POLICY`` is used as it is."""
     from fedvault.server.sealing import SERVER_POLICY_ENV
 
+    if os.environ.get(SERVER_POLICY_ENV):
+        return Path(os.environ[SERVER_POLICY_ENV])
     policy = {"mode": "on" if cfg.sealing.enabled(deployed=True) else "off", "suite": cfg.sealing.suite}
     if cfg.sealing.identity_key:
         policy["identity-key"] = str(Path(cfg.sealing.identity_key).resolve())

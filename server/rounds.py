@@ -11,9 +11,10 @@ pieces instead of branching here: client-level DP wraps the strategy
    again; a client that left does not stall the run);
 2. stamps ``server-round`` into every instruction, whatever the strategy (a sealing grid signs
    them after that, when they are sent);
-3. sets aside ``budget-exhausted`` and ``ledger-invalid`` refusals (neither client is sampled
-   again), then validates every update before aggregation (bad ones are dropped with a logged
-   reason and counted, with those the grid could not open);
+3. sets aside ``budget-exhausted``, ``ledger-invalid`` and ``policy-refused`` refusals (those
+   clients are not sampled again) and records every other refusal (``round-already-spent``) as a
+   drop with its status and reason, then validates every update before aggregation (bad ones
+   are dropped with a logged reason and counted, with those the grid could not open);
 4. appends to the run's hash-chained ledger, before aggregating, the DP event of EVERY reply it
    received, kept or dropped, under the node id Flower authenticated (``metadata.src_node_id``):
    a dropped reply was paid for all the same. A reply the grid could not open is noted as
@@ -191,9 +192,11 @@ class RoundLoop:
         replies, unopened = self._exchange(sent)
 
         exhausted = [r for r in replies if reply_status(r) == BUDGET_EXHAUSTED]
-        invalid = [r for r in replies if reply_status(r) in (LEDGER_INVALID, POLICY_REFUSED)]  # named, not retried
-        self.exhausted.update(r.metadata.src_node_id for r in exhausted + invalid)
-        others = [r for r in replies if reply_status(r) not in (BUDGET_EXHAUSTED, LEDGER_INVALID, POLICY_REFUSED)]
+        barred = [r for r in replies if reply_status(r) in (LEDGER_INVALID, POLICY_REFUSED)]  # named, not retried
+        self.exhausted.update(r.metadata.src_node_id for r in exhausted + barred)
+        # every other refusal (round-already-spent, ...) is dropped as what it is, never validated as an update
+        refused = [r for r in replies if reply_status(r) not in (None, BUDGET_EXHAUSTED)]
+        others = [r for r in replies if reply_status(r) is None]
         kept, rejected = filter_replies(others, arrays, self.rules)
         kept_ids = {id(r) for r in kept}
         dropped_replies = [r for r in others if id(r) not in kept_ids]  # filter_replies keeps the order
@@ -201,7 +204,7 @@ class RoundLoop:
             server_round, kept, [(r, why) for r, (_, why) in zip(dropped_replies, rejected)], unopened
         )
         kept.sort(key=lambda r: r.metadata.src_node_id)  # arrival order must not change the float sums
-        dropped = unopened + rejected + unreadable + [(r.metadata.src_node_id, _refusal_reason(r)) for r in invalid]
+        dropped = unopened + rejected + unreadable + [(r.metadata.src_node_id, _refusal_reason(r)) for r in refused]
         if len(kept) < self.min_replies:
             raise RunStopped(
                 f"round {server_round}: {len(kept)} usable updates < min-replies={self.min_replies} "

@@ -255,6 +255,9 @@ def test_fedvault_server_hands_its_serverapp_a_local_policy_file(tmp_path, monke
     edited = RunConfig.from_flat({"sealing.mode": "off", "sealing.identity-key": str(tmp_path / "attacker.key")})
     policy = ServerSealingPolicy.local(edited, deployed=True)  # what the ServerApp reads from the stored run
     assert policy.enabled and policy.identity_key == str(key.resolve())
+    own = tmp_path / "operator-policy.toml"  # a file the operator names is kept as it is
+    monkeypatch.setenv(SERVER_POLICY_ENV, str(own))
+    assert _write_server_policy(edited, tmp_path / "state2") == own and not (tmp_path / "state2").exists()
 
 
 def test_fedvault_client_without_a_pin_refuses_to_start_with_one_line(tmp_path):

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
 from fedvault.privacy.budget import Budget
@@ -121,3 +122,40 @@ def test_state_dict_of_an_unwrapped_strategy():
     fresh = loop(ChangingNodes([1]), FedAdam())
     fresh.load_state_dict(state)
     assert fresh.exhausted == {5} and fresh.strategy.v_t["w"].tolist() == [2.0, 2.0, 2.0]
+
+
+class RefusingGrid(ChangingNodes):
+    """Node 11 refuses the round as already spent; nodes 12 and 13 send an ordinary update."""
+
+    def __init__(self) -> None:
+        super().__init__([11, 12, 13])
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        from fedvault.protocol import ROUND_ALREADY_SPENT, refusal
+
+        replies = []
+        for index, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"ins-{index}"
+            if msg.metadata.dst_node_id == 11:
+                content = refusal(ROUND_ALREADY_SPENT, "round 1 was already trained and paid for")
+            else:
+                update = to_record({"w": np.ones(3, dtype=np.float32)})
+                content = RecordDict({"arrays": update, "metrics": MetricRecord({"num-examples": 10})})
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+def test_a_refusal_is_recorded_as_what_it_is_not_as_a_malformed_update(flower_task_identity):
+    records = []
+    strategy = FedAvg(fraction_train=1.0, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
+    round_loop = loop(RefusingGrid(), strategy, timeout=1.0)
+    round_loop.central_evaluate = lambda server_round, arrays: {}
+    round_loop.on_round = lambda record, arrays: records.append(record)
+    arrays = round_loop._round(1, to_record({"w": np.zeros(3, dtype=np.float32)}), ConfigRecord())
+    (record,) = records
+    assert record["replies_ok"] == 2 and np.allclose(to_ndarrays(arrays)["w"], 1.0)
+    assert record["dropped"] == [
+        {"node": 11, "reason": "refused ('round-already-spent'): 'round 1 was already trained and paid for'"}
+    ]
