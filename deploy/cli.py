@@ -315,7 +315,7 @@ def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if cfg.sealing.enabled(deployed=True) and not cfg.sealing.identity_key:
         identity_key = _server_identity_key(layout, state_dir)
         cfg = RunConfig.from_flat({**cfg.to_flat(), "sealing.identity-key": str(identity_key)})
-    _write_server_policy(cfg, state_dir)
+    server_policy = _server_policy_env(cfg, state_dir)
     host = args.host or ("127.0.0.1" if args.insecure else "0.0.0.0")
     with _sigterm_as_interrupt():
         superlink = start_superlink(
@@ -325,6 +325,7 @@ def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             port=args.port,
             insecure=args.insecure,
             timeout=args.startup_timeout,
+            env=server_policy,  # for the ServerApp the SuperLink starts
         )
         try:
             dial = _client_address(layout, host, args.port)
@@ -451,24 +452,22 @@ def _client_address(layout: KeyLayout | None, host: str, port: int) -> str:
 SERVER_POLICY_FILE = "server-policy.toml"
 
 
-def _write_server_policy(cfg: RunConfig, state_dir: Path) -> Path:
-    """The ServerApp's sealing policy as a local file (``STATE/server-policy.toml``, from this command's
-    own config and flags), named to the SuperLink's children by ``$FEDVAULT_SERVER_POLICY``: a run
-    config edited on the SuperLink cannot turn sealing off or swap the identity
-    (:class:`fedvault.server.sealing.ServerSealingPolicy`). A policy file the operator already names
-    in ``$FEDVAULT_SERVER_POLICY`` is used as it is."""
+def _server_policy_env(cfg: RunConfig, state_dir: Path) -> dict[str, str]:
+    """``$FEDVAULT_SERVER_POLICY`` for the SuperLink and the ServerApp it starts: the operator's own
+    policy file when the variable already names one, else ``STATE/server-policy.toml`` (0600) written
+    from this command's config and flags. A run config edited on the SuperLink then cannot turn
+    sealing off or swap the identity (:class:`fedvault.server.sealing.ServerSealingPolicy`)."""
     from fedvault.server.sealing import SERVER_POLICY_ENV
 
     if os.environ.get(SERVER_POLICY_ENV):
-        return Path(os.environ[SERVER_POLICY_ENV])
+        return {SERVER_POLICY_ENV: os.environ[SERVER_POLICY_ENV]}
     policy = {"mode": "on" if cfg.sealing.enabled(deployed=True) else "off", "suite": cfg.sealing.suite}
     if cfg.sealing.identity_key:
         policy["identity-key"] = str(Path(cfg.sealing.identity_key).resolve())
     path = state_dir / SERVER_POLICY_FILE
     state_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: handle.write(tomli_w.dumps(policy).encode()), mode=0o600)
-    os.environ[SERVER_POLICY_ENV] = str(path)  # inherited by the SuperLink and the ServerApp it starts
-    return path
+    return {SERVER_POLICY_ENV: str(path)}
 
 
 def _server_identity_key(layout: KeyLayout | None, state_dir: Path) -> Path:

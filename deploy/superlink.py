@@ -142,6 +142,7 @@ def start_superlink(
     insecure: bool = False,
     register: bool = True,
     timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
 ) -> SuperLink:
     """Start ``flower-superlink`` on loopback, register every client public key, then open the
     public Fleet front on ``host:port``.
@@ -151,7 +152,8 @@ def start_superlink(
     TLS and SuperNode authentication use ``keys_dir`` (a :mod:`fedvault.security.tls_keys` layout); with
     ``register=True`` each ``clients/client-<i>.pub`` is registered. ``insecure=True`` turns
     off TLS and authentication (any SuperNode may join) and logs a warning: local experiments
-    only. ``health_address`` defaults to a free loopback port. On failure the process is
+    only. ``health_address`` defaults to a free loopback port. ``env`` adds variables for the
+    SuperLink and the apps it starts (e.g. the ServerApp's ``FEDVAULT_SERVER_POLICY``). On failure the process is
     stopped and :class:`~fedvault.deploy.processes.ProcessError` (or
     :class:`~fedvault.deploy.fleet_front.FleetFrontError` for the public port) says why.
     """
@@ -175,7 +177,9 @@ def start_superlink(
     )
     admin_address = join_host_port(ADMIN_HOST, admin_port)
     connection = write_connection(state_dir / FLWR_HOME_DIR, admin_address, None if keys is None else keys.ca_cert)
-    process = start_process(argv, name="SuperLink", log_path=state_dir / LOG_FILE, env=connection.env())
+    process = start_process(
+        argv, name="SuperLink", log_path=state_dir / LOG_FILE, env={**connection.env(), **(env or {})}
+    )
     node_ids: dict[Path, int | None] = {}
     try:
         wait_healthy(health_address, timeout, process)

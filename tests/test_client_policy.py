@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,19 +246,23 @@ def test_deployed_server_seals_whatever_the_run_config_says(tmp_path, monkeypatc
 
 
 def test_fedvault_server_hands_its_serverapp_a_local_policy_file(tmp_path, monkeypatch):
-    from fedvault.deploy.cli import _write_server_policy
+    from fedvault.deploy.cli import _server_policy_env
 
     monkeypatch.delenv(SERVER_POLICY_ENV, raising=False)
     key = tmp_path / "keys" / "identity.key"
     mine = RunConfig.from_flat({"sealing.mode": "on", "sealing.identity-key": str(key)})
-    path = _write_server_policy(mine, tmp_path / "state")
-    assert os.environ[SERVER_POLICY_ENV] == str(path) and path.stat().st_mode & 0o077 == 0
+    env = _server_policy_env(mine, tmp_path / "state")
+    path = Path(env[SERVER_POLICY_ENV])
+    assert path == tmp_path / "state" / "server-policy.toml" and path.stat().st_mode & 0o077 == 0
+    assert SERVER_POLICY_ENV not in os.environ  # passed to the SuperLink's children, not set here
+    monkeypatch.setenv(SERVER_POLICY_ENV, str(path))  # what the ServerApp then sees
     edited = RunConfig.from_flat({"sealing.mode": "off", "sealing.identity-key": str(tmp_path / "attacker.key")})
     policy = ServerSealingPolicy.local(edited, deployed=True)  # what the ServerApp reads from the stored run
     assert policy.enabled and policy.identity_key == str(key.resolve())
     own = tmp_path / "operator-policy.toml"  # a file the operator names is kept as it is
     monkeypatch.setenv(SERVER_POLICY_ENV, str(own))
-    assert _write_server_policy(edited, tmp_path / "state2") == own and not (tmp_path / "state2").exists()
+    assert _server_policy_env(edited, tmp_path / "state2") == {SERVER_POLICY_ENV: str(own)}
+    assert not (tmp_path / "state2").exists()
 
 
 def test_fedvault_client_without_a_pin_refuses_to_start_with_one_line(tmp_path):
