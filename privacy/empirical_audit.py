@@ -162,8 +162,31 @@ def default_guess_grid(m: int) -> list[tuple[int, int]]:
     return [(k, 0) for k in ks] + [(k, k) for k in ks]
 
 
+class _ClaimCheck:
+    """What both audit results share: the measured epsilon against the claim, and their JSON form."""
+
+    claimed_epsilon: float | None
+    seed: int | None
+
+    @property
+    def measured(self) -> float:
+        """The audited lower bound (one run) or the estimate (one shot)."""
+        raise NotImplementedError
+
+    @property
+    def flagged(self) -> bool:
+        """The measurement refutes the claim: it exceeds the claimed epsilon."""
+        return self.claimed_epsilon is not None and self.measured > self.claimed_epsilon
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+        data["seed"] = None if self.seed is None else str(self.seed)  # 128-bit: keep exact in JSON
+        data["flagged"] = self.flagged
+        return data
+
+
 @dataclass(frozen=True)
-class OneRunAudit:
+class OneRunAudit(_ClaimCheck):
     """A one-run audit (Steinke et al. 2023). ``epsilon_lower_bound`` holds at ``confidence`` after
     the Bonferroni correction over ``candidates`` guess counts; ``uncorrected_best`` is the same
     sweep without correction (informative only, not a valid bound)."""
@@ -184,15 +207,8 @@ class OneRunAudit:
     details: dict[str, Any] | None = None
 
     @property
-    def flagged(self) -> bool:
-        """The audit refutes the claim: the lower bound exceeds the claimed epsilon."""
-        return self.claimed_epsilon is not None and self.epsilon_lower_bound > self.claimed_epsilon
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["seed"] = None if self.seed is None else str(self.seed)  # 128-bit: keep exact in JSON
-        data["flagged"] = self.flagged
-        return data
+    def measured(self) -> float:
+        return self.epsilon_lower_bound
 
 
 def audit_one_run(
@@ -327,7 +343,7 @@ def epsilon_two_gaussians(mu0: float, sd0: float, mu1: float, sd1: float, delta:
 
 
 @dataclass(frozen=True)
-class OneShotEstimate:
+class OneShotEstimate(_ClaimCheck):
     """A one-shot client-level estimate (Andrew et al. 2024): Gaussians fitted to the cosines of the
     inserted canaries (``mean_inserted``, ``std_inserted``) and of never-inserted directions."""
 
@@ -345,15 +361,8 @@ class OneShotEstimate:
     details: dict[str, Any] | None = None
 
     @property
-    def flagged(self) -> bool:
-        """The estimate exceeds the claimed epsilon."""
-        return self.claimed_epsilon is not None and self.epsilon_estimate > self.claimed_epsilon
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["seed"] = None if self.seed is None else str(self.seed)
-        data["flagged"] = self.flagged
-        return data
+    def measured(self) -> float:
+        return self.epsilon_estimate
 
 
 def one_shot_estimate(

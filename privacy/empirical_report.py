@@ -41,7 +41,7 @@ def empirical_audit_of_run(run_dir: Path, cfg: RunConfig, canaries: int) -> list
             momentum=cfg.momentum,
             max_grad_norm=p.max_grad_norm,
         )
-        results.append({"mechanism": "dp-sgd", "audited": audit.epsilon_lower_bound, **audit.to_dict()})
+        results.append({"mechanism": "dp-sgd", "audited": audit.measured, **audit.to_dict()})
     if p.client_level:
         size = sum(t.numel() for t in load_task(cfg.task).build_model().state_dict().values())
         estimate = audit_dp_fedavg(
@@ -53,7 +53,7 @@ def empirical_audit_of_run(run_dir: Path, cfg: RunConfig, canaries: int) -> list
             sample_rate=cfg.fraction_train,
             clip_norm=p.client_clip_norm,
         )
-        results.append({"mechanism": "dp-fedavg", "audited": estimate.epsilon_estimate, **estimate.to_dict()})
+        results.append({"mechanism": "dp-fedavg", "audited": estimate.measured, **estimate.to_dict()})
     text = (json.dumps(results, indent=2) + "\n").encode()
     atomic_write(run_dir / EMPIRICAL_FILE, lambda handle: handle.write(text))
     return results

@@ -191,12 +191,13 @@ class RoundLoop:
             sent = self._instruct(self.strategy.configure_train(server_round, arrays, config, eligible), server_round)
         replies, unopened = self._exchange(sent)
 
-        exhausted = [r for r in replies if reply_status(r) == BUDGET_EXHAUSTED]
-        barred = [r for r in replies if reply_status(r) in (LEDGER_INVALID, POLICY_REFUSED)]  # named, not retried
+        status = [reply_status(r) for r in replies]
+        exhausted = [r for r, s in zip(replies, status) if s == BUDGET_EXHAUSTED]
+        barred = [r for r, s in zip(replies, status) if s in (LEDGER_INVALID, POLICY_REFUSED)]  # not retried
         self.exhausted.update(r.metadata.src_node_id for r in exhausted + barred)
         # every other refusal (round-already-spent, ...) is dropped as what it is, never validated as an update
-        refused = [r for r in replies if reply_status(r) not in (None, BUDGET_EXHAUSTED)]
-        others = [r for r in replies if reply_status(r) is None]
+        refused = [r for r, s in zip(replies, status) if s not in (None, BUDGET_EXHAUSTED)]
+        others = [r for r, s in zip(replies, status) if s is None]
         kept, rejected = filter_replies(others, arrays, self.rules)
         kept_ids = {id(r) for r in kept}
         dropped_replies = [r for r in others if id(r) not in kept_ids]  # filter_replies keeps the order
