@@ -7,7 +7,8 @@ replies carry only what the client's epsilon covers (:mod:`fedvault.privacy.rele
 
 What the client requires of an instruction (signed by its pinned server, sealed replies, allowed
 suites, its DP floor, no replayed rounds) is its own policy (:mod:`fedvault.client.policy`),
-checked before anything is trained; the run config cannot change it.
+checked before anything is trained; the run config cannot change it. Receipts for the client's
+spends ride on instructions and on the run's final ``query`` (:mod:`fedvault.client.receipts`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fedvault.client.node import (
 )
 from fedvault.client.policy import ClientPolicy, PolicyRefused
 from fedvault.client.private_training import REFUSALS, node_ledger_path, run_key, train_private
+from fedvault.client.receipts import keep_receipts
 from fedvault.client.sealing import ClientSealing
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
@@ -42,6 +44,7 @@ from fedvault.protocol import (
     EVAL_LOSS,
     METRICS,
     NUM_EXAMPLES,
+    RECEIPTS_KEPT,
     TRAIN_BATCH_SIZE,
     TRAIN_LOSS,
     TRAIN_SECONDS,
@@ -85,6 +88,7 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, own, sealing = checked(msg, context, "train")
+        keep_receipts(msg, cfg, context, own)
         try:
             cfg = own.dp.apply(cfg)  # the run may ask for more noise than the client's floor, never less
         except PolicyRefused as exc:
@@ -126,6 +130,7 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, own, sealing = checked(msg, context, "evaluate")
+        keep_receipts(msg, cfg, context, own)
         device = resolve_device(str(context.node_config.get("device", cfg.device)))
         _, test_data = client_data(DataSelection.from_run(cfg, context.node_config))
         if cfg.privacy.sample_level or own.dp.required:  # no epsilon covers the local test split: withheld
@@ -137,6 +142,13 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
             {EVAL_LOSS: result["loss"], EVAL_ACCURACY: result["accuracy"], NUM_EXAMPLES: len(test_data)}
         )
         return sealing.reply(msg, RecordDict({METRICS: metrics}))
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """The run's last word: the receipts not yet delivered with an instruction."""
+        cfg, own, sealing = checked(msg, context, "query")
+        kept = keep_receipts(msg, cfg, context, own)
+        return sealing.reply(msg, RecordDict({METRICS: MetricRecord({RECEIPTS_KEPT: kept})}))
 
     return app
 

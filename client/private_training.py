@@ -63,6 +63,11 @@ class LedgerInvalid(Exception):
 REFUSALS = (BudgetExhausted, RoundAlreadySpent, LedgerInvalid)
 
 
+def client_party(sel: DataSelection) -> str:
+    """The party name this client's spends are recorded under, in both ledgers."""
+    return f"client-{sel.partition_id}"
+
+
 def node_ledger_path(cfg: RunConfig, node_config: dict) -> Path:
     """Node config ``ledger-path``, else ``privacy.node-ledger``, else beside the run, else ~/.fedvault."""
     chosen = node_config.get("ledger-path") or cfg.privacy.node_ledger
@@ -112,7 +117,7 @@ def train_private(
 
     ``make_steps(model)`` builds the strategy's client steps on the trainer's model once it holds
     ``global_state``; they run on the private gradient (post-processing)."""
-    party = f"client-{sel.partition_id}"
+    party = client_party(sel)
     trainer = private_trainer(cfg, sel, device.type)
     planned = DPEvent.dp_sgd(
         noise_multiplier=trainer.noise_multiplier,

@@ -9,6 +9,11 @@ instruction (server -> client)
                   instruction, whatever the strategy), ``"lr"``, ``"local-epochs"``,
                   ``"momentum"``, plus strategy keys (FedProx's ``"proximal-mu"``, FedNova's
                   ``"fednova"``)
+    ``"fedvault.receipts"`` ConfigRecord ``{"receipts": [json, ...], "seqs": [int, ...]}``: the
+                  server's signed receipts for this node's spends in the run ledger
+                  (:mod:`fedvault.privacy.receipts`), on the next instruction to the node and on
+                  a final ``query`` message; outside the instruction signature's digest, since
+                  each receipt carries its own signature
 reply (client -> server)
     ``"arrays"``   ArrayRecord  the trained model (train replies)
     ``"metrics"``  MetricRecord ``"num-examples"`` and the metric names below
@@ -39,6 +44,7 @@ METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"
 DP_EVENT = "dp-event"
 STATUS = "status"
+RECEIPTS = "fedvault.receipts"
 
 SERVER_ROUND = "server-round"
 LEARNING_RATE = "lr"
@@ -59,6 +65,7 @@ TRAIN_BATCH_SIZE = "train_batch_size"  # the logical batch the client used (batc
 DP_EPSILON = "dp_epsilon"
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
+RECEIPTS_KEPT = "receipts_kept"  # a query reply: how many new receipts the client stored
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,24 @@ def refusal(status: str, reason: str) -> RecordDict:
     return RecordDict(
         {METRICS: MetricRecord({NUM_EXAMPLES: 0}), STATUS: ConfigRecord({STATUS: status, "reason": reason})}
     )
+
+
+def with_receipts(content: RecordDict, receipts: list[tuple[int, str]]) -> RecordDict:
+    """``content`` plus ``(run-ledger seq, receipt json)`` pairs (a new RecordDict; the records are shared)."""
+    out = RecordDict(dict(content.items()))
+    out[RECEIPTS] = ConfigRecord({"seqs": [seq for seq, _ in receipts], "receipts": [text for _, text in receipts]})
+    return out
+
+
+def read_receipts(content: RecordDict) -> list[tuple[int, str]]:
+    """The instruction's ``(seq, receipt json)`` pairs (empty when it carries none); TypeError if malformed."""
+    record = content.config_records.get(RECEIPTS)
+    if record is None:
+        return []
+    seqs, texts = record.get("seqs", []), record.get("receipts", [])
+    if not isinstance(seqs, list) or not isinstance(texts, list) or len(seqs) != len(texts):
+        raise TypeError(f"{RECEIPTS!r} must hold two lists of equal length, 'seqs' and 'receipts'")
+    return [(int(record_scalar(seq, "seqs")), str(text)) for seq, text in zip(seqs, texts)]
 
 
 def reply_status(reply: Message) -> str | None:

@@ -167,7 +167,8 @@ def audit_run(
     findings += check.findings
     paid = spends(contents.entries)
     findings += identity_findings(paid)
-    extra, merged = merge_node_ledgers(paid, header.run, [Path(p) for p in node_ledgers])
+    fingerprint = trusted.fingerprint if trusted is not None else None
+    extra, merged = merge_node_ledgers(contents.entries, header.run, [Path(p) for p in node_ledgers], fingerprint)
     findings += merged
     findings += [
         Finding(
@@ -189,7 +190,7 @@ def audit_run(
         histories[entry.event.party].append(entry.event)
         if entry.node is not None:
             nodes[entry.event.party].add(entry.node)
-        if entry.status == "dropped":
+        if entry.status in ("dropped", "late"):
             dropped[entry.event.party].append(entry.event.round)
     for event in extra:
         histories[event.party].append(event)
@@ -299,7 +300,8 @@ def render_table(report: AuditReport) -> str:
         *("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows),
         "",
         "epsilon claims are backed by PLD (dp-accounting); PRV (Opacus) and RDP are cross-checks.",
-        "dropped = rounds whose reply was received and paid for but not aggregated (counted in epsilon).",
+        "dropped = rounds whose reply was received (in time or late) and paid for but not aggregated "
+        "(counted in epsilon).",
     ]
     lines += [f"{f.severity.upper()} [{f.code}]: {f.message}" for f in report.findings]
     if report.exceeded:

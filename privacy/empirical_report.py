@@ -7,7 +7,10 @@ gradient canaries added to the clipped sum before the noise and scored over ever
 audited in one run (Steinke, Nasr and Jagielski, NeurIPS 2023). Client-level DP: fedvault's
 DP-FedAvg aggregator at the run's epsilon, rounds, sampling rate q and clip norm on a model of the
 task's size, with canary clients (Andrew et al., ICLR 2024; an estimate, not a bound). Results go
-to ``RUN/empirical_audit.json`` with the canary seeds.
+to ``RUN/empirical_audit.json``; before anything is reported, each audit's canaries (mechanism, seed,
+count, claim, result) are appended to the audit runs' own hash-chained ledger,
+``RUN/empirical_audit.ledger.jsonl`` (never to the run's ledger, whose final signed anchor would
+make any later entry read as an appended forgery).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import Any
 from fedvault.atomic import atomic_write
 from fedvault.config import RunConfig
 from fedvault.privacy.empirical_audit import audit_dp_fedavg, audit_dp_sgd_white_box
+from fedvault.privacy.ledger import Ledger, LedgerHeader
 from fedvault.tasks import load_task
 
 EMPIRICAL_FILE = "empirical_audit.json"
+CANARY_LEDGER = "empirical_audit.ledger.jsonl"
 AUDIT_BATCH = 256  # the logical batch of the audit run when the run's batch-size is 0 (auto)
 
 
@@ -54,6 +59,14 @@ def empirical_audit_of_run(run_dir: Path, cfg: RunConfig, canaries: int) -> list
             clip_norm=p.client_clip_norm,
         )
         results.append({"mechanism": "dp-fedavg", "audited": estimate.measured, **estimate.to_dict()})
+    ledger = Ledger(
+        run_dir / CANARY_LEDGER, header=LedgerHeader(f"{run_dir.name}:empirical-audit", p.target_delta, None, None)
+    )
+    for r in results:
+        entry = ledger.append_canary(
+            {k: r[k] for k in ("mechanism", "seed", "canaries", "claimed_epsilon", "audited", "flagged")}
+        )
+        r["ledger_entry"] = f"{CANARY_LEDGER} entry {entry.seq}"
     text = (json.dumps(results, indent=2) + "\n").encode()
     atomic_write(run_dir / EMPIRICAL_FILE, lambda handle: handle.write(text))
     return results
@@ -67,6 +80,6 @@ def render_empirical(results: list[dict[str, Any]]) -> str:
         verdict = "CLAIM EXCEEDED" if r["flagged"] else "consistent with the claim"
         lines.append(
             f"  {r['mechanism']}: claimed epsilon {r['claimed_epsilon']:g}, audited {kind} {r['audited']:.3f} "
-            f"with {r['canaries']} canaries (seed {r['seed']}): {verdict}"
+            f"with {r['canaries']} canaries (seed {r['seed']}, {r['ledger_entry']}): {verdict}"
         )
     return "\n".join(lines) + "\n"

@@ -9,9 +9,12 @@ Line ``n`` (1-based) holds entry ``seq = n`` with ``"seq"``, ``"timestamp"``, ``
 * spend: ``"event"`` (a :class:`~fedvault.privacy.events.DPEvent`), ``"node"`` (the Flower node id
   the reply came from, ``metadata.src_node_id``, authenticated by Flower; null for the server's
   own client-level events), ``"status"`` (``"kept"``: passed validation or released by the server;
-  ``"dropped"``: received and paid for, but not aggregated) and ``"reason"`` (why it was dropped);
+  ``"dropped"``: received and paid for, but not aggregated; ``"late"``: arrived after its round's
+  timeout, paid for, never aggregated) and ``"reason"`` (why it was dropped or when it arrived);
 * unread: ``"unread": {"node", "round", "reason"}``, a reply received but not readable (a sealed
-  reply that failed to open): its spend, if any, is known only to the client's own ledger.
+  reply that failed to open): its spend, if any, is known only to the client's own ledger;
+* canary: ``"canary": {"mechanism", "seed", "canaries", ...}``, an empirical audit's canaries,
+  only in an audit's own ledger (``empirical_audit.ledger.jsonl``), never in a run's.
 
 ``hash = SHA-256(canonical JSON of the entry without "hash")`` (keys sorted, no whitespace,
 ASCII) and ``prev_hash`` is the previous entry's hash, 64 zeros for the first (a hash chain /
@@ -35,7 +38,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,12 +51,13 @@ from fedvault.privacy.events import DPEvent, DPEventError
 LEDGER_FILENAME = "privacy_ledger.jsonl"
 GENESIS_HASH = "0" * 64
 HEADER_FORMAT = 2
-STATUSES = ("kept", "dropped")
+STATUSES = ("kept", "dropped", "late")
 _COMMON = {"seq", "timestamp", "prev_hash", "hash"}
 _KINDS = {
     "header": _COMMON | {"header"},
     "spend": _COMMON | {"event", "node", "status", "reason"},
     "unread": _COMMON | {"unread"},
+    "canary": _COMMON | {"canary"},
 }
 
 
@@ -148,7 +152,7 @@ class Unread:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One verified ledger line: ``kind`` is "header", "spend" or "unread"; the other kinds' fields are None."""
+    """One verified ledger line of kind "header", "spend", "unread" or "canary"; the other kinds' fields are None."""
 
     seq: int
     timestamp: str
@@ -161,12 +165,15 @@ class LedgerEntry:
     status: str | None = None
     reason: str | None = None
     unread: Unread | None = None
+    canary: dict[str, Any] | None = None
 
     def body(self) -> dict[str, Any]:
         """The line's keys without ``hash`` (what the hash is computed over)."""
         body: dict[str, Any] = {"seq": self.seq, "timestamp": self.timestamp, "prev_hash": self.prev_hash}
         if self.header is not None:
             body["header"] = self.header.to_dict()
+        elif self.canary is not None:
+            body["canary"] = self.canary
         elif self.unread is not None:
             body["unread"] = {"node": self.unread.node, "round": self.unread.round, "reason": self.unread.reason}
         else:
@@ -218,6 +225,11 @@ def _entry_from(record: dict[str, Any], kind: str) -> LedgerEntry:
     common = (record["seq"], record["timestamp"], kind, record["prev_hash"], record["hash"])
     if kind == "header":
         return LedgerEntry(*common, header=LedgerHeader.from_dict(record["header"]))
+    if kind == "canary":
+        canary = record["canary"]
+        if not isinstance(canary, dict) or not {"mechanism", "seed", "canaries"} <= canary.keys():
+            raise ValueError("canary must hold at least mechanism, seed and canaries")
+        return LedgerEntry(*common, canary=canary)
     if kind == "unread":
         data = record["unread"]
         if not isinstance(data, dict) or data.keys() != {"node", "round", "reason"}:
@@ -248,7 +260,7 @@ def _parse_line(path: Path, number: int, raw: bytes, prev_hash: str) -> LedgerEn
         raise bad(f"unparsable line ({exc})") from None
     kind = next((k for k, keys in _KINDS.items() if isinstance(record, dict) and record.keys() == keys), None)
     if kind is None:
-        raise bad("malformed entry: not a header, spend or unread entry (wrong keys)")
+        raise bad("malformed entry: not a header, spend, unread or canary entry (wrong keys)")
     seq = record["seq"]
     if seq != number or isinstance(seq, bool):
         raise bad(f"expected seq {number}, found seq {seq!r} (entry deleted, inserted or reordered)")
@@ -330,6 +342,7 @@ class Ledger:
         ``recover_truncated_tail``: then that partial line is saved to ``<path>.partial`` and cut off.
         """
         self._path = Path(path)
+        self._listeners: list[Callable[[LedgerEntry], None]] = []
         self._path.parent.mkdir(parents=True, exist_ok=True)
         created = not self._path.exists()
         with open(self._path, "ab") as handle:
@@ -384,12 +397,19 @@ class Ledger:
         self._seq, self._head, self._size = entry.seq, digest, self._size + len(line)
         return entry
 
+    def subscribe(self, listener: Callable[[LedgerEntry], None]) -> None:
+        """Call ``listener`` with every entry this appender writes, once it is durable."""
+        self._listeners.append(listener)
+
     def _append(self, fields: dict[str, Any]) -> LedgerEntry:
         with open(self._path, "ab") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             if os.fstat(handle.fileno()).st_size != self._size:
                 self._sync()
-            return self._write(handle, fields)
+            entry = self._write(handle, fields)
+        for listener in self._listeners:
+            listener(entry)
+        return entry
 
     def append(
         self, event: DPEvent, *, node: int | None = None, status: str = "kept", reason: str | None = None
@@ -408,6 +428,10 @@ class Ledger:
     def append_unread(self, node: int, server_round: int, reason: str) -> LedgerEntry:
         """Durably note a reply of ``node`` in ``server_round`` that could not be read, and why."""
         return self._append({"unread": {"node": int(node), "round": int(server_round), "reason": str(reason)}})
+
+    def append_canary(self, canary: dict[str, Any]) -> LedgerEntry:
+        """Durably record an empirical audit's canaries (mechanism, seed, count, ...) in an audit's ledger."""
+        return self._append({"canary": dict(canary)})
 
     def head(self) -> tuple[int, str]:
         """``(entries, head hash)`` as on disk now (re-read and verified)."""

@@ -22,6 +22,9 @@ identical event again is a no-op (returns False), a different event for a record
 :class:`NodeLedgerConflictError` so a spend is never silently replaced. The caller must not
 release a second, freshly noised update for a round that was already recorded. WAL needs a
 local file system (not NFS).
+
+Table ``receipts`` keeps the server's signed receipts for this node's spends
+(:mod:`fedvault.privacy.receipts`), one per run-ledger entry, for ``fedvault audit --node-ledger``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,14 @@ CREATE TABLE IF NOT EXISTS heads (
     count     INTEGER NOT NULL,
     head      TEXT    NOT NULL,
     PRIMARY KEY (run_key, client_id)
+)""",
+    """
+CREATE TABLE IF NOT EXISTS receipts (
+    run_key   TEXT    NOT NULL,
+    client_id TEXT    NOT NULL,
+    seq       INTEGER NOT NULL,
+    receipt   TEXT    NOT NULL,
+    PRIMARY KEY (run_key, client_id, seq)
 )""",
 )
 
@@ -209,6 +220,31 @@ class NodeLedger:
             return [DPEvent.from_dict(json.loads(event)) for _, event, _ in rows]
         except (DPEventError, json.JSONDecodeError) as exc:
             raise NodeLedgerTamperedError(f"node privacy ledger {self._path}: unreadable event ({exc})") from None
+
+    def keep_receipts(self, run_key: str, client_id: str, receipts: list[tuple[int, str]]) -> int:
+        """Store ``(run-ledger seq, receipt json)`` pairs (one per seq; a repeat is ignored); how many were new."""
+        with self._connect() as con:
+            try:
+                before = con.total_changes
+                con.executemany(
+                    "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?)",
+                    [(run_key, client_id, seq, text) for seq, text in receipts],
+                )
+                return con.total_changes - before
+            except sqlite3.Error as exc:
+                raise NodeLedgerError(f"cannot store receipts in node privacy ledger {self._path}: {exc}") from None
+
+    def receipts(self, run_key: str, client_id: str) -> list[str]:
+        """The receipts kept for ``(run_key, client_id)``, in run-ledger order."""
+        with self._connect() as con:
+            try:
+                rows = con.execute(
+                    "SELECT receipt FROM receipts WHERE run_key = ? AND client_id = ? ORDER BY seq",
+                    (run_key, client_id),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise NodeLedgerError(f"cannot read node privacy ledger {self._path}: {exc}") from None
+        return [text for (text,) in rows]
 
     def clients(self, run_key: str) -> list[str]:
         """The client ids with rows or a head for ``run_key`` (a head without rows: all its rows removed)."""

@@ -11,6 +11,9 @@
   crash, one that could not be opened) is added to the audit and flagged unverified; the same
   round recorded differently in the two is tampering; a run-ledger spend that a node ledger
   holding that client lacks means rows were removed from the node ledger.
+* Receipts: the server's signed receipts a node ledger keeps
+  (:mod:`fedvault.privacy.receipts`) must each name an entry the run ledger still holds: one
+  that does not shows the run ledger was cut or rewritten, even by the identity key's holder.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from pathlib import Path
 
 from fedvault.privacy.events import DPEvent
 from fedvault.privacy.findings import Finding
-from fedvault.privacy.ledger import LedgerEntry
+from fedvault.privacy.ledger import LedgerEntry, spends
 from fedvault.privacy.node_ledger import NodeLedger, NodeLedgerError, NodeLedgerTamperedError
+from fedvault.privacy.receipts import check_receipts
 
 
 def identity_findings(spends: Sequence[LedgerEntry]) -> list[Finding]:
@@ -51,11 +55,12 @@ def identity_findings(spends: Sequence[LedgerEntry]) -> list[Finding]:
 
 
 def merge_node_ledgers(
-    spends: Sequence[LedgerEntry], run: str, paths: Sequence[Path]
+    entries: Sequence[LedgerEntry], run: str, paths: Sequence[Path], trusted_fingerprint: str | None
 ) -> tuple[list[DPEvent], list[Finding]]:
-    """Spends only the node ledgers at ``paths`` hold for ``run`` (to add to the audit), and the disagreements."""
+    """Spends only the node ledgers at ``paths`` hold for ``run`` (to add to the audit), and the
+    disagreements with the run ledger's ``entries``, receipts included (signed by ``trusted_fingerprint``)."""
     recorded: dict[tuple[str, int], list[DPEvent]] = defaultdict(list)
-    for entry in spends:
+    for entry in spends(entries):
         if entry.event is not None:
             recorded[(entry.event.party, entry.event.round)].append(entry.event)
     extra: list[DPEvent] = []
@@ -69,6 +74,9 @@ def merge_node_ledgers(
             findings.append(Finding("tampered", "node-ledger-unreadable", str(exc)))
             continue
         for client in clients:
+            findings += check_receipts(
+                entries, run, [(f"node ledger {path}", r) for r in ledger.receipts(run, client)], trusted_fingerprint
+            )
             try:
                 events = ledger.events(run, client)
             except NodeLedgerTamperedError as exc:

@@ -28,7 +28,8 @@ The reply plaintext is a list of ``sealing.seal_frames`` frames, one per record 
 SuperLink never sees them.
 
 ``content_digest`` is SHA-256 over ``"fedvault/content/v1\\0"`` and, for each record except the
-signature record, in sorted name order: the name, the record type, then for arrays each key,
+signature record and the receipts record (``fedvault.protocol.RECEIPTS``, each receipt signed on
+its own), in sorted name order: the name, the record type, then for arrays each key,
 dtype, shape, stype and data in the record's order, for metrics/config the canonical JSON of the
 items sorted by key (all fields length-prefixed, u64 big-endian). It covers the round's config as
 well as the model, since a tampered config (learning rate, DP noise) can harm as much as a
@@ -48,6 +49,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedvault.protocol import RECEIPTS
 from fedvault.security.identity import (
     IdentityError,
     IdentityPin,
@@ -79,6 +81,8 @@ SEAL_RECORD = "fedvault.seal"
 SEALED_RECORD = "fedvault.sealed"
 CHUNK_STYPE = "fedvault.sealed-chunk"
 _DIGEST_DOMAIN = b"fedvault/content/v1\x00"
+#: Records outside the instruction digest: the signature itself, and receipts (each signed on its own).
+_UNDIGESTED = frozenset({SIGNATURE_RECORD, RECEIPTS})
 _CHUNK_KEY = re.compile(r"^chunk-(0|[1-9][0-9]*)$")
 
 
@@ -86,7 +90,7 @@ def content_digest(content: RecordDict) -> bytes:
     """Canonical SHA-256 of every record but the signature record (see the module docstring)."""
     digest = hashlib.sha256(_DIGEST_DOMAIN)
     for name in sorted(content):
-        if name == SIGNATURE_RECORD:
+        if name in _UNDIGESTED:
             continue
         record = content[name]
         _update(digest, name.encode(), _record_type(record).encode())

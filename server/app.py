@@ -23,6 +23,7 @@ from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.security.identity import load_identity
 from fedvault.server.anchoring import ANCHOR_KEY, LedgerAnchorer, anchor_sources
 from fedvault.server.client_level_dp import ClientLevelDP
+from fedvault.server.receipts import ReceiptGrid
 from fedvault.server.recorder import RunRecorder
 from fedvault.server.resume import checkpoint_round, restore
 from fedvault.server.rounds import RoundLoop, RunStopped
@@ -104,7 +105,11 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     if cfg.privacy.client_level:
         assert ledger is not None  # client-level DP is private
         strategy = ClientLevelDP.from_config(base, cfg, ledger)
-    if sealing_policy.enabled:
+    receipts = None
+    if cfg.privacy.sample_level:  # each client keeps the server's signed receipts for its spends
+        assert ledger is not None and anchorer is not None
+        grid = receipts = ReceiptGrid(grid, ledger, anchorer.identity, anchorer.run)
+    if sealing_policy.enabled:  # outside the receipts: instructions are signed before receipts join them
         sealing = ServerSealing(sealing_policy.identity_path(run_dir.path), grid.run.run_id, sealing_policy.suite)
         grid = SealedGrid(grid, sealing)
     release = client_level_round_record if cfg.privacy.client_level else (lambda record: record)
@@ -134,6 +139,9 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     extra: dict[str, object] = {"task": cfg.task, "run_dir": str(Path(run_dir.path)), "stopped": stopped}
     if anchorer is not None:
         last_round = anchorer.last.round if anchorer.last else first_round - 1
+        loop.collect_late(last_round)  # before the final anchor, which then covers them
+        if receipts is not None:
+            receipts.deliver(loop.grid, last_round, cfg.round_timeout)
         extra[ANCHOR_KEY] = anchorer.anchor(last_round, final=True).to_dict()
         report, text = privacy_summary(run_dir.path, cfg, anchorer.run, anchorer.trusted, anchor_sources(run_dir.path))
         print(text, file=sys.stdout, flush=True)

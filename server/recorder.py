@@ -31,7 +31,7 @@ class RunRecorder:
             if "train_loss" in record["train"]:  # withheld under sample-level DP
                 line += f"  train_loss {record['train']['train_loss']:.4f}"
             line += f"  clients {record['replies_ok']}/{record['clients_sampled']}"
-            for key, label in (("failed_nodes", "failed"), ("dropped", "dropped")):
+            for key, label in (("failed_nodes", "failed"), ("dropped", "dropped"), ("late", "late")):
                 if record.get(key):
                     line += f"  {label} {len(record[key])}"
             if record.get("budget_exhausted"):

@@ -18,10 +18,12 @@ pieces instead of branching here: client-level DP wraps the strategy
 4. appends to the run's hash-chained ledger, before aggregating, the DP event of EVERY reply it
    received, kept or dropped, under the node id Flower authenticated (``metadata.src_node_id``):
    a dropped reply was paid for all the same. A reply the grid could not open is noted as
-   unread (its spend, if any, is only in the client's ledger); a reply that arrives after the
-   round's timeout is discarded by Flower's ``send_and_receive`` and never reaches the server;
+   unread (its spend, if any, is only in the client's ledger);
 5. completes a round with the replies that came back before the timeout (the others are recorded
    in ``failed_nodes``) and fails it with one clear line when fewer than ``min_replies`` survive;
+   train instructions left unanswered stay awaited: a reply that arrives in a later round (or by
+   :meth:`RoundLoop.collect_late` at the end) is recorded in the ledger as ``late``, paid for and
+   never aggregated (Flower's own ``send_and_receive`` would discard it);
 6. hands ``on_round`` a record (metrics, timing, bytes, failures, drops) after every round.
 
 ``state_dict()`` is what a restart needs: the strategy's state (a wrapper's includes its own) and
@@ -52,6 +54,7 @@ from fedvault.protocol import (
     POLICY_REFUSED,
     STATUS,
     read_dp_event,
+    read_server_round,
     reply_status,
     stamp_server_round,
 )
@@ -99,7 +102,8 @@ class GridWrapper(Grid):
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
+        """Through this wrapper's own push and pull, so a wrapper overriding those is never bypassed."""
+        return exchange(self, list(messages), timeout)[0]
 
     def __getattr__(self, name: str) -> Any:  # what only the wrapped grid has (e.g. SealedGrid.take_dropped)
         if name == "_grid":
@@ -120,6 +124,24 @@ class EligibleGrid(GridWrapper):
 
     def get_nodes(self) -> Iterable[NodeInfo]:
         return [node for node in self._grid.get_nodes() if node.node_id in self._node_ids]
+
+
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float | None, poll_seconds: float = 0.1
+) -> tuple[list[Message], list[Message]]:
+    """Push ``messages`` and pull replies until all are answered or ``timeout`` seconds pass (None:
+    no limit); the replies, and the messages left unanswered (their ids set by the push)."""
+    ids = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while ids:
+        got = list(grid.pull_messages(ids))
+        replies += got
+        ids -= {reply.metadata.reply_to_message_id for reply in got}
+        if not ids or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(poll_seconds)
+    return replies, [m for m in messages if m.metadata.message_id in ids]
 
 
 SAMPLING_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
@@ -158,6 +180,9 @@ class RoundLoop:
     ledger: Ledger | None = None
     exhausted: set[int] = field(default_factory=set)
     poll_seconds: float = 1.0
+    pull_seconds: float = 0.1
+    #: Train instructions not answered in their round: message id -> (node, round), awaited still.
+    outstanding: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def run(
         self, arrays: ArrayRecord, num_rounds: int, round_config: Callable[[int], ConfigRecord], first_round: int = 1
@@ -189,7 +214,9 @@ class RoundLoop:
         eligible = self._eligible_grid(server_round)
         with minimums_at_most(self.strategy, len(eligible.get_node_ids())):
             sent = self._instruct(self.strategy.configure_train(server_round, arrays, config, eligible), server_round)
-        replies, unopened = self._exchange(sent)
+        replies, unopened = self._exchange(sent, await_late=True)
+        late = self._pull_late(server_round)
+        unopened += self._taken_dropped()
 
         status = [reply_status(r) for r in replies]
         exhausted = [r for r, s in zip(replies, status) if s == BUDGET_EXHAUSTED]
@@ -202,7 +229,11 @@ class RoundLoop:
         kept_ids = {id(r) for r in kept}
         dropped_replies = [r for r in others if id(r) not in kept_ids]  # filter_replies keeps the order
         kept, unreadable = self._record_spends(
-            server_round, kept, [(r, why) for r, (_, why) in zip(dropped_replies, rejected)], unopened
+            server_round,
+            [(r, "kept", None) for r in kept]
+            + [(r, "dropped", why) for r, (_, why) in zip(dropped_replies, rejected)]
+            + late,
+            unopened,
         )
         kept.sort(key=lambda r: r.metadata.src_node_id)  # arrival order must not change the float sums
         dropped = unopened + rejected + unreadable + [(r.metadata.src_node_id, _refusal_reason(r)) for r in refused]
@@ -222,6 +253,7 @@ class RoundLoop:
             failed_nodes=sorted(_failed(sent, replies)),
             budget_exhausted=len(exhausted),
             dropped=[{"node": node, "reason": reason} for node, reason in dropped],
+            late=[{"node": r.metadata.src_node_id, "reason": why} for r, _, why in late],
         )
         bytes_sent, bytes_received = _payload_bytes(sent), _payload_bytes(replies)
         if self.client_evaluate:
@@ -243,11 +275,39 @@ class RoundLoop:
         """Stamp ``server-round`` into every instruction, whatever the strategy (before any signing)."""
         return [stamp_server_round(message, server_round) for message in messages]
 
-    def _exchange(self, sent: list[Message]) -> tuple[list[Message], list[tuple[int, str]]]:
-        """Send, wait (up to the timeout); the replies, and ``(node, reason)`` of those the grid dropped."""
-        replies = list(self.grid.send_and_receive(sent, timeout=self.timeout))
+    def _exchange(self, sent: list[Message], await_late: bool = False) -> tuple[list[Message], list[tuple[int, str]]]:
+        """Send, wait (up to the timeout); the replies, and ``(node, reason)`` of those the grid dropped.
+        With ``await_late`` the unanswered instructions stay awaited (:meth:`_pull_late`)."""
+        replies, unanswered = exchange(self.grid, sent, self.timeout, self.pull_seconds)
+        if await_late:
+            self.outstanding.update(
+                {m.metadata.message_id: (m.metadata.dst_node_id, read_server_round(m.content)) for m in unanswered}
+            )
+        return replies, self._taken_dropped()
+
+    def _taken_dropped(self) -> list[tuple[int, str]]:
         take_dropped = getattr(self.grid, "take_dropped", None)  # a wrapping grid that drops replies says so
-        return replies, (list(take_dropped()) if callable(take_dropped) else [])
+        return list(take_dropped()) if callable(take_dropped) else []
+
+    def _pull_late(self, server_round: int) -> list[tuple[Message, str, str | None]]:
+        """Replies to earlier rounds' train instructions that came in since, as ``(reply, "late", reason)``."""
+        if not self.outstanding:
+            return []
+        late: list[tuple[Message, str, str | None]] = []
+        for reply in self.grid.pull_messages(list(self.outstanding)):
+            node, sent_round = self.outstanding.pop(reply.metadata.reply_to_message_id, (0, 0))
+            log.info(
+                "round %d: late reply of node %d to round %d recorded, not aggregated", server_round, node, sent_round
+            )
+            late.append(
+                (reply, "late", f"reply to round {sent_round} arrived after its timeout (by round {server_round})")
+            )
+        return late
+
+    def collect_late(self, server_round: int) -> None:
+        """At the end of the run: record the spends of late replies that came in after the last round."""
+        late = self._pull_late(server_round)
+        self._record_spends(server_round, late, self._taken_dropped())
 
     def _eligible_grid(self, server_round: int) -> EligibleGrid:
         """Wait up to the round timeout for the strategy's ``min_available_nodes``; then go on with
@@ -293,19 +353,16 @@ class RoundLoop:
     # ---- privacy ledger --------------------------------------------------------------------
 
     def _record_spends(
-        self,
-        server_round: int,
-        kept: list[Message],
-        rejected: list[tuple[Message, str]],
-        unopened: list[tuple[int, str]],
+        self, server_round: int, received: list[tuple[Message, str, str | None]], unopened: list[tuple[int, str]]
     ) -> tuple[list[Message], list[tuple[int, str]]]:
-        """Append the spend of every received reply (kept, then dropped) and note the unopened ones.
+        """Append the spend of every received ``(reply, status, reason)`` (kept, dropped, late) and note
+        the unopened ones.
 
         Returns the kept replies whose DP event is readable, and ``(node, reason)`` for the kept ones
         whose event is malformed (dropped: their spend is unknown, so noted as unread)."""
         usable: list[Message] = []
         unreadable: list[tuple[int, str]] = []
-        for reply, status, reason in [(r, "kept", None) for r in kept] + [(r, "dropped", w) for r, w in rejected]:
+        for reply, status, reason in received:
             node = reply.metadata.src_node_id
             fields = read_dp_event(reply) if not reply.has_error() else None
             try:

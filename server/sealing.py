@@ -150,22 +150,14 @@ class SealedGrid(GridWrapper):
     def __init__(self, grid: Grid, sealing: ServerSealing) -> None:
         super().__init__(grid)
         self.sealing = sealing
-        self._sent: dict[str, tuple[int, str, bytes]] = {}  # instruction id -> (server round, kind, digest)
+        # instruction id -> (server round, kind, digest), until answered (a late reply still opens)
+        self._sent: dict[str, tuple[int, str, bytes]] = {}
         self._dropped: list[tuple[int, str]] = []
 
     def take_dropped(self) -> list[tuple[int, str]]:
         """``(node, reason)`` of the replies dropped since the last call (and forget them)."""
         dropped, self._dropped = self._dropped, []
         return dropped
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        sent = self._sign(messages)
-        replies = list(self._grid.send_and_receive(sent, timeout=timeout))
-        self._remember(sent)
-        opened = self._open(replies)
-        for msg in sent:  # replies that did not come back in time are not awaited any longer
-            self._sent.pop(msg.metadata.message_id, None)
-        return opened
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         sent = self._sign(messages)

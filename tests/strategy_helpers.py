@@ -48,6 +48,37 @@ class StaticGrid(Grid):
         raise NotImplementedError
 
 
+class InstantGrid(StaticGrid):
+    """A transport (not an engine) whose nodes answer at once through ``answer(msg)``; a reply of a
+    node in ``held`` waits until ``release()``, as a reply that misses its round's timeout does."""
+
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        super().__init__(node_ids)
+        self.held: set[int] = set()
+        self._ids = iter(range(10**9))
+        self._outbox: dict[str, Message] = {}
+        self._late: dict[str, Message] = {}
+
+    def answer(self, msg: Message) -> Message:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        self._outbox.update(self._late)
+        self._late.clear()
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = message_id = f"ins-{next(self._ids)}"
+            box = self._late if msg.metadata.dst_node_id in self.held else self._outbox
+            box[message_id] = self.answer(msg)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._outbox.pop(i) for i in list(message_ids) if i in self._outbox]
+
+
 @dataclass
 class FakeClient:
     """One node: its data, how many local steps it takes, and its persistent node state."""

@@ -3,7 +3,8 @@
 import json
 
 from fedvault.config import RunConfig
-from fedvault.privacy.empirical_report import EMPIRICAL_FILE, empirical_audit_of_run, render_empirical
+from fedvault.privacy.empirical_report import CANARY_LEDGER, EMPIRICAL_FILE, empirical_audit_of_run, render_empirical
+from fedvault.privacy.ledger import read_ledger
 
 
 def test_both_mechanisms_of_a_run_are_audited_at_its_claims_and_the_seeds_are_kept(tmp_path):
@@ -31,3 +32,9 @@ def test_both_mechanisms_of_a_run_are_audited_at_its_claims_and_the_seeds_are_ke
     assert json.loads((tmp_path / EMPIRICAL_FILE).read_text()) == results
     text = render_empirical(results)
     assert f"seed {sgd['seed']}" in text and "claimed epsilon 2, audited lower bound (95 %)" in text
+    # the seeds are in the audit runs' own hash-chained ledger, one canary entry per mechanism
+    entries = read_ledger(tmp_path / CANARY_LEDGER).entries
+    assert [(e.canary["mechanism"], e.canary["seed"]) for e in entries[1:]] == [
+        (r["mechanism"], r["seed"]) for r in results
+    ]
+    assert entries[0].header.target_delta == 1e-5 and sgd["ledger_entry"] == f"{CANARY_LEDGER} entry 2"

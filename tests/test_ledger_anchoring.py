@@ -3,7 +3,6 @@ run ledger, its config, its anchors and the clients' ledgers is caught by ``fedv
 
 from __future__ import annotations
 
-import itertools
 import json
 import sqlite3
 from pathlib import Path
@@ -11,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from strategy_helpers import InstantGrid
 from test_client_budget import _config, _train
 
 from fedvault.cli import main
@@ -234,46 +233,24 @@ def test_a_spend_only_the_node_ledger_holds_is_added_and_flagged(run, capsys):
 # ---- validation drops every update: the spend is still in the ledger ----------------------------
 
 
-class ReplyingGrid(Grid):
+class ReplyingGrid(InstantGrid):
     """Answers each train instruction with a client reply carrying a DP event and NaN arrays."""
 
     def __init__(self, nodes: dict[int, str]) -> None:
-        self.nodes, self.ids = nodes, itertools.count()
+        super().__init__(nodes)
+        self.nodes = nodes
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = f"ins-{next(self.ids)}"
-            node, rnd = msg.metadata.dst_node_id, int(msg.content["config"]["server-round"])
-            arrays = to_record({"w": np.full(3, np.nan, dtype=np.float32)})  # fails validation
-            content = RecordDict(
-                {
-                    "arrays": arrays,
-                    METRICS: MetricRecord({NUM_EXAMPLES: 10}),
-                    DP_EVENT: dp_event_record(spend(self.nodes[node], rnd)),
-                }
-            )
-            replies.append(Message(content, reply_to=msg))
-        return replies
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
+    def answer(self, msg):
+        node, rnd = msg.metadata.dst_node_id, int(msg.content["config"]["server-round"])
+        arrays = to_record({"w": np.full(3, np.nan, dtype=np.float32)})  # fails validation
+        content = RecordDict(
+            {
+                "arrays": arrays,
+                METRICS: MetricRecord({NUM_EXAMPLES: 10}),
+                DP_EVENT: dp_event_record(spend(self.nodes[node], rnd)),
+            }
+        )
+        return Message(content, reply_to=msg)
 
 
 def test_validation_drops_every_update_and_the_audit_still_shows_every_spend(tmp_path, capsys, flower_task_identity):

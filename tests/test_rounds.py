@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+from strategy_helpers import InstantGrid
 
 from fedvault.privacy.budget import Budget
 from fedvault.privacy.client_level import DPFedAvgAggregator
@@ -124,27 +125,23 @@ def test_state_dict_of_an_unwrapped_strategy():
     assert fresh.exhausted == {5} and fresh.strategy.v_t["w"].tolist() == [2.0, 2.0, 2.0]
 
 
-class RefusingGrid(ChangingNodes):
+class RefusingGrid(InstantGrid):
     """Node 11 refuses the round as already spent; nodes 12 and 13 send an ordinary update."""
 
     def __init__(self) -> None:
         super().__init__([11, 12, 13])
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def answer(self, msg):
         from flwr.app import Message, MetricRecord, RecordDict
 
         from fedvault.protocol import ROUND_ALREADY_SPENT, refusal
 
-        replies = []
-        for index, msg in enumerate(messages):
-            msg.metadata.__dict__["_message_id"] = f"ins-{index}"
-            if msg.metadata.dst_node_id == 11:
-                content = refusal(ROUND_ALREADY_SPENT, "round 1 was already trained and paid for")
-            else:
-                update = to_record({"w": np.ones(3, dtype=np.float32)})
-                content = RecordDict({"arrays": update, "metrics": MetricRecord({"num-examples": 10})})
-            replies.append(Message(content, reply_to=msg))
-        return replies
+        if msg.metadata.dst_node_id == 11:
+            content = refusal(ROUND_ALREADY_SPENT, "round 1 was already trained and paid for")
+        else:
+            update = to_record({"w": np.ones(3, dtype=np.float32)})
+            content = RecordDict({"arrays": update, "metrics": MetricRecord({"num-examples": 10})})
+        return Message(content, reply_to=msg)
 
 
 def test_a_refusal_is_recorded_as_what_it_is_not_as_a_malformed_update(flower_task_identity):

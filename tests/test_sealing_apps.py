@@ -2,13 +2,11 @@
 Real Flower Messages; tampering, replay across rounds/nodes and a wrong pin are all refused.
 ``SealedGrid`` does the same around any Grid, so the round loop never sees sealing."""
 
-import itertools
-
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from strategy_helpers import InstantGrid
 
 from fedvault.client.app import build_client_app
 from fedvault.client.policy import ClientPolicy
@@ -138,47 +136,23 @@ def _flip_a_byte(content: RecordDict) -> None:
     content[SEALED_RECORD]["chunk-0"] = Array(dtype=chunk.dtype, shape=chunk.shape, stype=chunk.stype, data=bytes(data))
 
 
-class Loopback(Grid):
+class Loopback(InstantGrid):
     """Hands each instruction to the real ClientApp of its node in this process (a transport, not an engine)."""
 
     def __init__(self, app, nodes: list[int], tamper: set[int] = frozenset()) -> None:
-        self.app, self.tamper, self.ids = app, tamper, itertools.count()
+        super().__init__(nodes)
+        self.app, self.tamper = app, tamper
         self.contexts = {node: _context(node) for node in nodes}
         for i, context in enumerate(self.contexts.values()):
             context.node_config["partition-id"] = i
-        self.outbox: dict[str, Message] = {}
         self.in_transit: list[RecordDict] = []  # what the transport saw of each reply
 
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = message_id = f"ins-{next(self.ids)}"
-            reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
-            if msg.metadata.dst_node_id in self.tamper:
-                _flip_a_byte(reply.content)
-            self.in_transit.append(reply.content)
-            self.outbox[message_id] = reply
-            ids.append(message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
+    def answer(self, msg):
+        reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+        if msg.metadata.dst_node_id in self.tamper:
+            _flip_a_byte(reply.content)
+        self.in_transit.append(reply.content)
+        return reply
 
 
 def _unsigned(server_round: int, nodes: list[int]) -> list[Message]:

@@ -2,8 +2,10 @@
 with the defaults' sample-level DP on."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from waits import seconds
@@ -123,6 +125,63 @@ def test_audit_cli_reads_the_run(run_dir):
     assert report["anchored_entries"] == report["entries"] and report["findings"] == []
 
 
+def _audit(run: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedvault.cli", "audit", str(run), "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=seconds(120),
+    )
+
+
+def test_each_client_holds_a_signed_receipt_for_every_spend_and_a_re_signed_cut_is_caught(run_dir, tmp_path):
+    """Anchors stop anyone without the server's key; the clients' receipts also stop its holder."""
+    from fedvault.privacy.anchors import ANCHORS_FILENAME, sign_anchor
+    from fedvault.privacy.ledger import LEDGER_FILENAME, read_ledger
+    from fedvault.privacy.node_ledger import NodeLedger
+    from fedvault.privacy.receipts import Receipt
+    from fedvault.security.identity import load_identity
+    from fedvault.server.anchoring import ANCHOR_KEY
+    from fedvault.server.checkpoint import list_checkpoints
+
+    out, _ = run_dir
+    node_ledger = NodeLedger(out / "node-ledger.sqlite", create=False)
+    spends = [e for e in read_ledger(out / LEDGER_FILENAME).entries if e.event is not None]
+    receipted = {
+        (r.fields["party"], r.fields["round"], r.fields["seq"], r.fields["entry"])
+        for party in node_ledger.clients(out.name)
+        for r in map(Receipt.from_json, node_ledger.receipts(out.name, party))
+    }
+    assert receipted == {(e.event.party, e.event.round, e.seq, e.hash) for e in spends}  # 15: every spend
+    proc = _audit(out, "--node-ledger", str(out / "node-ledger.sqlite"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    # The identity key's holder cuts the last spend and re-signs a consistent history.
+    cut = tmp_path / out.name
+    shutil.copytree(out, cut)
+    ledger = cut / LEDGER_FILENAME
+    ledger.write_bytes(b"".join(ledger.read_bytes().splitlines(keepends=True)[:-1]))
+    entries = read_ledger(ledger).entries
+    anchor = sign_anchor(
+        load_identity(cut / "identity" / "identity.key"),
+        run=out.name,
+        server_round=3,
+        entries=len(entries),
+        head=entries[-1].hash,
+        final=True,
+    )
+    (cut / ANCHORS_FILENAME).write_text(json.dumps(anchor.to_dict()) + "\n")
+    summary = json.loads((cut / "summary.json").read_text())
+    (cut / "summary.json").write_text(json.dumps({**summary, ANCHOR_KEY: anchor.to_dict()}))
+    for _, path in list_checkpoints(cut):
+        path.unlink()
+    assert _audit(cut).returncode == 0  # the signatures alone cannot tell
+    proc = _audit(cut, "--node-ledger", str(cut / "node-ledger.sqlite"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    codes = {f["code"] for f in json.loads(proc.stdout)["findings"]}
+    assert "receipt-not-in-run-ledger" in codes
+
+
 def test_empirical_audit_cli_audits_the_runs_mechanism_with_canaries(run_dir):
     out, _ = run_dir
     proc = subprocess.run(
@@ -134,7 +193,7 @@ def test_empirical_audit_cli_audits_the_runs_mechanism_with_canaries(run_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = json.loads((out / "empirical_audit.json").read_text())
     assert result["mechanism"] == "dp-sgd" and result["canaries"] == 200 and result["claimed_epsilon"] == 8.0
-    assert result["audited"] <= 8.0 and f"(seed {result['seed']}): consistent with the claim" in proc.stdout
+    assert result["audited"] <= 8.0 and f"(seed {result['seed']}, {result['ledger_entry']}): consistent" in proc.stdout
 
 
 def _failing_server_app(error: Exception):
