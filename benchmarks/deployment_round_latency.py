@@ -142,7 +142,7 @@ def run_app(link, app_dir: Path, log: Path) -> float:
 def measure(clients: int, rounds: int, work: Path) -> dict:
     keys = init_keys(work / "keys", clients)
     identity = generate_identity(work / "identity")
-    link = start_superlink(work / "link", keys.directory, port=free_port())
+    link = start_superlink(work / "link", keys.server.directory, port=free_port())
     nodes = []
     try:
         for i in range(1, clients + 1):
@@ -152,8 +152,8 @@ def measure(clients: int, rounds: int, work: Path) -> dict:
                     work / f"node-{i}",
                     partition_id=i - 1,
                     num_partitions=clients,
-                    root_certificates=keys.ca_cert,
-                    private_key=keys.client_key(i),
+                    root_certificates=keys.client(i).ca_cert,
+                    private_key=keys.client(i).private_key,
                     timeout=120,
                     node_config={
                         "server-identity": str(identity.public_key),

@@ -6,8 +6,9 @@ own loop with DP on and off (:mod:`fedvault.client.local_training`). Under sampl
 replies carry only what the client's epsilon covers (:mod:`fedvault.privacy.release`).
 
 What the client requires of an instruction (signed by its pinned server, sealed replies, allowed
-suites, its DP floor, no replayed rounds) is its own policy (:mod:`fedvault.client.policy`),
-checked before anything is trained; the run config cannot change it. Receipts for the client's
+suites, its DP floor, no replayed rounds, a task it allows) is its own policy
+(:mod:`fedvault.client.policy`), checked before anything is trained or a task is imported; the
+run config cannot change it. Receipts for the client's
 spends ride on instructions and on the run's final ``query`` (:mod:`fedvault.client.receipts`).
 """
 
@@ -37,6 +38,7 @@ from fedvault.client.receipts import keep_receipts
 from fedvault.client.sealing import ClientSealing
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
+from fedvault.plugins import PluginPolicy
 from fedvault.privacy.node_ledger import NodeLedger
 from fedvault.protocol import (
     ARRAYS,
@@ -44,6 +46,7 @@ from fedvault.protocol import (
     EVAL_LOSS,
     METRICS,
     NUM_EXAMPLES,
+    POLICY_REFUSED,
     RECEIPTS_KEPT,
     TRAIN_BATCH_SIZE,
     TRAIN_LOSS,
@@ -67,8 +70,9 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
     """A ClientApp using ``config``, or the Flower run config when ``config`` is None.
 
     Its security policy is ``policy``; else, deployed (``config`` None), the node config's
-    (:meth:`ClientPolicy.from_node_config`: sealing on unless the node says off); else (a baked-in
-    simulation config, whose one operator runs every party) sealing as ``config`` says.
+    (:meth:`ClientPolicy.from_node_config`: sealing on unless the node says off, only the
+    ``module:attr`` tasks it allows); else (a baked-in simulation config, whose one operator runs
+    every party) sealing as ``config`` says, and the config's own task allowed.
     """
     get_config: ConfigSource = (lambda _ctx: config) if config is not None else config_from_context
     app = ClientApp()
@@ -82,7 +86,9 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
         elif config is None:
             own = ClientPolicy.from_node_config(context.node_config)
         else:
-            own = ClientPolicy(sealing=cfg.sealing.enabled(deployed=False), refuse_replays=False)
+            own = ClientPolicy(
+                sealing=cfg.sealing.enabled(deployed=False), refuse_replays=False, plugins=PluginPolicy.simulation()
+            )
         return cfg, own, ClientSealing(own, msg, context, kind)
 
     @app.train()
@@ -90,6 +96,7 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
         cfg, own, sealing = checked(msg, context, "train")
         keep_receipts(msg, cfg, context, own)
         try:
+            own.check_plugins(cfg)  # before the task is imported: a task not allowed here is never loaded
             cfg = own.dp.apply(cfg)  # the run may ask for more noise than the client's floor, never less
         except PolicyRefused as exc:
             return sealing.reply(msg, refusal(exc.status, str(exc)))
@@ -131,10 +138,16 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, own, sealing = checked(msg, context, "evaluate")
         keep_receipts(msg, cfg, context, own)
+        try:
+            own.check_plugins(cfg)
+        except PolicyRefused as exc:
+            return sealing.reply(msg, refusal(POLICY_REFUSED, str(exc)))
         device = resolve_device(str(context.node_config.get("device", cfg.device)))
         _, test_data = client_data(DataSelection.from_run(cfg, context.node_config))
-        if cfg.privacy.sample_level or own.dp.required:  # no epsilon covers the local test split: withheld
+        if cfg.privacy.sample_level:  # no epsilon covers the local test split: withheld
             return sealing.reply(msg, RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: len(test_data)})}))
+        if own.dp.required:  # a non-DP run: this client alone withholds, kept out of the others' average
+            return sealing.reply(msg, refusal(POLICY_REFUSED, "local test metrics withheld: no epsilon covers them"))
         task, model = task_and_model(cfg.task)
         model.load_state_dict(msg.content.array_records[ARRAYS].to_torch_state_dict())
         result = task.evaluate(model.to(device), make_loader(test_data, 256, shuffle=False), device)

@@ -15,6 +15,10 @@ the SuperLink stores the run config and can edit it. Keys:
                       calibrates its noise and enforces its budget with min(run's, this)
 ``dp-delta``          the client's delta; min(run's, this) is used
 ``answered-rounds``   directory for the record of answered rounds (survives a restart)
+``allow-plugins``     ``module:attr`` tasks a run may name here (a TOML list, or comma-separated in
+                      node config); built-in tasks and installed ``fedvault.tasks`` entry points
+                      need no allowing. Any other ``module:attr`` is refused before it is imported
+                      (reply status ``policy-refused``): importing it would run the run author's code
 
 A replayed or duplicated instruction is refused: :class:`AnsweredRounds` keeps the highest round
 answered per run and message type in Flower's ``context.state`` (kept by the SuperNode for the
@@ -38,18 +42,31 @@ from flwr.app import ConfigRecord, Context
 from fedvault.atomic import atomic_write
 from fedvault.config import RunConfig
 from fedvault.errors import ConfigError, FedvaultError
+from fedvault.plugins import PluginPolicy, PluginRefused
 from fedvault.policy_file import read_policy_file
 from fedvault.protocol import POLICY_REFUSED, config_int
 from fedvault.security.identity import IdentityPin
 from fedvault.security.sealing import SUITES
+from fedvault.tasks import TASK_GROUP
 
 log = logging.getLogger("fedvault")
 
 CLIENT_POLICY_ENV = "FEDVAULT_CLIENT_POLICY"
 POLICY_KEYS = frozenset(
-    {"server-identity", "sealing", "sealing-suites", "dp-required", "dp-max-epsilon", "dp-delta", "answered-rounds"}
+    {
+        "server-identity",
+        "sealing",
+        "sealing-suites",
+        "dp-required",
+        "dp-max-epsilon",
+        "dp-delta",
+        "answered-rounds",
+        "allow-plugins",
+    }
 )
 ANSWERED_STATE = "fedvault.answered-rounds"
+#: How a client's operator allows a plug-in (said in every refusal).
+ALLOW_PLUGIN_HOW = "fedvault client --allow-plugin SPEC, or 'allow-plugins' in this node's policy file"
 
 
 class ClientPolicyError(FedvaultError, ValueError):
@@ -57,7 +74,8 @@ class ClientPolicyError(FedvaultError, ValueError):
 
 
 class PolicyRefused(Exception):
-    """The run asks for less privacy than this client's DP floor allows: nothing is trained."""
+    """The run asks for what this client's policy refuses (less privacy than its DP floor, a task it
+    does not allow): nothing is trained, the reply says why (status ``policy-refused``)."""
 
     status = POLICY_REFUSED
 
@@ -107,6 +125,8 @@ class ClientPolicy:
     #: Refuse a round at or below one already answered. Off only in a simulation, where one process
     #: runs every party and no relay can replay (a ServerApp may then run several trainings in one run).
     refuse_replays: bool = True
+    #: The ``module:attr`` tasks a run may name (W5); the simulation harness allows its user's own.
+    plugins: PluginPolicy = field(default_factory=PluginPolicy)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> ClientPolicy:
@@ -143,7 +163,24 @@ class ClientPolicy:
             raise ConfigError(f"client policy 'dp-delta': {delta} must be < 1")
         required = _switch(values.get("dp-required", False), "dp-required") or max_epsilon > 0
         answered = str(values.get("answered-rounds", "") or "")
-        return cls(sealing, pin, suites, DPFloor(required, max_epsilon, delta), Path(answered) if answered else None)
+        plugins = PluginPolicy.from_value(values.get("allow-plugins", ()), "client policy 'allow-plugins'")
+        return cls(
+            sealing,
+            pin,
+            suites,
+            DPFloor(required, max_epsilon, delta),
+            Path(answered) if answered else None,
+            plugins=plugins,
+        )
+
+    def check_plugins(self, cfg: RunConfig) -> None:
+        """:class:`PolicyRefused` (one line, logged) when the run names a ``module:attr`` task this
+        client does not allow; called before the task is loaded, so nothing of it is imported."""
+        try:
+            self.plugins.check("task", cfg.task, TASK_GROUP, "client", ALLOW_PLUGIN_HOW)
+        except PluginRefused as exc:
+            log.warning("%s", exc)
+            raise PolicyRefused(str(exc)) from None
 
     def require_pin(self) -> IdentityPin:
         """The pin a sealed instruction is checked against; ClientPolicyError when none is set."""

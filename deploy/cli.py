@@ -1,4 +1,10 @@
-"""``fedvault keys init``, ``fedvault server`` and ``fedvault client``: Flower's deployment engine.
+"""``fedvault keys init|rotate|revoke``, ``fedvault server`` and ``fedvault client``: Flower's deployment engine.
+
+``fedvault keys init DIR`` writes one folder per party (:mod:`fedvault.security.tls_keys`):
+``DIR/server`` for the server machine, ``DIR/clients/client-<i>`` for client i, and ``DIR/ca`` (the
+CA key) for nobody but the operator. ``keys rotate`` gives a client a new node key (revoking the
+old one) or the server a new TLS certificate; ``keys revoke`` revokes a client's key and, with
+``--superlink``, unregisters its node from a running SuperLink over the loopback admin API.
 
 ``fedvault server`` starts a SuperLink (TLS + SuperNode authentication unless ``--insecure``) on
 loopback behind a public front that serves only the Fleet API (:mod:`fedvault.deploy.superlink`),
@@ -30,11 +36,13 @@ from fedvault.atomic import atomic_write
 from fedvault.cli_config import add_config_args
 from fedvault.config import RunConfig
 from fedvault.deploy.processes import (
+    PRIVATE_UMASK,
     ManagedProcess,
     ProcessError,
     executable,
     exited_error,
     join_host_port,
+    private_directory,
     start_process,
     stop,
     supervise,
@@ -42,7 +50,23 @@ from fedvault.deploy.processes import (
 from fedvault.errors import ConfigError, FedvaultError
 from fedvault.rundir import CONFIG_FILE, SUMMARY_FILE, default_run_dir
 from fedvault.security import identity
-from fedvault.security.tls_keys import LOCAL_ADDRESSES, KeyLayout, KeysError, init_keys, load_layout
+from fedvault.security.key_files import PASSPHRASE_ENV, load_private_key, read_passphrase
+from fedvault.security.tls_keys import (
+    LOCAL_ADDRESSES,
+    KeyLayout,
+    KeysError,
+    ServerKeys,
+    client_folder,
+    init_keys,
+    load_client_keys,
+    load_layout,
+    load_server_keys,
+    revoke_client,
+    rotate_client_key,
+    rotate_server_tls,
+    server_part,
+    share_identity,
+)
 
 APP_DIR = "app"
 RUNS_DIR = "runs"
@@ -64,16 +88,21 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``keys``, ``server`` and ``client`` to the ``fedvault`` command's subparsers."""
     keys = subparsers.add_parser(
         "keys",
-        help="make the CA, server certificate and client keys",
-        description="Key material for `fedvault server` / `fedvault client`.",
+        help="make, rotate and revoke the CA, server certificate and client keys",
+        description="Key material for `fedvault server` / `fedvault client`. `keys init DIR` writes one "
+        "folder per party: DIR/server (copy it, and only it, to the server machine), "
+        "DIR/clients/client-<i> (copy it to client machine i) and DIR/ca (the CA key: keep DIR offline). "
+        f"With --passphrase-file FILE (or ${PASSPHRASE_ENV}) every private key is encrypted; "
+        "`fedvault server` and `fedvault client` then need the same passphrase.",
     )
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     init = keys_sub.add_parser(
         "init",
         help="create DIR with a CA, a server TLS certificate and N client keys",
-        description="Create a CA, a SuperLink TLS certificate (for localhost and each --address) and one "
-        "SuperNode authentication key per client, plus the server identity if available. Prints what "
-        "to copy to each client machine.",
+        description="Create a CA (DIR/ca), the server's folder DIR/server (SuperLink TLS certificate for "
+        "localhost and each --address, server identity, the clients' public keys) and one folder per "
+        "client DIR/clients/client-<i> (its SuperNode key, ca.pem, the server identity to pin). "
+        "Every folder is 0700, private keys 0600. Prints what to copy where.",
     )
     init.add_argument("dir", metavar="DIR")
     init.add_argument("--clients", type=int, required=True, metavar="N", help="number of client keys")
@@ -84,23 +113,77 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="HOST",
         help="DNS name or IP clients will dial (repeatable; localhost is always included)",
     )
-    init.add_argument("--force", action="store_true", help="replace existing key files")
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing key files (the old client keys are added to server/revoked_keys)",
+    )
+    _add_passphrase_arg(init, "encrypt the CA, server TLS and client keys with the passphrase in FILE")
     init.set_defaults(func=cmd_keys_init)
+
+    rotate = keys_sub.add_parser(
+        "rotate",
+        help="new node key for a client (the old one is revoked) or a new server TLS certificate",
+        description="--client I: a new SuperNode key pair for client I (a new client if it had none); its "
+        "old public key goes to server/revoked_keys. Copy DIR/clients/client-I to client I and "
+        "DIR/server/clients/client-I.pub plus DIR/server/revoked_keys to the server; with --superlink "
+        "ADDRESS the new key is registered and the old node unregistered on that running SuperLink. "
+        "--server-tls: a new SuperLink key and certificate from the CA (DIR/ca/ca.key), for the current "
+        "names plus each --address; copy server.pem and server.key to the server and restart it.",
+    )
+    rotate.add_argument("dir", metavar="DIR", help="the directory `fedvault keys init` made")
+    rotate.add_argument("--client", type=int, metavar="I", help="client number (1-based)")
+    rotate.add_argument("--server-tls", action="store_true", help="issue a new server TLS key and certificate")
+    rotate.add_argument(
+        "--address", action="append", default=[], metavar="HOST", help="with --server-tls: add this name (repeatable)"
+    )
+    _add_superlink_arg(rotate)
+    _add_passphrase_arg(rotate, "decrypt the CA key with, and encrypt the new keys with, the passphrase in FILE")
+    rotate.set_defaults(func=cmd_keys_rotate)
+
+    revoke = keys_sub.add_parser(
+        "revoke",
+        help="revoke a client's key; with --superlink also unregister its node from a running SuperLink",
+        description="Add client I's public key to revoked_keys in the server folder and remove it from "
+        "server/clients: `fedvault server` then never registers it, and at start unregisters it if the "
+        "SuperLink's database still has it. With --superlink ADDRESS (the admin address `fedvault server` "
+        "prints, on the server machine) its node is also unregistered now: it is no longer sampled and "
+        "its requests are refused, in the running run too. DIR is the `keys init` directory or the "
+        "server's copy of DIR/server. Revocation is for good: that SuperLink database never accepts "
+        "the key again; give the client a new key with `keys rotate --client I`.",
+    )
+    revoke.add_argument("dir", metavar="DIR", help="the `keys init` directory, or the server folder (DIR/server)")
+    revoke.add_argument("--client", type=int, required=True, metavar="I", help="client number (1-based)")
+    _add_superlink_arg(revoke)
+    revoke.set_defaults(func=cmd_keys_revoke)
 
     server = subparsers.add_parser(
         "server",
         help="run a SuperLink and one federated run on it (TLS + node auth by default)",
         description="Start a Flower SuperLink with TLS and SuperNode authentication, register the client "
-        "keys, submit a run with the resolved config, stream its log, and exit when it is finished "
+        "keys (not those in revoked_keys; revoked keys its database still holds are unregistered), submit a "
+        "run with the resolved config, stream its log, and exit when it is finished "
         "(non-zero if it failed or stopped early).",
     )
     add_config_args(server)
-    server.add_argument("--keys", metavar="DIR", help="keys directory from `fedvault keys init`")
+    server.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="the server folder from `fedvault keys init` (KEYS/server); refused if it holds the CA key "
+        "or client private keys",
+    )
+    server.add_argument(
+        "--allow-ca-and-client-keys",
+        action="store_true",
+        help="accept a --keys folder that also holds ca.key or client private keys, or the keys init "
+        "directory itself (tests on one machine)",
+    )
+    _add_passphrase_arg(server, "passphrase of an encrypted server.key")
     server.add_argument(
         "--state",
         required=True,
         metavar="DIR",
-        help="SuperLink state (database, logs, app dir); run directories go to DIR/runs",
+        help="SuperLink state (database, logs, app dir; made 0700, its files 0600); run directories go to DIR/runs",
     )
     server.add_argument("--host", help="interface clients connect to (default 0.0.0.0; 127.0.0.1 with --insecure)")
     server.add_argument(
@@ -119,6 +202,7 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument(
         "--keep-running", action="store_true", help="keep the SuperLink serving after the run until Ctrl-C"
     )
+    _add_allow_plugin_arg(server, "server", "task or strategy")
     server.add_argument(
         "--startup-timeout",
         type=float,
@@ -135,7 +219,13 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
         "with its client key; trains partition CLIENT_ID-1 of NUM_PARTITIONS. Runs until Ctrl-C.",
     )
     client.add_argument("--server", required=True, metavar="HOST:PORT", help="SuperLink address")
-    client.add_argument("--keys", metavar="DIR", help="folder with ca.pem and clients/client-<I>.key")
+    client.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="this client's folder from `fedvault keys init` (KEYS/clients/client-<I>: ca.pem, client-<I>.key, "
+        "identity.pub), or the keys init directory itself",
+    )
+    _add_passphrase_arg(client, "passphrase of an encrypted client-<I>.key")
     client.add_argument("--client-id", type=int, required=True, metavar="I", help="1-based client number")
     client.add_argument(
         "--num-partitions",
@@ -153,7 +243,8 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     client.add_argument(
         "--server-identity",
         metavar="FINGERPRINT|FILE",
-        help="pinned server identity (default KEYS/identity.pub if present); required unless --insecure. "
+        help="pinned server identity (default identity.pub in the --keys folder if present); required unless "
+        "--insecure. "
         "This node then accepts only instructions that identity signed, and seals every reply",
     )
     client.add_argument(
@@ -177,8 +268,11 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
         help="this node's epsilon cap per run (implies --require-dp): trains with min(run's, E)",
     )
     client.add_argument("--delta", type=float, metavar="D", help="this node's delta: trains with min(run's, D)")
+    _add_allow_plugin_arg(client, "node", "task")
     client.add_argument(
-        "--state", metavar="DIR", help="SuperNode log and node privacy ledger (default ~/.fedvault/client-<I>)"
+        "--state",
+        metavar="DIR",
+        help="SuperNode log and node privacy ledger (default ~/.fedvault/client-<I>; made 0700, its files 0600)",
     )
     client.add_argument(
         "--startup-timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the SuperNode to join"
@@ -186,45 +280,158 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     client.set_defaults(func=cmd_client)
 
 
-# ---- fedvault keys init -----------------------------------------------------------------------
+def _add_passphrase_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help=f"{what} (its content, one trailing newline removed; default: ${PASSPHRASE_ENV} if set)",
+    )
 
 
-def cmd_keys_init(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def _add_allow_plugin_arg(parser: argparse.ArgumentParser, party: str, kinds: str) -> None:
+    parser.add_argument(
+        "--allow-plugin",
+        action="append",
+        metavar="SPEC",
+        help=f"let a run name the {kinds} 'package.module:attr' SPEC (repeatable; written to this {party}'s own "
+        "policy, which the run config cannot change). Built-ins and installed entry points need no allowing; "
+        "any other module:attr is refused in one line before it is imported, since importing it runs the "
+        "code of whoever wrote the run config",
+    )
+
+
+def _add_superlink_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--superlink",
+        metavar="ADDRESS",
+        help="admin address of a running SuperLink (printed by `fedvault server`: 'admin API (flwr) on "
+        "127.0.0.1:PORT'; run this on the server machine) to apply the change to now",
+    )
+
+
+# ---- fedvault keys init | rotate | revoke -----------------------------------------------------
+
+
+def cmd_keys_init(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Create the keys directory (TLS, node keys, the server identity) and explain it."""
+    out = out or sys.stdout  # looked up per call: tests and callers redirect sys.stdout
     directory = Path(args.dir).expanduser().resolve()
+    server = ServerKeys(directory / "server")
     if not args.force:
-        for name in (identity.IDENTITY_KEY, identity.IDENTITY_PUB):
-            if (directory / name).exists():
-                raise KeysError(f"key file {directory / name} already exists (pass --force to replace it)")
-    layout = init_keys(directory, args.clients, args.address, overwrite=args.force)
-    fingerprint = identity.generate_identity(layout.directory, overwrite=args.force).fingerprint
-    out.write(describe_keys(layout, args.clients, args.address, fingerprint))
+        for path in (server.identity_key, server.identity_pub):
+            if path.exists():
+                raise KeysError(f"key file {path} already exists (pass --force to replace it)")
+    passphrase = read_passphrase(getattr(args, "passphrase_file", None))
+    layout = init_keys(directory, args.clients, args.address, overwrite=args.force, passphrase=passphrase)
+    fingerprint = identity.generate_identity(layout.server.directory, overwrite=args.force).fingerprint
+    share_identity(layout)
+    out.write(describe_keys(layout, args.clients, args.address, fingerprint, encrypted=passphrase is not None))
     return 0
 
 
-def describe_keys(layout: KeyLayout, clients: int, addresses: Sequence[str], fingerprint: str) -> str:
-    """What ``fedvault keys init`` made and what to copy to each client machine."""
+def describe_keys(
+    layout: KeyLayout, clients: int, addresses: Sequence[str], fingerprint: str, encrypted: bool = False
+) -> str:
+    """What ``fedvault keys init`` made and what to copy where."""
     d = layout.directory
     dial = join_host_port(next(iter(addresses), "127.0.0.1"), 8000)
     made = [
-        ("ca.pem", "CA certificate: copy to every client machine"),
-        ("ca.key", "CA private key: keep offline (only needed to issue more keys)"),
-        ("server.pem, server.key", f"SuperLink TLS, valid for {', '.join([*LOCAL_ADDRESSES, *addresses])}"),
-        ("clients/client-<i>.key", f"SuperNode private key of client i (1..{clients}): to client i only"),
-        ("clients/client-<i>.pub", "public keys; `fedvault server` registers them"),
-        ("identity.key, identity.pub", "server identity (Ed25519); identity.key stays on the server"),
+        ("ca/", "CA key and certificate: keep offline; only `keys rotate --server-tls` needs it"),
+        (
+            "server/",
+            f"for the server machine: TLS (valid for {', '.join([*LOCAL_ADDRESSES, *addresses])}), "
+            "identity, the clients' public keys, revoked_keys",
+        ),
+        ("clients/client-<i>/", f"for client machine i (1..{clients}) only: its node key, ca.pem, identity.pub"),
     ]
-    copies = [
-        (layout.ca_cert, "ca.pem"),
-        (d / "clients" / "client-i.key", "clients/client-i.key"),
-        (d / "identity.pub", "identity.pub"),
-    ]
-    lines = [f"keys written to {d}", *(f"  {name:<28} {what}" for name, what in made)]
+    lines = [f"keys written to {d}" + (" (private keys encrypted with the passphrase)" if encrypted else "")]
+    lines += [f"  {name:<28} {what}" for name, what in made]
     lines.append(f"server identity fingerprint (clients pin it): {fingerprint}")
-    lines.append("on client machine i, copy into a folder KEYS (same layout):")
-    lines += [f"  {source} -> KEYS/{target}" for source, target in copies]
-    lines.append(f"then run: fedvault client --server {dial} --keys KEYS --client-id i --num-partitions {clients}")
+    lines.append(f"  {layout.server.directory} -> the server machine, as SERVER_KEYS")
+    lines.append(f"  {d / 'clients' / 'client-i'} -> client machine i, as KEYS")
+    pass_hint = " --passphrase-file FILE" if encrypted else ""
+    lines.append(f"then run: fedvault server --keys SERVER_KEYS{pass_hint} --state STATE ...")
+    lines.append(
+        f"     and: fedvault client --server {dial} --keys KEYS{pass_hint} --client-id i --num-partitions {clients}"
+    )
     return "\n".join(lines) + "\n"
+
+
+def cmd_keys_rotate(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``fedvault keys rotate DIR --client I | --server-tls``."""
+    out = out or sys.stdout  # looked up per call: tests and callers redirect sys.stdout
+    if args.client is None and not args.server_tls:
+        raise ConfigError("give --client I (a new node key) and/or --server-tls (a new server certificate)")
+    if args.address and not args.server_tls:
+        raise ConfigError("--address only applies with --server-tls")
+    layout = load_layout(args.dir)
+    passphrase = read_passphrase(args.passphrase_file)
+    if args.server_tls:
+        server = rotate_server_tls(layout, args.address, passphrase)
+        _say(out, f"new server TLS key and certificate: {server.server_key}, {server.server_cert}")
+        _say(out, "copy both to the server's keys folder and restart `fedvault server`")
+    if args.client is not None:
+        old = rotate_client_key(layout, args.client, passphrase)
+        client = layout.client(args.client)
+        _say(out, f"new node key for client {args.client}: {client.private_key}")
+        if old is not None:
+            _say(out, f"its old key is revoked in {layout.server.revoked_keys}")
+        _say(
+            out,
+            f"copy {client.directory} to client machine {args.client}, and "
+            f"{layout.server.client_public_key(args.client)} and {layout.server.revoked_keys} "
+            "to the server's keys folder",
+        )
+        if args.superlink:
+            with _admin_connection(args.superlink, layout.server) as connection:
+                from fedvault.deploy.superlink import register_node, unregister_public_keys
+
+                node_id = register_node(connection, layout.server.client_public_key(args.client))
+                _say(out, f"registered on SuperLink {args.superlink} as node {node_id}")
+                if old is not None:
+                    _report_unregistered(out, args.superlink, unregister_public_keys(connection, [old]))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``fedvault keys revoke DIR --client I [--superlink ADDRESS]``."""
+    out = out or sys.stdout  # looked up per call: tests and callers redirect sys.stdout
+    server = server_part(args.dir)
+    lines, newly = revoke_client(server, args.client)
+    state = "revoked" if newly else "was already revoked"
+    _say(out, f"client {args.client}'s key {state} in {server.revoked_keys}")
+    if args.superlink:
+        with _admin_connection(args.superlink, server) as connection:
+            from fedvault.deploy.superlink import unregister_public_keys
+
+            _report_unregistered(out, args.superlink, unregister_public_keys(connection, lines))
+    else:
+        _say(
+            out,
+            f"a server started with this folder never registers it; for a running one run on the server machine: "
+            f"fedvault keys revoke SERVER_KEYS --client {args.client} --superlink ADMIN_ADDRESS",
+        )
+    return 0
+
+
+@contextlib.contextmanager
+def _admin_connection(address: str, server: ServerKeys) -> Iterator[Any]:
+    """A ``flwr`` connection to the admin API at ``address``, verified with the server's CA, in a
+    throw-away FLWR_HOME."""
+    import tempfile
+
+    from fedvault.deploy.superlink import write_connection
+
+    with tempfile.TemporaryDirectory(prefix="fedvault-admin-") as home:
+        yield write_connection(Path(home), address, server.ca_cert)
+
+
+def _report_unregistered(out: TextIO, address: str, done: Mapping[str, int | None]) -> None:
+    nodes = [node for node in done.values() if node is not None]
+    if nodes:
+        _say(out, f"unregistered node {', '.join(map(str, nodes))} from SuperLink {address}: its requests are refused")
+    else:
+        _say(out, f"SuperLink {address} has no registered node with that key (unknown there, or already unregistered)")
 
 
 # ---- fedvault server --------------------------------------------------------------------------
@@ -263,6 +470,7 @@ def write_app_dir(
     run_config: Mapping[str, Any],
     components: Mapping[str, str] = FEDVAULT_COMPONENTS,
     name: str = "fedvault-deployment",
+    mode: int = 0o644,
 ) -> Path:
     """Write ``directory/pyproject.toml``: a Flower app whose components are ``components`` and
     whose ``[tool.flwr.app.config]`` is ``run_config`` (flat ``a.b`` keys become tables).
@@ -292,12 +500,13 @@ def write_app_dir(
         },
     }
     text = tomli_w.dumps(document).encode()
-    atomic_write(directory / "pyproject.toml", lambda fh: fh.write(text))
+    atomic_write(directory / "pyproject.toml", lambda fh: fh.write(text), mode)
     return directory
 
 
-def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def cmd_server(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``fedvault server``: SuperLink + one run; exit 0 only if the run completed every round."""
+    out = out or sys.stdout  # looked up per call: tests and callers redirect sys.stdout
     from fedvault.deploy.superlink import start_superlink, submit_run
 
     state_dir = Path(args.state).expanduser().resolve()
@@ -306,26 +515,33 @@ def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if not args.insecure:
         if args.keys is None:
             raise ConfigError("--keys DIR is required (or --insecure for a local experiment)")
-        layout = load_layout(args.keys, server=True)
-        if len(layout.client_public_keys()) < cfg.num_clients:
+        layout = load_server_keys(args.keys, allow_private_keys=args.allow_ca_and_client_keys)
+        registrable = len(layout.registrable_public_keys())
+        if registrable < cfg.num_clients:
             raise ConfigError(
-                f"num-clients = {cfg.num_clients} but {layout.directory} has only "
-                f"{len(layout.client_public_keys())} client keys (fedvault keys init --clients {cfg.num_clients})"
+                f"num-clients = {cfg.num_clients} but {layout.directory} has only {registrable} client keys "
+                f"that are not revoked (fedvault keys init --clients {cfg.num_clients}, or keys rotate --client I)"
             )
+    passphrase = read_passphrase(args.passphrase_file)
+    if layout is not None:
+        load_private_key(layout.server_key, passphrase)  # a missing or wrong passphrase stops here
+    private_directory(state_dir)
     if cfg.sealing.enabled(deployed=True) and not cfg.sealing.identity_key:
         identity_key = _server_identity_key(layout, state_dir)
         cfg = RunConfig.from_flat({**cfg.to_flat(), "sealing.identity-key": str(identity_key)})
-    server_policy = _server_policy_env(cfg, state_dir)
+    server_policy = _server_policy_env(cfg, state_dir, args.allow_plugin or ())
+    _check_server_plugins(cfg, server_policy)  # a plug-in the ServerApp would refuse stops here, in one line
     host = args.host or ("127.0.0.1" if args.insecure else "0.0.0.0")
     with _sigterm_as_interrupt():
         superlink = start_superlink(
             state_dir,
-            None if layout is None else layout.directory,
+            layout,
             host=host,
             port=args.port,
             insecure=args.insecure,
             timeout=args.startup_timeout,
             env=server_policy,  # for the ServerApp the SuperLink starts
+            passphrase=passphrase,
         )
         try:
             dial = _client_address(layout, host, args.port)
@@ -352,7 +568,7 @@ def cmd_server(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                     f"{_fingerprint(Path(cfg.sealing.identity_key))}",
                 )
             _say(out, "ready")
-            app_dir = write_app_dir(state_dir / APP_DIR, cfg.to_flat())
+            app_dir = write_app_dir(private_directory(state_dir / APP_DIR), cfg.to_flat(), mode=0o600)
             run_id = submit_run(superlink.connection, app_dir)
             _say(
                 out,
@@ -382,6 +598,7 @@ def follow_run(superlink: Any, run_id: int, log_path: Path, out: TextIO) -> str:
         name="flwr log",
         log_path=log_path,
         env=connection.env(),
+        umask=PRIVATE_UMASK,
     )
     printed, stream_ended_at, next_poll = 0, None, time.monotonic() + STATUS_POLL_S
     try:
@@ -436,7 +653,7 @@ def _report(out: TextIO, run_id: int, status: str, run_dir: Path) -> int:
     return 0
 
 
-def _client_address(layout: KeyLayout | None, host: str, port: int) -> str:
+def _client_address(layout: ServerKeys | None, host: str, port: int) -> str:
     """The address clients should dial: the host, or when listening on all interfaces the first
     non-local name in the server certificate (127.0.0.1 if there is none)."""
     if host not in _ANY_HOST:
@@ -452,28 +669,46 @@ def _client_address(layout: KeyLayout | None, host: str, port: int) -> str:
 SERVER_POLICY_FILE = "server-policy.toml"
 
 
-def _server_policy_env(cfg: RunConfig, state_dir: Path) -> dict[str, str]:
+def _server_policy_env(cfg: RunConfig, state_dir: Path, allow_plugins: Sequence[str] = ()) -> dict[str, str]:
     """``$FEDVAULT_SERVER_POLICY`` for the SuperLink and the ServerApp it starts: the operator's own
     policy file when the variable already names one, else ``STATE/server-policy.toml`` (0600) written
-    from this command's config and flags. A run config edited on the SuperLink then cannot turn
-    sealing off or swap the identity (:class:`fedvault.server.sealing.ServerSealingPolicy`)."""
+    from this command's config and flags (``--allow-plugin``: its ``allow-plugins``). A run config
+    edited on the SuperLink then cannot turn sealing off, swap the identity
+    (:class:`fedvault.server.sealing.ServerSealingPolicy`) or name other plug-ins (:mod:`fedvault.server.plugins`)."""
+    from fedvault.plugins import PluginPolicy
     from fedvault.server.sealing import SERVER_POLICY_ENV
 
+    allowed = sorted(PluginPolicy.from_value(list(allow_plugins), "--allow-plugin").allowed)
     if os.environ.get(SERVER_POLICY_ENV):
+        if allowed:
+            raise ConfigError(
+                f"--allow-plugin with ${SERVER_POLICY_ENV} set ({os.environ[SERVER_POLICY_ENV]}): "
+                "list the plug-ins in that file's allow-plugins instead"
+            )
         return {SERVER_POLICY_ENV: os.environ[SERVER_POLICY_ENV]}
-    policy = {"mode": "on" if cfg.sealing.enabled(deployed=True) else "off", "suite": cfg.sealing.suite}
+    policy: dict[str, Any] = {"mode": "on" if cfg.sealing.enabled(deployed=True) else "off", "suite": cfg.sealing.suite}
     if cfg.sealing.identity_key:
         policy["identity-key"] = str(Path(cfg.sealing.identity_key).resolve())
+    if allowed:
+        policy["allow-plugins"] = allowed
     path = state_dir / SERVER_POLICY_FILE
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_directory(state_dir)
     atomic_write(path, lambda handle: handle.write(tomli_w.dumps(policy).encode()), mode=0o600)
     return {SERVER_POLICY_ENV: str(path)}
 
 
-def _server_identity_key(layout: KeyLayout | None, state_dir: Path) -> Path:
+def _check_server_plugins(cfg: RunConfig, server_policy: Mapping[str, str]) -> None:
+    """PluginRefused (one line) when the ServerApp's policy would refuse the run's task or strategy."""
+    from fedvault.server.plugins import check_run_plugins, plugin_policy_file
+    from fedvault.server.sealing import SERVER_POLICY_ENV
+
+    check_run_plugins(cfg, plugin_policy_file(server_policy[SERVER_POLICY_ENV]))
+
+
+def _server_identity_key(layout: ServerKeys | None, state_dir: Path) -> Path:
     """The keys directory's ``identity.key``, else one made once in ``state_dir/identity``."""
-    if layout is not None and (layout.directory / identity.IDENTITY_KEY).is_file():
-        return layout.directory / identity.IDENTITY_KEY
+    if layout is not None and layout.identity_key.is_file():
+        return layout.identity_key
     folder = state_dir / "identity"
     if not (folder / identity.IDENTITY_KEY).is_file():
         identity.generate_identity(folder)
@@ -494,8 +729,9 @@ def _toml_string(value: str) -> str:
 # ---- fedvault client --------------------------------------------------------------------------
 
 
-def cmd_client(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def cmd_client(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``fedvault client``: a SuperNode for partition ``client-id - 1``, supervised until Ctrl-C."""
+    out = out or sys.stdout  # looked up per call: tests and callers redirect sys.stdout
     from fedvault.deploy.supernode import start_supernode
 
     if not 1 <= args.client_id <= args.num_partitions:
@@ -505,8 +741,11 @@ def cmd_client(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     else:
         if args.keys is None:
             raise ConfigError("--keys DIR is required (or --insecure for a local experiment)")
-        layout = load_layout(args.keys, client=args.client_id)
-        root_certificates, private_key = layout.ca_cert, layout.client_key(args.client_id)
+        keys = load_client_keys(args.keys, args.client_id)
+        root_certificates, private_key = keys.ca_cert, keys.private_key
+    passphrase = read_passphrase(args.passphrase_file)
+    if private_key is not None:
+        load_private_key(private_key, passphrase)  # a missing or wrong passphrase stops here
     state_dir = Path(args.state or Path.home() / ".fedvault" / f"client-{args.client_id}").expanduser().resolve()
     node_config: dict[str, Any] = {"ledger-path": str(state_dir / "node-ledger.sqlite")}
     if args.device:
@@ -526,6 +765,7 @@ def cmd_client(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 insecure=args.insecure,
                 node_config=node_config,
                 timeout=args.startup_timeout,
+                passphrase=passphrase,
             )
         except ProcessError as err:
             first = str(err).splitlines()[0]
@@ -536,10 +776,30 @@ def cmd_client(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             f"partition {args.client_id - 1} of {args.num_partitions}; log {node.process.log_path}",
         )
         _say(out, "ready")
-        code = supervise([node.process])
-    if code != 0:
-        raise DeployError(f"SuperNode exited with code {code} (log: {node.process.log_path})")
-    return 0
+        code = _supervise_node(node)
+    if code is None:
+        return 0  # Ctrl-C or SIGTERM
+    if code == 0:
+        # Flower's SuperNode interrupts itself when the SuperLink answers its heartbeat with 401:
+        # its key is no longer registered there.
+        raise DeployError(
+            f"SuperNode {node.node_id} stopped: the SuperLink no longer accepts its key (unregistered, e.g. by "
+            f"`fedvault keys revoke`; a new key: `fedvault keys rotate --client {args.client_id}`)"
+        )
+    raise DeployError(f"SuperNode exited with code {code} (log: {node.process.log_path})")
+
+
+def _supervise_node(node: Any) -> int | None:
+    """Wait until the SuperNode exits (its exit code) or Ctrl-C / SIGTERM (None); then stop it.
+    Call inside :func:`_sigterm_as_interrupt`."""
+    try:
+        while node.process.alive():
+            time.sleep(0.5)
+        return int(node.process.popen.returncode)
+    except KeyboardInterrupt:
+        return None
+    finally:
+        node.stop()
 
 
 def client_policy_config(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
@@ -548,7 +808,7 @@ def client_policy_config(args: argparse.Namespace, state_dir: Path) -> dict[str,
     from fedvault.client.policy import ClientPolicy
 
     policy: dict[str, Any] = {"answered-rounds": str(state_dir / "answered-rounds")}
-    pin = args.server_identity or _default_pin(args.keys)
+    pin = args.server_identity or _default_pin(args.keys, getattr(args, "client_id", None))
     if pin:
         policy["server-identity"] = str(Path(pin).resolve()) if Path(pin).is_file() else pin
     elif args.insecure:
@@ -572,15 +832,18 @@ def client_policy_config(args: argparse.Namespace, state_dir: Path) -> dict[str,
         policy["dp-max-epsilon"] = args.max_epsilon
     if args.delta is not None:
         policy["dp-delta"] = args.delta
+    if args.allow_plugin:
+        policy["allow-plugins"] = ",".join(args.allow_plugin)  # node config values are scalars
     ClientPolicy.from_values(policy)  # a bad pin or value fails here, not in the first round
     return policy
 
 
-def _default_pin(keys_dir: str | None) -> str | None:
-    """``KEYS/identity.pub`` when it exists."""
+def _default_pin(keys_dir: str | None, client_id: int | None) -> str | None:
+    """``identity.pub`` in the client's keys folder when it exists."""
     if keys_dir is None:
         return None
-    path = Path(keys_dir).expanduser() / identity.IDENTITY_PUB
+    folder = client_folder(keys_dir, client_id) if client_id is not None else Path(keys_dir).expanduser()
+    path = folder / identity.IDENTITY_PUB
     return str(path) if path.is_file() else None
 
 

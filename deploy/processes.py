@@ -29,6 +29,7 @@ from fedvault.errors import ConfigError, FedvaultError
 T = TypeVar("T")
 
 LOG_TAIL_LINES = 30
+PRIVATE_UMASK = 0o077  # children that keep state (SuperLink, SuperNode, flwr) create files 0600, folders 0700
 POLL_DEADLINE_S = 0.5
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _HEALTH_CHANNEL_OPTIONS = [
@@ -103,16 +104,20 @@ def start_process(
     log_path: str | Path,
     env: Mapping[str, str] | None = None,
     cwd: str | Path | None = None,
+    pass_fds: Sequence[int] = (),
+    umask: int | None = None,
 ) -> ManagedProcess:
     """Start ``argv`` in a new session, appending its stdout and stderr to ``log_path``.
 
     ``env`` replaces the environment (build it with :func:`child_env`). The new session makes
     the child the leader of its own process group, so :func:`stop` also reaches the helpers it
-    spawns.
+    spawns. ``pass_fds`` are inherited by the child (an in-memory key file). With ``umask`` (e.g.
+    :data:`PRIVATE_UMASK`) the child runs under it and a new log file is created with it too.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    log_mode = 0o666 if umask is None else 0o666 & ~umask
+    with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, log_mode), "ab") as log:
         try:
             popen = subprocess.Popen(
                 list(argv),
@@ -122,6 +127,8 @@ def start_process(
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
+                pass_fds=tuple(pass_fds),
+                umask=-1 if umask is None else umask,
             )
         except OSError as err:
             raise ProcessError(f"cannot start {name} ({argv[0]}): {err.strerror}") from err
@@ -274,6 +281,13 @@ def format_config(values: Mapping[str, bool | int | float | str]) -> str:
             raise ConfigError(f"config value for {key!r} cannot be passed to Flower: {value!r}")
         pairs.append(f"{key}={text}")
     return " ".join(pairs)
+
+
+def private_directory(path: Path) -> Path:
+    """Create ``path`` (and missing parents) and make it 0700: a state directory of secrets."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedvault.deploy.processes import (
+    PRIVATE_UMASK,
     ManagedProcess,
     ProcessError,
     child_env,
@@ -31,12 +32,14 @@ from fedvault.deploy.processes import (
     format_config,
     free_port,
     join_host_port,
+    private_directory,
     start_process,
     stop,
     wait_for_log,
     wait_healthy,
 )
 from fedvault.errors import ConfigError
+from fedvault.security.key_files import PlainKey, plain_key_file
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ FLWR_HOME_DIR = "flwr-home"
 FAILURES: dict[str, str] = {
     r"\[code: 2004\]|Failed to activate SuperNode": (
         "the SuperLink refused this SuperNode's key: register its .pub on the server "
-        "(fedvault server registers keys/clients/*.pub; or flwr supernode register)"
+        "(fedvault server registers KEYS/server/clients/*.pub unless revoked; or flwr supernode register)"
     ),
     r"Hostname mismatch|IP address mismatch": (
         "the SuperLink's TLS certificate does not name the address dialled: use an address "
@@ -59,7 +62,7 @@ FAILURES: dict[str, str] = {
         "the SuperLink closed the connection: this SuperNode speaks plain HTTP (insecure) but the SuperLink expects TLS"
     ),
     r"Unable to parse the private key file": (
-        "the SuperNode private key is not an OpenSSH EC key (use clients/client-<i>.key)"
+        "the SuperNode private key is not an OpenSSH EC key (use clients/client-<i>/client-<i>.key)"
     ),
     r"SuperNode authentication requires a secure TLS connection": (
         "SuperNode authentication needs TLS: give root certificates instead of insecure mode"
@@ -75,10 +78,15 @@ class SuperNode:
     node_id: int | None  # None when started with wait_connected=False
     health_address: str
     runtime_address: str
+    plain_key: PlainKey | None = None  # the decrypted node key, when the key file is encrypted
 
     def stop(self) -> int:
         """Stop the SuperNode (it deregisters from the SuperLink on a graceful exit)."""
-        return stop(self.process)
+        try:
+            return stop(self.process)
+        finally:
+            if self.plain_key is not None:
+                self.plain_key.close()
 
 
 def supernode_command(
@@ -129,14 +137,18 @@ def start_supernode(
     health_address: str | None = None,
     timeout: float = 60.0,
     wait_connected: bool = True,
+    passphrase: bytes | None = None,
 ) -> SuperNode:
     """Start ``flower-supernode`` against ``superlink`` (``host:port``) and wait until it joins.
 
     ``partition_id``/``num_partitions`` (and ``node_config``) reach the ClientApp as
     ``context.node_config``. ``root_certificates`` is the fedvault ``ca.pem`` (None: system trust
-    store); ``private_key`` is ``clients/client-<i>.key``. ``insecure=True`` drops TLS and
-    authentication and logs a warning. The local Runtime API port and the health address
-    default to free loopback ports. Output goes to ``state_dir/supernode.log``.
+    store); ``private_key`` is ``client-<i>.key``, decrypted with ``passphrase`` into an in-memory
+    file when it is encrypted (:func:`~fedvault.security.key_files.plain_key_file`).
+    ``insecure=True`` drops TLS and authentication and logs a warning. The local Runtime API port
+    and the health address default to free loopback ports. Output goes to
+    ``state_dir/supernode.log``; ``state_dir`` is made 0700 and the SuperNode (and the ClientApps it
+    starts) run with umask 077.
 
     Raises :class:`~fedvault.deploy.processes.ProcessError` whose first line says what went wrong (see
     :data:`FAILURES`) and which quotes the log tail; the process is then stopped.
@@ -151,34 +163,44 @@ def start_supernode(
         )
     elif private_key is None:
         raise ConfigError("a SuperNode private key is required unless the SuperNode is insecure")
-    state_dir = Path(state_dir).expanduser().resolve()
+    state_dir = private_directory(Path(state_dir).expanduser().resolve())
     health_address = health_address or join_host_port("127.0.0.1", free_port())
     runtime_port = runtime_port or free_port()
-    argv = supernode_command(
-        superlink=superlink,
-        node_config={"partition-id": partition_id, "num-partitions": num_partitions, **(node_config or {})},
-        root_certificates=None if root_certificates is None else Path(root_certificates).resolve(),
-        private_key=None if private_key is None else Path(private_key).resolve(),
-        insecure=insecure,
-        health_address=health_address,
-        runtime_port=runtime_port,
-    )
-    process = start_process(
-        argv,
-        name=f"SuperNode {partition_id}",
-        log_path=state_dir / "supernode.log",
-        env=child_env({"FLWR_HOME": str(state_dir / FLWR_HOME_DIR)}),
-    )
-    node = SuperNode(process, None, health_address, join_host_port("127.0.0.1", runtime_port))
+    plain_key = None
+    if private_key is not None and not insecure:
+        plain_key = plain_key_file(Path(private_key).resolve(), passphrase, openssh=True)
+    try:
+        argv = supernode_command(
+            superlink=superlink,
+            node_config={"partition-id": partition_id, "num-partitions": num_partitions, **(node_config or {})},
+            root_certificates=None if root_certificates is None else Path(root_certificates).resolve(),
+            private_key=None if plain_key is None else plain_key.path,
+            insecure=insecure,
+            health_address=health_address,
+            runtime_port=runtime_port,
+        )
+        process = start_process(
+            argv,
+            name=f"SuperNode {partition_id}",
+            log_path=state_dir / "supernode.log",
+            env=child_env({"FLWR_HOME": str(state_dir / FLWR_HOME_DIR)}),
+            pass_fds=() if plain_key is None else plain_key.pass_fds,
+            umask=PRIVATE_UMASK,
+        )
+    except BaseException:
+        if plain_key is not None:
+            plain_key.close()
+        raise
+    node = SuperNode(process, None, health_address, join_host_port("127.0.0.1", runtime_port), plain_key)
     try:
         wait_healthy(health_address, timeout, process)
         if wait_connected:
             node.node_id = int(wait_for_log(process, CONNECTED, timeout).group(1))
     except ProcessError as err:
-        stop(process)
+        node.stop()
         raise ProcessError(_explain(process, superlink, err)) from None
     except BaseException:
-        stop(process)
+        node.stop()
         raise
     return node
 

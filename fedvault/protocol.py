@@ -55,7 +55,7 @@ MOMENTUM = "momentum"
 BUDGET_EXHAUSTED = "budget-exhausted"  # training this round would pass the client's epsilon cap
 ROUND_ALREADY_SPENT = "round-already-spent"  # this round was already trained and paid for
 LEDGER_INVALID = "ledger-invalid"  # the client's own privacy ledger fails its check: it cannot know its spend
-POLICY_REFUSED = "policy-refused"  # the run asks for less DP than the client's own policy allows
+POLICY_REFUSED = "policy-refused"  # the client's own policy refuses the run (less DP than its floor, a task it bars)
 
 #: Metric names in replies.
 TRAIN_LOSS = "train_loss"

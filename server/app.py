@@ -1,4 +1,8 @@
-"""fedvault's ServerApp: a configured strategy, privacy ledger and centralized evaluation."""
+"""fedvault's ServerApp: a configured strategy, privacy ledger and centralized evaluation.
+
+Deployed, a run may name only the ``module:attr`` tasks and strategies the server's own policy
+allows (:mod:`fedvault.server.plugins`); that is checked before anything is imported or written.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.security.identity import load_identity
 from fedvault.server.anchoring import ANCHOR_KEY, LedgerAnchorer, anchor_sources
 from fedvault.server.client_level_dp import ClientLevelDP
+from fedvault.server.plugins import check_run_plugins, server_plugin_policy
 from fedvault.server.receipts import ReceiptGrid
 from fedvault.server.recorder import RunRecorder
 from fedvault.server.resume import checkpoint_round, restore
@@ -87,7 +92,11 @@ def initial_model(task: Task, cfg: RunConfig) -> torch.nn.Module:
 
 
 def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
-    """Run all rounds on ``grid`` and write the run directory; returns the summary."""
+    """Run all rounds on ``grid`` and write the run directory; returns the summary.
+
+    ``deployed``: the run config came from the SuperLink, so the server's own policies decide
+    (plug-ins, sealing); otherwise (a simulation) the config's author runs every party."""
+    check_run_plugins(cfg, server_plugin_policy(deployed))  # before any plug-in is imported or a file written
     run_dir = RunDirectory(cfg.run_dir or default_run_dir(cfg.task))
     if not (run_dir.path / "config.toml").exists():
         run_dir.create(cfg.to_flat())

@@ -262,6 +262,11 @@ class RoundLoop:
                     self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), eligible), server_round
                 )
             eval_replies, _ = self._exchange(sent_eval)
+            for reply in [r for r in eval_replies if reply_status(r) is not None]:  # no metrics to average
+                log.info(
+                    "round %d: evaluate of node %d %s", server_round, reply.metadata.src_node_id, _refusal_reason(reply)
+                )
+            eval_replies = [r for r in eval_replies if reply_status(r) is None]
             record["evaluate"] = dict(self.strategy.aggregate_evaluate(server_round, eval_replies) or {})
             bytes_sent += _payload_bytes(sent_eval)
             bytes_received += _payload_bytes(eval_replies)

@@ -38,7 +38,7 @@ log = logging.getLogger("fedvault")
 
 
 SERVER_POLICY_ENV = "FEDVAULT_SERVER_POLICY"
-SERVER_POLICY_KEYS = frozenset({"mode", "suite", "identity-key"})
+SERVER_POLICY_KEYS = frozenset({"mode", "suite", "identity-key", "allow-plugins"})  # allow-plugins: server/plugins.py
 
 
 @dataclass(frozen=True)

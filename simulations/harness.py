@@ -32,6 +32,7 @@ from fedvault.config import RunConfig
 from fedvault.errors import ConfigError, FedvaultError
 from fedvault.logs import show_progress
 from fedvault.partition import partition
+from fedvault.plugins import PluginPolicy
 from fedvault.rundir import CONFIG_FILE, RunDirectory, claim_run_dir, default_run_dir
 from fedvault.security.identity import IdentityPin, fingerprint, load_identity_public_key
 from fedvault.server.app import build_server_app, make_strategy
@@ -123,12 +124,14 @@ def with_simulation_identity(cfg: RunConfig, run_dir: Path) -> RunConfig:
 
 def client_policy(cfg: RunConfig) -> ClientPolicy:
     """The simulated clients' policy: one operator runs every party, so it seals as ``cfg`` says,
-    pinning the server identity the harness made (a deployed client's policy is its node config)."""
+    pinning the server identity the harness made, and loads the ``module:attr`` task the operator's
+    own config names (a deployed client's policy is its node config, with its own allow-list)."""
+    own = PluginPolicy.simulation()
     if not cfg.sealing.enabled(deployed=False):
-        return ClientPolicy(sealing=False, refuse_replays=False)
+        return ClientPolicy(sealing=False, refuse_replays=False, plugins=own)
     public = Path(cfg.sealing.identity_key).with_suffix(".pub")
     pin = IdentityPin(fingerprint(load_identity_public_key(public)))
-    return ClientPolicy(sealing=True, pin=pin, refuse_replays=False)  # no relay in one process: nothing to replay
+    return ClientPolicy(sealing=True, pin=pin, refuse_replays=False, plugins=own)  # one process: nothing to replay
 
 
 def backend_config(cfg: RunConfig, verbose: bool) -> dict:

@@ -154,7 +154,7 @@ def _serve(app: Any, cert: Path, key: Path) -> tuple[uvicorn.Server, threading.T
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory):
-    keys = init_keys(tmp_path_factory.mktemp("front") / "k", 1)
+    keys = init_keys(tmp_path_factory.mktemp("front") / "k", 1).server
     recorder = Recorder()
     upstream, thread, upstream_port = _serve(recorder, keys.server_cert, keys.server_key)
     fleet_front = start_fleet_front(
@@ -290,7 +290,7 @@ def deployment(tmp_path_factory):
         wait_for_log(server, READY, seconds(90))
         run_id = int(wait_for_log(server, r"run (\d+) submitted", seconds(90)).group(1))
         admin_address = re.search(r"admin API \(flwr\) on (\S+) only", server.log_text()).group(1)
-        ca = root / "keys" / "ca.pem"
+        ca = root / "keys" / "server" / "ca.pem"
         admin = Connection(CONNECTION_NAME, root / "state" / "flwr-home", admin_address, ca)
         outsider = write_connection(root / "outsider-home", f"127.0.0.1:{port}", ca, name="outside")
         yield {
@@ -326,7 +326,7 @@ def test_outsider_flwr_cli_is_refused_every_admin_action(deployment, tmp_path):
         "read logs": ["log", run_id, "--show"],
         "submit a run": ["run", str(evil_app)],
         "stop the run": ["stop", run_id],
-        "register a node key": ["supernode", "register", str(stranger.client_public_key(1))],
+        "register a node key": ["supernode", "register", str(stranger.server.client_public_key(1))],
         "unregister a node": ["supernode", "unregister", str(min(registered))],
         "list nodes": ["supernode", "list"],
     }
@@ -369,15 +369,15 @@ def test_raw_https_to_control_and_runtime_paths_is_refused(deployment):
 @pytest.mark.integration
 def test_a_key_the_outsider_tried_to_register_cannot_join(deployment, tmp_path):
     stranger = init_keys(tmp_path / "stranger", 1)
-    stranger.ca_cert.write_bytes((deployment["root"] / "keys" / "ca.pem").read_bytes())
-    _flwr(deployment["outsider"], ["supernode", "register", str(stranger.client_public_key(1)), "outside"])
+    stranger.client(1).ca_cert.write_bytes((deployment["root"] / "keys" / "server" / "ca.pem").read_bytes())
+    _flwr(deployment["outsider"], ["supernode", "register", str(stranger.server.client_public_key(1)), "outside"])
     done = run_cli(
         [
             *client_args(deployment["port"], stranger.directory, 1, 2, tmp_path / "c"),
             "--startup-timeout",
             str(seconds(30)),
             "--server-identity",
-            str(deployment["root"] / "keys" / "identity.pub"),
+            str(deployment["root"] / "keys" / "server" / "identity.pub"),
         ]
     )
     assert done.returncode == 2
@@ -428,7 +428,7 @@ def _server_args(root: Path, port: int) -> list[str]:
         "server",
         *(arg for setting in settings for arg in ("--set", setting)),
         "--keys",
-        str(root / "keys"),
+        str(root / "keys" / "server"),
         "--state",
         str(root / "state"),
         "--host",

@@ -25,7 +25,7 @@ from fedvault.config import RunConfig
 from fedvault.deploy.cli import client_policy_config
 from fedvault.deploy.processes import child_env, executable
 from fedvault.errors import ConfigError
-from fedvault.protocol import DP_EPSILON, METRICS, POLICY_REFUSED, STATUS
+from fedvault.protocol import DP_EPSILON, METRICS, NUM_EXAMPLES, POLICY_REFUSED, STATUS
 from fedvault.security.envelope import SIGNATURE_RECORD, open_reply, signed_instruction_digest
 from fedvault.security.identity import IdentityError, generate_identity
 from fedvault.security.sealing import HYBRID_SUITE
@@ -204,6 +204,23 @@ def test_run_without_dp_is_refused_by_a_node_that_requires_it(server, identity, 
     assert "arrays" not in opened
 
 
+def test_node_that_requires_dp_withholds_its_test_metrics_as_a_refusal(server, identity, flower_task_identity):
+    node = {"server-identity": identity.fingerprint, "dp-required": True}
+    instruction = _instruction(server, kind=MessageType.EVALUATE)
+    reply = _deployed(instruction, _context(node))
+    opened = open_reply(
+        reply.content,
+        server.run_key,
+        run_id=RUN_ID,
+        round=1,
+        node_id=NODE,
+        kind="evaluate",
+        instruction=signed_instruction_digest(instruction.content),
+    )
+    assert opened[STATUS][STATUS] == POLICY_REFUSED and "withheld" in str(opened[STATUS]["reason"])
+    assert set(opened[METRICS]) == {NUM_EXAMPLES} and opened[METRICS][NUM_EXAMPLES] == 0
+
+
 def test_dp_floor_takes_the_smaller_epsilon_and_delta():
     cfg = RunConfig.from_flat({"privacy.target-epsilon": 50.0, "privacy.target-delta": 1e-3})
     tight = DPFloor(required=True, max_epsilon=2.0, delta=1e-6).apply(cfg)
@@ -283,7 +300,14 @@ def test_fedvault_client_without_a_pin_refuses_to_start_with_one_line(tmp_path):
 
 def test_insecure_client_without_a_pin_is_unsealed_and_warned(tmp_path, capsys):
     args = argparse.Namespace(
-        server_identity=None, keys=None, insecure=True, suite=None, require_dp=False, max_epsilon=None, delta=None
+        server_identity=None,
+        keys=None,
+        insecure=True,
+        suite=None,
+        require_dp=False,
+        max_epsilon=None,
+        delta=None,
+        allow_plugin=None,
     )
     policy = client_policy_config(args, tmp_path)
     assert policy["sealing"] == "off" and "server-identity" not in policy

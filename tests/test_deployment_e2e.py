@@ -73,15 +73,20 @@ FAULT_TIMEOUT_S = seconds(25)
 
 def test_keys_init_prints_what_to_copy_and_the_identity_fingerprint(tmp_path):
     out = io.StringIO()
-    args = argparse.Namespace(dir=str(tmp_path / "k"), clients=2, address=["fl.example.org"], force=False)
+    args = argparse.Namespace(
+        dir=str(tmp_path / "k"), clients=2, address=["fl.example.org"], force=False, passphrase_file=None
+    )
     assert cmd_keys_init(args, out) == 0
     text = out.getvalue()
     fingerprint = re.search(r"fingerprint \(clients pin it\): ([0-9a-f]{64})", text).group(1)
     from fedvault.security.identity import fingerprint as fp
     from fedvault.security.identity import load_identity_public_key
 
-    assert fp(load_identity_public_key(tmp_path / "k" / "identity.pub")) == fingerprint
-    assert f"{tmp_path / 'k' / 'clients' / 'client-i.key'} -> KEYS/clients/client-i.key" in text
+    for pub in ("server/identity.pub", "clients/client-1/identity.pub", "clients/client-2/identity.pub"):
+        assert fp(load_identity_public_key(tmp_path / "k" / pub)) == fingerprint, pub
+    assert not (tmp_path / "k" / "clients" / "client-1" / "identity.key").exists()
+    assert f"{tmp_path / 'k' / 'server'} -> the server machine, as SERVER_KEYS" in text
+    assert f"{tmp_path / 'k' / 'clients' / 'client-i'} -> client machine i, as KEYS" in text
     assert "--server fl.example.org:8000" in text and "--num-partitions 2" in text
     with pytest.raises(KeysError, match="identity.key already exists"):
         cmd_keys_init(args, io.StringIO())  # no half-overwritten keys directory either
@@ -115,7 +120,7 @@ def test_server_config_refuses_reusing_a_run_dir_and_resuming_without_a_checkpoi
 
 def test_client_without_the_ca_is_a_one_line_error(tmp_path):
     keys = init_keys(tmp_path / "k", 1)
-    keys.ca_cert.unlink()
+    keys.client(1).ca_cert.unlink()
     done = run_cli(
         [
             "client",
@@ -134,7 +139,7 @@ def test_client_without_the_ca_is_a_one_line_error(tmp_path):
     assert done.returncode == 2
     assert (
         done.stderr.strip()
-        == f"fedvault client: error: missing key file {keys.ca_cert} (create it with 'fedvault keys')"
+        == f"fedvault client: error: missing key file {keys.client(1).ca_cert} (create it with 'fedvault keys init')"
     )
 
 
@@ -198,9 +203,9 @@ def test_two_rounds_with_tls_and_node_auth_improve_accuracy(federation):
 @pytest.mark.integration
 def test_unregistered_client_is_refused_with_one_line(federation, tmp_path):
     keys = init_keys(tmp_path / "k", 1)  # a key pair the SuperLink never registered
-    link = start_superlink(tmp_path / "link", federation["keys"], port=free_port())
+    link = start_superlink(tmp_path / "link", federation["keys"] / "server", port=free_port())
     try:
-        keys.ca_cert.write_bytes((federation["keys"] / "ca.pem").read_bytes())  # trusts the right CA
+        keys.client(1).ca_cert.write_bytes((federation["keys"] / "server" / "ca.pem").read_bytes())  # the right CA
         done = run_cli(
             [
                 "client",
@@ -217,7 +222,7 @@ def test_unregistered_client_is_refused_with_one_line(federation, tmp_path):
                 "--startup-timeout",
                 str(seconds(30)),
                 "--server-identity",
-                str(federation["keys"] / "identity.pub"),
+                str(federation["keys"] / "server" / "identity.pub"),
             ]
         )
     finally:
@@ -247,7 +252,7 @@ def test_killed_server_resumes_from_its_checkpoint_to_the_same_model(federation)
             "--resume",
             str(run_dir),
             "--keys",
-            str(federation["keys"]),
+            str(federation["keys"] / "server"),
             "--state",
             str(root / "state"),
             "--host",
@@ -285,7 +290,7 @@ def test_superlink_state_holds_no_update_bytes_even_when_the_run_config_says_sea
     root, processes = federation["root"], federation["processes"]
     run = f"plaintext-{sealing}"
     policy = root / f"server-policy-{sealing}.toml"  # the server's own file (fedvault.server.sealing)
-    policy.write_text(f'mode = "on"\nidentity-key = "{federation["keys"] / "identity.key"}"\n')
+    policy.write_text(f'mode = "on"\nidentity-key = "{federation["keys"] / "server" / "identity.key"}"\n')
     args = _server_args(root, federation["port"], run) + [
         "--set",
         "num-server-rounds=1",
@@ -359,7 +364,7 @@ def _server_args(root: Path, port: int, run: str) -> list[str]:
         "--set",
         f'run-dir="{root / "runs" / run}"',
         "--keys",
-        str(root / "keys"),
+        str(root / "keys" / "server"),
         "--state",
         str(root / "state"),
         "--host",

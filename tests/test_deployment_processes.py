@@ -28,7 +28,7 @@ from fedvault.deploy.processes import (
 from fedvault.deploy.superlink import list_nodes, start_superlink, wait_node_online
 from fedvault.deploy.supernode import start_supernode
 from fedvault.errors import ConfigError
-from fedvault.security.tls_keys import init_keys
+from fedvault.security.tls_keys import init_keys, revoke_client
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def superlink(keys, tmp_path_factory):
-    link = start_superlink(tmp_path_factory.mktemp("link"), keys.directory, port=free_port())
+    link = start_superlink(tmp_path_factory.mktemp("link"), keys.server.directory, port=free_port())
     try:
         yield link
     finally:
@@ -70,19 +70,25 @@ def _python(code: str, log_path):
 def test_superlink_with_tls_and_node_auth_is_healthy_and_has_the_keys_registered(superlink, keys):
     argv = superlink.process.popen.args
     assert "--enable-supernode-auth" in argv and "--insecure" not in argv
-    assert argv[argv.index("--ssl-certfile") + 1] == str(keys.server_cert)
+    assert argv[argv.index("--ssl-certfile") + 1] == str(keys.server.server_cert)
     assert "--disable-runtime-dependency-installation" in argv
     assert superlink.database.is_file()
     wait_healthy(superlink.health_address, seconds(10), superlink.process)
-    assert set(superlink.node_ids) == set(keys.client_public_keys())
+    assert set(superlink.node_ids) == set(keys.server.client_public_keys())
     listed = {node["node-id"]: node["status"] for node in list_nodes(superlink.connection)}
     assert {listed[node_id] for node_id in superlink.node_ids.values()} == {"registered"}
 
 
 def test_registered_supernode_connects_and_shows_online(superlink, keys, tmp_path, started):
-    node = _node(superlink.address, tmp_path, "n1", root_certificates=keys.ca_cert, private_key=keys.client_key(1))
+    node = _node(
+        superlink.address,
+        tmp_path,
+        "n1",
+        root_certificates=keys.client(1).ca_cert,
+        private_key=keys.client(1).private_key,
+    )
     started.append(node)
-    assert node.node_id == superlink.node_ids[keys.client_public_key(1)]
+    assert node.node_id == superlink.node_ids[keys.server.client_public_key(1)]
     assert wait_node_online(superlink.connection, node.node_id, seconds(15))["status"] == "online"
     assert "partition-id=0 num-partitions=2" in " ".join(node.process.popen.args)
 
@@ -90,7 +96,13 @@ def test_registered_supernode_connects_and_shows_online(superlink, keys, tmp_pat
 def test_unregistered_supernode_is_refused_with_a_clear_message(superlink, keys, tmp_path):
     outsider = init_keys(tmp_path / "outsider", 1)  # same CA trust, key never registered
     with pytest.raises(ProcessError) as caught:
-        _node(superlink.address, tmp_path, "out", root_certificates=keys.ca_cert, private_key=outsider.client_key(1))
+        _node(
+            superlink.address,
+            tmp_path,
+            "out",
+            root_certificates=keys.client(1).ca_cert,
+            private_key=outsider.client(1).private_key,
+        )
     first_line, _, tail = str(caught.value).partition("\n")
     assert "refused this SuperNode's key: register its .pub" in first_line
     assert "Failed to activate SuperNode" in tail  # Flower's own words are quoted
@@ -98,12 +110,12 @@ def test_unregistered_supernode_is_refused_with_a_clear_message(superlink, keys,
 
 def test_supernode_without_the_ca_cannot_reach_the_tls_superlink(superlink, keys, tmp_path):
     with pytest.raises(ProcessError) as caught:
-        _node(superlink.address, tmp_path, "noca", root_certificates=None, private_key=keys.client_key(2))
+        _node(superlink.address, tmp_path, "noca", root_certificates=None, private_key=keys.client(2).private_key)
     first_line, _, tail = str(caught.value).partition("\n")
     assert "TLS verification of the SuperLink failed" in first_line
     assert "CERTIFICATE_VERIFY_FAILED" in tail
     statuses = {n["node-id"]: n["status"] for n in list_nodes(superlink.connection)}
-    assert statuses[superlink.node_ids[keys.client_public_key(2)]] == "registered"  # never joined
+    assert statuses[superlink.node_ids[keys.server.client_public_key(2)]] == "registered"  # never joined
 
 
 def test_supernode_health_is_serving_before_it_reaches_any_superlink(keys, tmp_path, started):
@@ -112,8 +124,8 @@ def test_supernode_health_is_serving_before_it_reaches_any_superlink(keys, tmp_p
         nowhere,
         tmp_path,
         "lonely",
-        root_certificates=keys.ca_cert,
-        private_key=keys.client_key(1),
+        root_certificates=keys.client(1).ca_cert,
+        private_key=keys.client(1).private_key,
         wait_connected=False,
     )
     started.append(node)
@@ -125,8 +137,8 @@ def test_supernode_health_is_serving_before_it_reaches_any_superlink(keys, tmp_p
             nowhere,
             tmp_path,
             "lonely2",
-            root_certificates=keys.ca_cert,
-            private_key=keys.client_key(2),
+            root_certificates=keys.client(2).ca_cert,
+            private_key=keys.client(2).private_key,
             timeout=seconds(5),
         )
 
@@ -148,20 +160,27 @@ def test_insecure_superlink_warns_and_accepts_an_unauthenticated_supernode(tmp_p
         link.stop()
 
 
-def test_restart_on_the_same_state_keeps_registrations(tmp_path):
-    keys = init_keys(tmp_path / "k", 1)
-    link = start_superlink(tmp_path / "link", keys.directory, port=free_port())
+def test_restart_on_the_same_state_keeps_registrations_except_revoked_keys(tmp_path):
+    keys = init_keys(tmp_path / "k", 2)
+    server = keys.server
+    link = start_superlink(tmp_path / "link", server.directory, port=free_port())
     try:
-        node_id = link.node_ids[keys.client_public_key(1)]
-        assert isinstance(node_id, int)
+        node_id, revoked_id = (link.node_ids[server.client_public_key(i)] for i in (1, 2))
+        assert isinstance(node_id, int) and isinstance(revoked_id, int)
     finally:
         link.stop()
-    again = start_superlink(tmp_path / "link", keys.directory, port=free_port())
+    (revoked,), _ = revoke_client(server, 2)  # while the SuperLink is down: its database still has the key
+    again = start_superlink(tmp_path / "link", server.directory, port=free_port())
     try:
-        assert again.node_ids == {keys.client_public_key(1): None}  # already registered
-        assert [n["node-id"] for n in list_nodes(again.connection)] == [node_id]
+        assert again.node_ids == {server.client_public_key(1): None}  # already registered
+        assert again.unregistered == {revoked: revoked_id}  # revoked_keys is applied at start
+        statuses = {n["node-id"]: n["status"] for n in list_nodes(again.connection)}
+        assert statuses == {node_id: "registered", revoked_id: "unregistered"}
     finally:
         again.stop()
+    assert (tmp_path / "link").stat().st_mode & 0o777 == 0o700
+    for name in ("state.db", "superlink.log", "flwr-home/config.toml"):
+        assert (tmp_path / "link" / name).stat().st_mode & 0o777 == 0o600, name
 
 
 def test_child_that_dies_before_healthy_reports_its_log_tail(tmp_path):
