@@ -113,7 +113,8 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
                     cfg, sel, rc, global_state, device, ledger, run_key(cfg, context.run_id), make_steps
                 )
             except REFUSALS as exc:
-                return sealing.reply(msg, refusal(exc.status, str(exc)))
+                paid = getattr(exc, "event", None)  # round-already-spent: what was paid, for the run ledger
+                return sealing.reply(msg, refusal(exc.status, str(exc), paid))
         else:
             done = train_plain(cfg, sel, rc, global_state, device, make_steps)
         state = done.state_dict

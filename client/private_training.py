@@ -48,9 +48,15 @@ class BudgetExhausted(Exception):
 
 
 class RoundAlreadySpent(Exception):
-    """This round was trained (and recorded) before; releasing a second update would spend twice."""
+    """This round was trained (and recorded) before; releasing a second update would spend twice.
+    ``event`` is the recorded spend: the refusal reports it, so a server that never received the
+    round's reply (it was interrupted) records what was paid."""
 
     status = ROUND_ALREADY_SPENT
+
+    def __init__(self, message: str, event: DPEvent) -> None:
+        super().__init__(message)
+        self.event = event
 
 
 class LedgerInvalid(Exception):
@@ -131,10 +137,12 @@ def train_private(
         history = ledger.events(key, party)
     except NodeLedgerTamperedError as exc:
         raise LedgerInvalid(f"{party}: refusing to train: {exc}") from None
-    if any(e.round == rc.server_round for e in history):
+    paid = next((e for e in history if e.round == rc.server_round), None)
+    if paid is not None:
         raise RoundAlreadySpent(
             f"{party}: round {rc.server_round} was already trained and paid for (a re-run after "
-            "a server restart); a second update for it is never released"
+            "a server restart); a second update for it is never released",
+            paid,
         )
     projected = projected_epsilon(history, planned, budget)
     if projected > budget.epsilon:

@@ -125,11 +125,15 @@ def stamp_server_round(message: Message, server_round: int) -> Message:
     return message
 
 
-def refusal(status: str, reason: str) -> RecordDict:
-    """The reply of a client that refused to train: no arrays, zero examples, the status and why."""
-    return RecordDict(
+def refusal(status: str, reason: str, paid: Any = None) -> RecordDict:
+    """The reply of a client that refused to train: no arrays, zero examples, the status and why;
+    with ``paid`` (a DP event), the spend it already made for this round as its ``"dp-event"``."""
+    content = RecordDict(
         {METRICS: MetricRecord({NUM_EXAMPLES: 0}), STATUS: ConfigRecord({STATUS: status, "reason": reason})}
     )
+    if paid is not None:
+        content[DP_EVENT] = dp_event_record(paid)
+    return content
 
 
 def with_receipts(content: RecordDict, receipts: list[tuple[int, str]]) -> RecordDict:

@@ -34,6 +34,8 @@ class RunRecorder:
             for key, label in (("failed_nodes", "failed"), ("dropped", "dropped"), ("late", "late")):
                 if record.get(key):
                     line += f"  {label} {len(record[key])}"
+            if record.get("lost"):
+                line += "  lost: model unchanged"
             if record.get("budget_exhausted"):
                 line += f"  budget-exhausted {record['budget_exhausted']}"
             if "dp_epsilon" in record["train"]:

@@ -23,7 +23,10 @@ pieces instead of branching here: client-level DP wraps the strategy
    in ``failed_nodes``) and fails it with one clear line when fewer than ``min_replies`` survive;
    train instructions left unanswered stay awaited: a reply that arrives in a later round (or by
    :meth:`RoundLoop.collect_late` at the end) is recorded in the ledger as ``late``, paid for and
-   never aggregated (Flower's own ``send_and_receive`` would discard it);
+   never aggregated (Flower's own ``send_and_receive`` would discard it). A round a resumed run
+   re-runs, whose clients already paid for it before the interruption (``round-already-spent``,
+   each reporting its spend, recorded once), is closed as lost when too few updates remain: the
+   model is unchanged and the run goes on;
 6. hands ``on_round`` a record (metrics, timing, bytes, failures, drops) after every round.
 
 ``state_dict()`` is what a restart needs: the strategy's state (a wrapper's includes its own) and
@@ -47,11 +50,12 @@ from flwr.supercore.run import Run
 
 from fedvault.errors import FedvaultError
 from fedvault.privacy.events import DPEvent, DPEventError
-from fedvault.privacy.ledger import Ledger
+from fedvault.privacy.ledger import Ledger, canonical_json, spends
 from fedvault.protocol import (
     BUDGET_EXHAUSTED,
     LEDGER_INVALID,
     POLICY_REFUSED,
+    ROUND_ALREADY_SPENT,
     STATUS,
     read_dp_event,
     read_server_round,
@@ -228,23 +232,32 @@ class RoundLoop:
         kept, rejected = filter_replies(others, arrays, self.rules)
         kept_ids = {id(r) for r in kept}
         dropped_replies = [r for r in others if id(r) not in kept_ids]  # filter_replies keeps the order
+        paid_before = [r for r, s in zip(replies, status) if s == ROUND_ALREADY_SPENT]
+        lost = self._lost(server_round, len(kept), len(paid_before))
         kept, unreadable = self._record_spends(
             server_round,
-            [(r, "kept", None) for r in kept]
+            [(r, "dropped" if lost else "kept", lost) for r in kept]
             + [(r, "dropped", why) for r, (_, why) in zip(dropped_replies, rejected)]
+            + [(r, "dropped", _refusal_reason(r)) for r in self._not_in_ledger(paid_before)]
             + late,
             unopened,
         )
         kept.sort(key=lambda r: r.metadata.src_node_id)  # arrival order must not change the float sums
         dropped = unopened + rejected + unreadable + [(r.metadata.src_node_id, _refusal_reason(r)) for r in refused]
-        if len(kept) < self.min_replies:
+        if lost:  # closed without an update: the model stays as it was, the run goes on
+            log.warning("%s", lost)
+            record["lost"] = lost
+            train_metrics: dict[str, Any] = {}
+        elif len(kept) < self.min_replies:
             raise RunStopped(
                 f"round {server_round}: {len(kept)} usable updates < min-replies={self.min_replies} "
-                f"({len(sent)} sampled, {len(exhausted)} budget-exhausted, {len(dropped)} dropped"
+                f"({len(sent)} sampled, {len(_failed(sent, replies))} unanswered by the round timeout, "
+                f"{len(exhausted)} budget-exhausted, {len(dropped)} dropped"
                 + (f"; first drop: node {dropped[0][0]}: {dropped[0][1]}" if dropped else "")
                 + ")"
             )
-        arrays, train_metrics = self._aggregate(server_round, arrays, kept)
+        else:
+            arrays, train_metrics = self._aggregate(server_round, arrays, kept)
 
         record.update(
             train=train_metrics,
@@ -387,10 +400,38 @@ class RoundLoop:
                 self.ledger.append_unread(node, server_round, reason)
         return usable, unreadable
 
+    def _lost(self, server_round: int, usable: int, paid_before: int) -> str | None:
+        """Why the round is lost, or None: too few usable updates only because clients already paid
+        for this round before an interruption (a resumed run re-runs the round it was in)."""
+        if usable >= self.min_replies or usable + paid_before < self.min_replies:
+            return None
+        return (
+            f"round {server_round} lost: {paid_before} sampled clients paid for it before an interruption "
+            f"and their updates never arrived ({usable} usable < min-replies={self.min_replies}); "
+            "the model is unchanged"
+        )
+
+    def _not_in_ledger(self, paid_before: list[Message]) -> list[Message]:
+        """The ``round-already-spent`` refusals whose reported spend the run ledger does not hold yet
+        (the server never received that round's reply); one it holds is not recorded twice."""
+        if not paid_before or self.ledger is None:
+            return paid_before
+        held = {canonical_json(entry.event.to_dict()) for entry in spends(self.ledger.entries()) if entry.event}
+        return [r for r in paid_before if _reported_spend(r) not in held]
+
     def _ledger_for(self, what: str) -> Ledger:
         if self.ledger is None:
             raise RunStopped(f"a DP event arrived ({what}) but this run has no privacy ledger")
         return self.ledger
+
+
+def _reported_spend(reply: Message) -> bytes | None:
+    """The canonical form of the DP event a reply carries (None: none, or malformed)."""
+    fields = read_dp_event(reply)
+    try:
+        return canonical_json(DPEvent.from_dict(fields).to_dict()) if fields is not None else None
+    except DPEventError:
+        return None
 
 
 def _refusal_reason(reply: Message) -> str:

@@ -156,3 +156,42 @@ def test_a_refusal_is_recorded_as_what_it_is_not_as_a_malformed_update(flower_ta
     assert record["dropped"] == [
         {"node": 11, "reason": "refused ('round-already-spent'): 'round 1 was already trained and paid for'"}
     ]
+
+
+class PaidBeforeGrid(InstantGrid):
+    """Every node refuses round 2 as already spent (a resumed run re-running the round it was
+    killed in), reporting the DP event it paid then."""
+
+    def answer(self, msg):
+        from flwr.app import Message
+
+        from fedvault.privacy.events import DPEvent
+        from fedvault.protocol import ROUND_ALREADY_SPENT, refusal
+
+        node = msg.metadata.dst_node_id
+        paid = DPEvent.dp_sgd(noise_multiplier=1.1, sample_rate=0.1, steps=10, round=2, party=f"client-{node}")
+        return Message(refusal(ROUND_ALREADY_SPENT, "round 2 was already trained and paid for", paid), reply_to=msg)
+
+
+def test_a_round_every_client_paid_for_before_an_interruption_is_lost_recorded_and_passed(
+    tmp_path, caplog, flower_task_identity
+):
+    from fedvault.privacy.events import DPEvent
+
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    received_before = DPEvent.dp_sgd(noise_multiplier=1.1, sample_rate=0.1, steps=10, round=2, party="client-11")
+    ledger.append(received_before, node=11)  # the server had recorded node 11's reply before it died
+    records = []
+    strategy = FedAvg(fraction_train=1.0, min_available_nodes=2, min_train_nodes=2, fraction_evaluate=0.0)
+    round_loop = loop(PaidBeforeGrid([11, 12]), strategy, timeout=1.0, ledger=ledger)
+    round_loop.central_evaluate = lambda server_round, arrays: {}
+    round_loop.on_round = lambda record, arrays: records.append(record)
+    start = to_record({"w": np.full(3, 0.5, dtype=np.float32)})
+    with caplog.at_level(logging.WARNING, logger="fedvault"):
+        arrays = round_loop._round(2, start, ConfigRecord())
+    (record,) = records
+    assert np.array_equal(to_ndarrays(arrays)["w"], to_ndarrays(start)["w"]) and record["replies_ok"] == 0
+    assert record["lost"].startswith("round 2 lost: 2 sampled clients paid for it before an interruption")
+    assert "round 2 lost" in caplog.text and sorted(d["node"] for d in record["dropped"]) == [11, 12]
+    spent = [(e.node, e.status, e.event.party) for e in ledger.entries() if e.event is not None]
+    assert spent == [(11, "kept", "client-11"), (12, "dropped", "client-12")]  # node 11's spend is not counted twice

@@ -1,10 +1,13 @@
 """Run directories are never clobbered, resume continues a run's own config, early stops exit non-zero."""
 
 import json
+import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 
 import pytest
 from waits import seconds
@@ -103,3 +106,64 @@ def test_sigterm_keeps_the_finished_rounds_and_the_printed_command_resumes_to_th
     assert done.returncode == 0, done.stderr[-3000:]
     finished = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]
     assert finished[: len(kept)] == kept and finished[-1] == rounds and sorted(set(finished)) == finished
+
+
+def _spent_rounds(node_ledger) -> list[tuple[str, int]]:
+    """``(client, round)`` of every spend in a node ledger (empty while it does not exist yet)."""
+    if not node_ledger.exists():
+        return []
+    with closing(sqlite3.connect(f"file:{node_ledger}?mode=ro", uri=True, timeout=seconds(10))) as con:
+        try:
+            return con.execute("SELECT client_id, round FROM dp_events").fetchall()
+        except sqlite3.OperationalError:  # the tables are not created yet
+            return []
+
+
+@pytest.mark.integration
+def test_sigkill_in_the_middle_of_a_dp_round_then_resume_closes_that_round_and_finishes(tmp_path):
+    run, rounds = tmp_path / "run", 4
+    cmd = [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(run)]
+    settings = ["task=digits", "batch-size=32", "learning-rate=0.05", "local-epochs=3", f"num-server-rounds={rounds}"]
+    for item in settings + [
+        "num-clients=6",
+        "fraction-train=1.0",
+        "fraction-evaluate=0.0",
+        "privacy.sample-level=true",
+    ]:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics, node_ledger = run / "metrics.jsonl", run / "node-ledger.sqlite"
+    deadline = time.monotonic() + seconds(300)
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(rnd == 2 for _, rnd in _spent_rounds(node_ledger)):  # a client paid for round 2 ...
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # ... and the whole simulation dies at once, Ray included
+    finally:
+        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)  # anything left in its session
+        proc.wait(timeout=seconds(60))
+    finished = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]
+    assert finished == [0, 1], "round 2 finished before the kill: no interrupted round to test"
+    paid_in_round_2 = {client for client, rnd in _spent_rounds(node_ledger) if rnd == 2}
+    assert paid_in_round_2
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(run), "--set", "resume=true"],
+        capture_output=True,
+        text=True,
+        timeout=seconds(420),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
+    spent = _spent_rounds(node_ledger)
+    assert len(spent) == len(set(spent))  # no client paid twice for a round
+    round_2 = records[2]
+    refused = {d["node"] for d in round_2["dropped"] if "round-already-spent" in d["reason"]}
+    assert len(refused) == len(paid_in_round_2)  # each client that had paid is recorded as such ...
+    assert round_2.get("lost") or round_2["replies_ok"] == 6 - len(paid_in_round_2)  # ... and the rest trained
+    run_ledger = [json.loads(line) for line in (run / "privacy_ledger.jsonl").read_text().splitlines()]
+    spends_2 = [e for e in run_ledger if "event" in e and e["event"]["round"] == 2]
+    assert {e["event"]["party"] for e in spends_2} == {f"client-{i}" for i in range(6)}  # every payer, once
+    assert len(spends_2) == 6
