@@ -5,6 +5,8 @@ Section "sealing":
 
 * ``cipher``: AES-128-GCM alone on 1 MiB records, ``encrypt_into``/``decrypt_into`` preallocated
   buffers: the ceiling sealing can approach.
+* ``cipher-fresh``: the same into output buffers allocated for each message (as sealing and opening
+  must: the caller keeps what they return): the cipher plus the first touch of fresh memory.
 * ``arrays``: :func:`fedvault.security.sealing.seal_arrays` + ``open_arrays`` (HPKE key wrap,
   framing, chunked AEAD, fresh output buffers: what a message really costs).
 * ``flower``: :func:`fedvault.security.envelope.seal_reply` + ``open_reply`` on a ``RecordDict``
@@ -60,9 +62,8 @@ from fedvault.security.sealing import (
 from fedvault.tasks import load_task
 
 MB = 10**6
-TARGET_MB_S = 1000.0  # seal+open of a 100 MB update with the default suite
+TARGETS = {"arrays": 0.8, "flower": 0.6}  # seal+open of the largest update, default suite, share of the cipher's
 CONTEXT = SealContext(run_id=1, round=1, node_id=1, kind="train")
-LEVELS = ("cipher", "arrays", "flower")
 
 Timer = Callable[[], tuple[float, float]]  # one repetition -> (seal seconds, open seconds)
 
@@ -78,8 +79,9 @@ def model_update(size_mb: int) -> dict[str, np.ndarray]:
     return update
 
 
-def cipher_timer(update: dict[str, np.ndarray]) -> Timer:
-    """AES-128-GCM on 1 MiB records of the concatenated update, preallocated in/out buffers."""
+def cipher_timer(update: dict[str, np.ndarray], fresh: bool = False) -> Timer:
+    """AES-128-GCM on 1 MiB records of the concatenated update, into preallocated output buffers
+    (or, ``fresh``, buffers allocated in each repetition)."""
     plain = np.concatenate([a.reshape(-1).view(np.uint8) for a in update.values()])
     records = range(0, len(plain), CHUNK_SIZE)
     sealed = np.empty(len(plain) + 16 * len(records), dtype=np.uint8)
@@ -87,12 +89,17 @@ def cipher_timer(update: dict[str, np.ndarray]) -> Timer:
     aead = AESGCM(os.urandom(16))
 
     def run() -> tuple[float, float]:
+        nonlocal sealed, opened
         start = time.perf_counter()
+        if fresh:
+            sealed = np.empty_like(sealed)
         for i, offset in enumerate(records):
             size = min(CHUNK_SIZE, len(plain) - offset)
             out = sealed[offset + 16 * i : offset + 16 * i + size + 16]
             aead.encrypt_into(i.to_bytes(12, "big"), plain[offset : offset + size], None, out)
         middle = time.perf_counter()
+        if fresh:
+            opened = np.empty_like(opened)
         for i, offset in enumerate(records):
             size = min(CHUNK_SIZE, len(plain) - offset)
             record = sealed[offset + 16 * i : offset + 16 * i + size + 16]
@@ -141,6 +148,7 @@ def measure_sealing(sizes: list[int], reps: int) -> dict:
         update = model_update(size)
         update_bytes[size] = sum(a.nbytes for a in update.values())
         cases[(size, "aes-128-gcm", "cipher")] = cipher_timer(update)
+        cases[(size, "aes-128-gcm", "cipher-fresh")] = cipher_timer(update, fresh=True)
         for suite in (DEFAULT_SUITE, HYBRID_SUITE):
             cases[(size, suite, "arrays")] = arrays_timer(update, suite)
             cases[(size, suite, "flower")] = flower_timer(update, suite)
@@ -170,18 +178,28 @@ def measure_sealing(sizes: list[int], reps: int) -> dict:
         )
     largest = max(sizes)
     row = {(r["size_mb"], r["suite"], r["level"]): r for r in rows}
-    headline = row[(largest, DEFAULT_SUITE, "arrays")]
-    cipher = row[(largest, "aes-128-gcm", "cipher")]
+    cipher = row[(largest, "aes-128-gcm", "cipher")]["seal_open_mb_s"]
+
+    def share(level: str, suite: str = DEFAULT_SUITE) -> float:
+        return row[(largest, suite, level)]["seal_open_mb_s"] / cipher
+
     return {
         "reps": reps,
         "chunk_bytes": CHUNK_SIZE,
         "rows": rows,
         "summary": {
             "size_mb": largest,
-            "default_suite_seal_open_mb_s": headline["seal_open_mb_s"],
-            "fraction_of_cipher": headline["seal_open_mb_s"] / cipher["seal_open_mb_s"],
-            "target_mb_s": TARGET_MB_S,
-            "target_met": headline["seal_open_mb_s"] >= TARGET_MB_S,
+            "cipher_mb_s": cipher,
+            "fresh_output_share": share("cipher-fresh", "aes-128-gcm"),
+            "levels": {
+                level: {
+                    "share_of_cipher": share(level),
+                    "share_of_cipher_fresh": share(level) / share("cipher-fresh", "aes-128-gcm"),
+                    "target": target,
+                    "target_met": share(level) >= target,
+                }
+                for level, target in TARGETS.items()
+            },
         },
     }
 
@@ -205,9 +223,18 @@ def sealing_markdown(section: dict) -> list[str]:
         )
     lines += [
         "",
-        f"{s['size_mb']} MB with the default suite ({DEFAULT_SUITE}, arrays level): "
-        f"{s['default_suite_seal_open_mb_s']:,.0f} MB/s seal+open, {s['fraction_of_cipher']:.0%} of the bare cipher "
-        f"(target >= {s['target_mb_s']:,.0f} MB/s: {'met' if s['target_met'] else 'NOT met'}).",
+        f"{s['size_mb']} MB, default suite ({DEFAULT_SUITE}), seal+open as a share of the bare cipher's "
+        f"{s['cipher_mb_s']:,.0f} MB/s:",
+    ]
+    for level, result in s["levels"].items():
+        verdict = "met" if result["target_met"] else "NOT met"
+        lines.append(
+            f"- {level}: {result['share_of_cipher']:.0%} (target >= {result['target']:.0%}: {verdict}); "
+            f"{result['share_of_cipher_fresh']:.0%} of the cipher into fresh buffers"
+        )
+    lines += [
+        f"- the cipher itself into fresh output buffers: {s['fresh_output_share']:.0%} (the first touch of new "
+        "memory, which any seal or open that returns new buffers pays)",
         "",
     ]
     return lines

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedvault.protocol import RECEIPTS
+from fedvault.security.buffers import fresh_bytes
 from fedvault.security.identity import (
     IdentityError,
     IdentityPin,
@@ -246,7 +247,8 @@ def open_reply(
     sealed = Sealed(
         header=_bytes(seal, "header", SEAL_RECORD), key=_bytes(seal, "key", SEAL_RECORD), chunks=tuple(_chunks(content))
     )
-    frames = iter(open_frames(sealed, run_key, SealContext(run_id, round, node_id, kind, instruction)))
+    context = SealContext(run_id, round, node_id, kind, instruction)
+    frames = iter(open_frames(sealed, run_key, context, fresh_bytes))  # Array.data must be bytes: no copy
     try:
         return _rebuild(frames)
     except SealingError:
@@ -255,7 +257,7 @@ def open_reply(
         raise SealingError("payload", f"sealed records are malformed: {err!r}") from None
 
 
-def _rebuild(frames: Iterator[tuple[dict[str, Any], memoryview]]) -> RecordDict:
+def _rebuild(frames: Iterator[tuple[dict[str, Any], bytes]]) -> RecordDict:
     """The records ``seal_reply`` framed (KeyError/TypeError/ValueError if the frames are not)."""
     content = RecordDict()
     for meta, data in frames:
@@ -274,11 +276,11 @@ def _rebuild(frames: Iterator[tuple[dict[str, Any], memoryview]]) -> RecordDict:
                 if item["key"] in arrays:
                     raise ValueError(f"array {item['key']!r} appears twice in record {name!r}")
                 arrays[item["key"]] = Array(
-                    dtype=item["dtype"], shape=tuple(item["shape"]), stype=item["stype"], data=bytes(array_data)
+                    dtype=item["dtype"], shape=tuple(item["shape"]), stype=item["stype"], data=array_data
                 )
             content[name] = arrays
         elif record_type in ("metrics", "config"):
-            values = _decode_values(parse_canonical_json(bytes(data), f"record {name!r}"))
+            values = _decode_values(parse_canonical_json(data, f"record {name!r}"))
             content[name] = (MetricRecord if record_type == "metrics" else ConfigRecord)(values)
         else:
             raise ValueError(f"unknown record type {record_type!r}")

@@ -18,7 +18,9 @@ Why this shape:
   per-message data key K (the KEM/DEM pattern of RFC 9180 section 1 / ISO 18033-2), and K
   encrypts the payload as a sequence of AEAD records, the "STREAM" online-AE construction of
   Hoang, Reyhanitabar, Rogaway and Vizar (CRYPTO 2015), as used by age (C2SP age spec, payload)
-  and Tink's streaming AEAD. Records run at the cipher's speed (``encrypt``/``decrypt_into``).
+  and Tink's streaming AEAD. Records are encrypted straight from the arrays' memory and
+  decrypted straight into the memory of the frame they belong to (only a record that straddles
+  two buffers goes through a staging copy), so nothing but the cipher touches the bulk data.
 * K is used for one message only, so the counter nonce never repeats under a key (RFC 9180
   section 5.2 builds its nonces the same way, ``base_nonce XOR seq``; with a single-use key a
   zero base nonce is equivalent). n < 2**32 keeps within NIST SP 800-38D's invocation limit.
@@ -52,9 +54,9 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -64,6 +66,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.utils import Buffer
 
 from fedvault.errors import FedvaultError
+from fedvault.security.buffers import fresh_array, fresh_bytes
 
 FORMAT_VERSION = 2
 CHUNK_SIZE = 1 << 20
@@ -77,6 +80,7 @@ _KEY_DOMAIN = b"fedvault/seal/v2/key\x00"
 _HEADER_FIELDS = frozenset({"v", "suite", "run", "round", "node", "kind", "instruction", "chunk", "length", "count"})
 _X25519_BYTES = 32
 _MLKEM768_BYTES = 1184
+B = TypeVar("B")
 
 
 class SealingError(FedvaultError, ValueError):
@@ -263,11 +267,13 @@ def seal_bytes(
     data_key = os.urandom(suite.key_size)
     key_block = suite.hpke_suite.encrypt(data_key, recipient.key, info=_KEY_DOMAIN + header_hash)
     aead = AESGCM(data_key)
-    chunks = tuple(
-        aead.encrypt(_nonce(i), chunk, _chunk_aad(header_hash, i, count))
-        for i, chunk in enumerate(_gather(views, chunk_size, length))
-    )
-    return Sealed(header, key_block, chunks)
+    chunks = []
+    for i, chunk in enumerate(_gather(views, chunk_size, length)):
+        sealed, out = fresh_bytes(len(chunk) + TAG_SIZE)  # bytes, as Flower's Array.data must be
+        aead.encrypt_into(_nonce(i), chunk, _chunk_aad(header_hash, i, count), out)
+        out.release()
+        chunks.append(sealed)
+    return Sealed(header, key_block, tuple(chunks))
 
 
 def open_bytes(sealed: Sealed, run_key: RunKeyPair, context: SealContext) -> memoryview:
@@ -278,34 +284,10 @@ def open_bytes(sealed: Sealed, run_key: RunKeyPair, context: SealContext) -> mem
     ``chunk i`` (edited, reordered or spliced) or ``key`` (key block edited, header edited, or
     sealed to another key). Nothing is allocated for the plaintext before the key block opens.
     """
-    fields = _check_header(sealed.header, run_key.suite, context)
-    chunk_size, length, count = fields["chunk"], fields["length"], fields["count"]
-    if len(sealed.chunks) != count:
-        problem = "truncated" if len(sealed.chunks) < count else "extended"
-        raise SealingError("chunks", f"{problem}: {len(sealed.chunks)} chunks, header says {count}")
-    for i, chunk in enumerate(sealed.chunks):
-        expected = min(chunk_size, length - i * chunk_size) + TAG_SIZE
-        if len(chunk) != expected:
-            raise SealingError(f"chunk {i}", f"{len(chunk)} bytes, expected {expected}")
-    suite = get_suite(run_key.suite)
-    header_hash = hashlib.sha256(_HEADER_DOMAIN + sealed.header).digest()
-    try:
-        data_key = suite.hpke_suite.decrypt(sealed.key, run_key.private_key, info=_KEY_DOMAIN + header_hash)
-    except (InvalidTag, ValueError):
-        raise SealingError(
-            "key", "key block does not open: header or encapsulated key edited, or another run key"
-        ) from None
-    aead = AESGCM(data_key)
-    plaintext = np.empty(length, dtype=np.uint8).data.cast("B")
-    for i, chunk in enumerate(sealed.chunks):
-        start = i * chunk_size
-        out = plaintext[start : start + len(chunk) - TAG_SIZE]
-        try:
-            aead.decrypt_into(_nonce(i), chunk, _chunk_aad(header_hash, i, count), out)
-        except InvalidTag:
-            raise SealingError(
-                f"chunk {i}", "failed authentication: edited, reordered or from another message"
-            ) from None
+    reader = _Reader.open(sealed, run_key, context)
+    plaintext, view = fresh_array(reader.length)
+    reader.read_into(view)
+    reader.finish()
     return plaintext
 
 
@@ -328,31 +310,28 @@ def seal_frames(
     return seal_bytes(segments, recipient, context, chunk_size=chunk_size)
 
 
-def open_frames(sealed: Sealed, run_key: RunKeyPair, context: SealContext) -> list[tuple[dict[str, Any], memoryview]]:
-    """Open a :func:`seal_frames` message: ``(meta, view)`` pairs, views into one buffer."""
-    plaintext = open_bytes(sealed, run_key, context)
-    if len(plaintext) < 4:
+def open_frames(
+    sealed: Sealed, run_key: RunKeyPair, context: SealContext, allocate: Callable[[int], tuple[B, memoryview]]
+) -> list[tuple[dict[str, Any], B]]:
+    """Open a :func:`seal_frames` message: ``(meta, buffer)`` pairs, each frame decrypted straight
+    into a buffer of its own from ``allocate(size)`` (the buffer and a writable view of it, e.g.
+    :func:`~fedvault.security.buffers.fresh_array`). The manifest is read from the first chunk,
+    and checked to fit the header's length, before any frame is allocated."""
+    reader = _Reader.open(sealed, run_key, context)
+    if reader.length < 4:
         raise SealingError("payload", "too short for a frame manifest")
-    (size,) = struct.unpack(">I", plaintext[:4])
-    manifest = parse_canonical_json(bytes(plaintext[4 : 4 + size]), "payload manifest")
-    entries = manifest.get("frames") if isinstance(manifest, dict) else None
-    if not isinstance(entries, list) or len(manifest) != 1:
-        raise SealingError("payload manifest", "must be {'frames': [...]}")
+    (size,) = struct.unpack(">I", reader.read(4))
+    if 4 + size > reader.length:
+        raise SealingError("payload manifest", f"{size} bytes, payload has {reader.length}")
+    entries = _manifest_entries(parse_canonical_json(reader.read(size), "payload manifest"))
+    paddings = _frame_paddings(4 + size, [entry["size"] for entry in entries], reader.length)
     frames = []
-    offset = 4 + size
-    for entry in entries:
-        if not (
-            isinstance(entry, dict)
-            and set(entry) == {"meta", "size"}
-            and isinstance(entry["meta"], dict)
-            and _is_count(entry["size"])
-        ):
-            raise SealingError("payload manifest", f"bad frame entry {entry!r}")
-        offset += -offset % ALIGNMENT
-        frames.append((entry["meta"], plaintext[offset : offset + entry["size"]]))
-        offset += entry["size"]
-    if offset != len(plaintext):
-        raise SealingError("payload", f"frames end at byte {offset}, payload has {len(plaintext)}")
+    for entry, padding in zip(entries, paddings):
+        reader.read(padding)
+        buffer, view = allocate(entry["size"])
+        reader.read_into(view)
+        frames.append((entry["meta"], buffer))
+    reader.finish()
     return frames
 
 
@@ -371,9 +350,9 @@ def seal_arrays(
 
 
 def open_arrays(sealed: Sealed, run_key: RunKeyPair, context: SealContext) -> dict[str, np.ndarray]:
-    """Open a :func:`seal_arrays` message; the arrays are writable views into one buffer."""
+    """Open a :func:`seal_arrays` message; each array is writable, in a buffer of its own."""
     arrays: dict[str, np.ndarray] = {}
-    for meta, view in open_frames(sealed, run_key, context):
+    for meta, view in open_frames(sealed, run_key, context, fresh_array):
         try:
             dtype = np.dtype(meta["dtype"])
             if dtype.hasobject or dtype.fields is not None:
@@ -416,6 +395,111 @@ def _check_header(header: bytes, suite: str, context: SealContext) -> dict[str, 
     return fields
 
 
+class _Reader:
+    """A sealed message's plaintext, read in order. Each chunk is decrypted once: straight into the
+    reader's buffer when it fits there whole, else into a staging buffer that reads copy from."""
+
+    def __init__(self, chunks: Sequence[Buffer], aead: AESGCM, header_hash: bytes, length: int, chunk_size: int):
+        self.length = length
+        self._chunks = chunks
+        self._aead = aead
+        self._header_hash = header_hash
+        self._next = 0  # the next chunk to decrypt
+        self._staging = fresh_array(min(chunk_size, length))[1]
+        self._staged = self._staging[:0]  # decrypted, still unread bytes of the last staged chunk
+
+    @classmethod
+    def open(cls, sealed: Sealed, run_key: RunKeyPair, context: SealContext) -> _Reader:
+        """Check the header and the chunk sizes, then open the key block."""
+        fields = _check_header(sealed.header, run_key.suite, context)
+        chunk_size, length, count = fields["chunk"], fields["length"], fields["count"]
+        if len(sealed.chunks) != count:
+            problem = "truncated" if len(sealed.chunks) < count else "extended"
+            raise SealingError("chunks", f"{problem}: {len(sealed.chunks)} chunks, header says {count}")
+        for i, chunk in enumerate(sealed.chunks):
+            expected = min(chunk_size, length - i * chunk_size) + TAG_SIZE
+            if len(chunk) != expected:
+                raise SealingError(f"chunk {i}", f"{len(chunk)} bytes, expected {expected}")
+        suite = get_suite(run_key.suite)
+        header_hash = hashlib.sha256(_HEADER_DOMAIN + sealed.header).digest()
+        try:
+            data_key = suite.hpke_suite.decrypt(sealed.key, run_key.private_key, info=_KEY_DOMAIN + header_hash)
+        except (InvalidTag, ValueError):
+            raise SealingError(
+                "key", "key block does not open: header or encapsulated key edited, or another run key"
+            ) from None
+        return cls(sealed.chunks, AESGCM(data_key), header_hash, length, chunk_size)
+
+    def read_into(self, out: memoryview) -> None:
+        """Fill ``out`` with the next ``len(out)`` plaintext bytes."""
+        filled = self._take_staged(out)
+        while filled < len(out):
+            size = len(self._chunks[self._next]) - TAG_SIZE
+            if len(out) - filled >= size:
+                self._decrypt(out[filled : filled + size])
+                filled += size
+            else:
+                self._staged = self._staging[:size]
+                self._decrypt(self._staged)
+                filled += self._take_staged(out[filled:])
+
+    def read(self, size: int) -> bytes:
+        """The next ``size`` plaintext bytes (small reads: manifest, padding)."""
+        data = bytearray(size)
+        self.read_into(memoryview(data))
+        return bytes(data)
+
+    def finish(self) -> None:
+        """Authenticate the chunks no read reached: the one, empty chunk of an empty message."""
+        while self._next < len(self._chunks):
+            self._decrypt(memoryview(bytearray()))
+
+    def _take_staged(self, out: memoryview) -> int:
+        take = min(len(out), len(self._staged))
+        out[:take] = self._staged[:take]
+        self._staged = self._staged[take:]
+        return take
+
+    def _decrypt(self, out: memoryview) -> None:
+        index = self._next
+        aad = _chunk_aad(self._header_hash, index, len(self._chunks))
+        try:
+            self._aead.decrypt_into(_nonce(index), self._chunks[index], aad, out)
+        except InvalidTag:
+            raise SealingError(
+                f"chunk {index}", "failed authentication: edited, reordered or from another message"
+            ) from None
+        self._next += 1
+
+
+def _manifest_entries(manifest: Any) -> list[dict[str, Any]]:
+    """The frame entries of a parsed manifest (SealingError unless ``{"frames": [{meta, size}]}``)."""
+    entries = manifest.get("frames") if isinstance(manifest, dict) else None
+    if not isinstance(entries, list) or len(manifest) != 1:
+        raise SealingError("payload manifest", "must be {'frames': [...]}")
+    for entry in entries:
+        if not (
+            isinstance(entry, dict)
+            and set(entry) == {"meta", "size"}
+            and isinstance(entry["meta"], dict)
+            and _is_count(entry["size"])
+        ):
+            raise SealingError("payload manifest", f"bad frame entry {entry!r}")
+    return entries
+
+
+def _frame_paddings(offset: int, sizes: list[int], length: int) -> list[int]:
+    """The zero padding before each frame, the first starting after ``offset``; the frames must end
+    exactly at ``length``."""
+    paddings = []
+    for size in sizes:
+        paddings.append(-offset % ALIGNMENT)
+        offset += paddings[-1] + size
+    if offset != length:
+        raise SealingError("payload", f"frames end at byte {offset}, payload has {length}")
+    return paddings
+
+
 def _gather(views: list[memoryview], chunk_size: int, length: int) -> Iterator[memoryview]:
     """Chunks of the concatenation of ``views``: slices where possible, else a staging copy.
 
@@ -425,7 +509,7 @@ def _gather(views: list[memoryview], chunk_size: int, length: int) -> Iterator[m
         yield memoryview(b"")
         return
     views = [v for v in views if len(v)]
-    staging = memoryview(bytearray(min(chunk_size, length)))
+    staging = fresh_array(min(chunk_size, length))[1]
     index, offset = 0, 0  # next unread byte: views[index][offset]
     for start in range(0, length, chunk_size):
         want = min(chunk_size, length - start)

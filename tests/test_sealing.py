@@ -117,6 +117,16 @@ def test_arrays_round_trip_keeps_dtype_shape_values_and_order(run_key):
         np.testing.assert_array_equal(opened[name], array)
 
 
+def test_opened_arrays_own_their_memory_and_chunks_are_bytes(run_key):
+    arrays = {"a": np.arange(3000, dtype=np.float32), "b": np.ones(5, dtype=np.int8)}
+    sealed = seal_arrays(arrays, run_key.public, CONTEXT, chunk_size=SMALL)
+    assert all(type(chunk) is bytes for chunk in sealed.chunks)  # as Flower's Array.data must be
+    opened = open_arrays(sealed, run_key, CONTEXT)
+    opened["a"][:] = -1  # writable, and no other array or a second opening sees the write
+    np.testing.assert_array_equal(opened["b"], arrays["b"])
+    np.testing.assert_array_equal(open_arrays(sealed, run_key, CONTEXT)["a"], arrays["a"])
+
+
 def test_array_names_and_shapes_are_inside_the_ciphertext(run_key):
     arrays = {"secret_layer_name": np.zeros((17, 19), dtype=np.float32)}
     sealed = seal_arrays(arrays, run_key.public, CONTEXT)
