@@ -35,6 +35,7 @@ from cryptography import x509
 from fedvault.atomic import atomic_write
 from fedvault.cli_config import add_config_args
 from fedvault.config import RunConfig
+from fedvault.deploy.node_activity import NodeActivity
 from fedvault.deploy.processes import (
     PRIVATE_UMASK,
     ManagedProcess,
@@ -776,7 +777,7 @@ def cmd_client(args: argparse.Namespace, out: TextIO | None = None) -> int:
             f"partition {args.client_id - 1} of {args.num_partitions}; log {node.process.log_path}",
         )
         _say(out, "ready")
-        code = _supervise_node(node)
+        code = _supervise_node(node, NodeActivity(Path(node_config["answered-rounds"])), out)
     if code is None:
         return 0  # Ctrl-C or SIGTERM
     if code == 0:
@@ -789,11 +790,13 @@ def cmd_client(args: argparse.Namespace, out: TextIO | None = None) -> int:
     raise DeployError(f"SuperNode exited with code {code} (log: {node.process.log_path})")
 
 
-def _supervise_node(node: Any) -> int | None:
-    """Wait until the SuperNode exits (its exit code) or Ctrl-C / SIGTERM (None); then stop it.
-    Call inside :func:`_sigterm_as_interrupt`."""
+def _supervise_node(node: Any, activity: NodeActivity, out: TextIO) -> int | None:
+    """Wait until the SuperNode exits (its exit code) or Ctrl-C / SIGTERM (None), saying each round
+    it answers and each run's end; then stop it. Call inside :func:`_sigterm_as_interrupt`."""
     try:
         while node.process.alive():
+            for line in activity.poll():
+                _say(out, line)
             time.sleep(0.5)
         return int(node.process.popen.returncode)
     except KeyboardInterrupt:

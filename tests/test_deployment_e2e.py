@@ -196,8 +196,12 @@ def test_two_rounds_with_tls_and_node_auth_improve_accuracy(federation):
     assert all(r["replies_ok"] == 3 for r in records[1:])
     accuracy = [r["central"]["accuracy"] for r in records]
     assert accuracy[2] > accuracy[1] > accuracy[0]
+    run_id = re.search(r"run (\d+) finished:completed", server_log).group(1)
+    said = (f"run {run_id}: answered train round 1", f"run {run_id}: answered train round 2")
     for client in federation["clients"]:
         assert client.alive()  # clients outlive the run; they stop on Ctrl-C / SIGTERM
+        shown = lambda client=client: all(line in client.log_text() for line in said)  # noqa: E731
+        wait_for(shown, seconds(20), "the client's round lines")
 
 
 @pytest.mark.integration
