@@ -509,6 +509,7 @@ def cmd_server(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``fedvault server``: SuperLink + one run; exit 0 only if the run completed every round."""
     out = out or sys.stdout  # looked up per call: tests and callers redirect sys.stdout
     from fedvault.deploy.superlink import start_superlink, submit_run
+    from fedvault.server.tracking import check_tracking
 
     state_dir = Path(args.state).expanduser().resolve()
     cfg = resolve_server_config(args.config, args.overrides, state_dir, args.resume)
@@ -532,6 +533,7 @@ def cmd_server(args: argparse.Namespace, out: TextIO | None = None) -> int:
         cfg = RunConfig.from_flat({**cfg.to_flat(), "sealing.identity-key": str(identity_key)})
     server_policy = _server_policy_env(cfg, state_dir, args.allow_plugin or ())
     _check_server_plugins(cfg, server_policy)  # a plug-in the ServerApp would refuse stops here, in one line
+    check_tracking(cfg)  # so does a tracker that is not installed
     host = args.host or ("127.0.0.1" if args.insecure else "0.0.0.0")
     with _sigterm_as_interrupt():
         superlink = start_superlink(

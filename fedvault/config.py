@@ -179,6 +179,42 @@ class SealingConfig(_Validated):
         return self.mode == "on" or (self.mode == "auto" and deployed)
 
 
+#: Experiment trackers ``tracking.backends`` may name (fedvault.server.tracking writes to them).
+TRACKERS = ("tensorboard", "mlflow")
+
+
+def _tracker_names(value: str) -> tuple[str, ...]:
+    """``"none"`` -> (); ``"tensorboard,mlflow"`` -> ("tensorboard", "mlflow")."""
+    return () if value.strip() == "none" else tuple(name.strip() for name in value.split(","))
+
+
+def _valid_trackers(value: str) -> bool:
+    names = _tracker_names(value)
+    return all(name in TRACKERS for name in names) and len(set(names)) == len(names)
+
+
+@dataclass(frozen=True)
+class TrackingConfig(_Validated):
+    """Per-round metrics, privacy spend and system figures also sent to TensorBoard and/or MLflow."""
+
+    SECTION: ClassVar[str] = "tracking"
+
+    backends: str = option(
+        "none",
+        "also log each round to: none, tensorboard, mlflow, or both as 'tensorboard,mlflow' "
+        "(pip install 'fedvault[tracking]')",
+        (_valid_trackers, "must be none, or tensorboard and/or mlflow separated by a comma, each once"),
+    )
+    dir: str = option("", "TensorBoard log directory; empty = <run-dir>/tensorboard")
+    uri: str = option("", "MLflow tracking URI; empty = sqlite:///<run-dir>/mlflow.db")
+    experiment: str = option("", "MLflow experiment name; empty = the task")
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The trackers named, in the order given (empty for none)."""
+        return _tracker_names(self.backends)
+
+
 @dataclass(frozen=True)
 class RunConfig(_Validated):
     """Everything a run needs; see README.md for the reference table."""
@@ -248,6 +284,7 @@ class RunConfig(_Validated):
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     sealing: SealingConfig = field(default_factory=SealingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     strategy_params: tuple = field(default=(), metadata={"free": STRATEGY_PREFIX})  # ((param, value), ...)
 
     # ---- construction -------------------------------------------------------------------

@@ -33,6 +33,7 @@ from fedvault.server.recorder import RunRecorder
 from fedvault.server.resume import checkpoint_round, restore
 from fedvault.server.rounds import RoundLoop, RunStopped
 from fedvault.server.sealing import SealedGrid, ServerSealing, ServerSealingPolicy
+from fedvault.server.tracking import Tracking
 from fedvault.strategies.registry import build_strategy
 from fedvault.strategies.validation import ValidationRules
 from fedvault.tasks import Task, load_task, load_task_data, make_loader
@@ -98,6 +99,7 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     (plug-ins, sealing); otherwise (a simulation) the config's author runs every party."""
     check_run_plugins(cfg, server_plugin_policy(deployed))  # before any plug-in is imported or a file written
     run_dir = RunDirectory(cfg.run_dir or default_run_dir(cfg.task))
+    tracking = Tracking(cfg, run_dir.path)  # a tracker asked for but not installed stops here
     if not (run_dir.path / "config.toml").exists():
         run_dir.create(cfg.to_flat())
     task = load_task(cfg.task)
@@ -123,11 +125,12 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
         grid = SealedGrid(grid, sealing)
     release = client_level_round_record if cfg.privacy.client_level else (lambda record: record)
     recorder = RunRecorder(run_dir, cfg.num_server_rounds, title=run_title(cfg), out=sys.stdout)
+    observers = (recorder, tracking)  # each round: the run directory, then the trackers
     loop = RoundLoop(
         strategy=strategy,
         grid=grid,
         central_evaluate=central_evaluator(task, cfg),
-        on_round=lambda record, arrays: _finish_round(run_dir, loop, recorder, anchorer, release(record), arrays),
+        on_round=lambda record, arrays: _finish_round(run_dir, loop, observers, anchorer, release(record), arrays),
         timeout=cfg.round_timeout,
         rules=validation_rules(cfg, base),
         min_replies=cfg.min_replies,
@@ -139,12 +142,13 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
         arrays, first_round = restore(run_dir, loop, arrays)
         print(f"resuming {run_dir.path} at round {first_round}", file=sys.stdout, flush=True)
     stopped = None
-    try:
-        arrays = loop.run(arrays, cfg.num_server_rounds, lambda r: round_config(cfg, r), first_round)
-    except RunStopped as exc:
-        stopped = str(exc)
-        print(f"run stopped: {stopped}", file=sys.stdout, flush=True)
-        arrays = recorder.last_arrays or arrays
+    with tracking:  # open before round 0, closed however the rounds end
+        try:
+            arrays = loop.run(arrays, cfg.num_server_rounds, lambda r: round_config(cfg, r), first_round)
+        except RunStopped as exc:
+            stopped = str(exc)
+            print(f"run stopped: {stopped}", file=sys.stdout, flush=True)
+            arrays = recorder.last_arrays or arrays
     extra: dict[str, object] = {"task": cfg.task, "run_dir": str(Path(run_dir.path)), "stopped": stopped}
     if anchorer is not None:
         last_round = anchorer.last.round if anchorer.last else first_round - 1
@@ -161,15 +165,18 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
 def _finish_round(
     run_dir: RunDirectory,
     loop: RoundLoop,
-    recorder: RunRecorder,
+    observers: tuple[RunRecorder, Tracking],
     anchorer: LedgerAnchorer | None,
     record: dict,
     arrays: ArrayRecord,
 ) -> None:
-    """Metrics line, then the signed ledger head, then the checkpoint that carries it."""
+    """Metrics line, then the signed ledger head, then the checkpoint that carries it, then the trackers
+    (so a round a resume replays was not tracked before)."""
+    recorder, tracking = observers
     recorder.on_round(record, arrays)
     anchor = anchorer.anchor(record["round"]).to_dict() if anchorer is not None else None
     checkpoint_round(run_dir.path, loop, record["round"], arrays, ledger_anchor=anchor)
+    tracking.on_round(record)
 
 
 def central_evaluator(task: Task, cfg: RunConfig):

@@ -37,6 +37,7 @@ from fedvault.rundir import CONFIG_FILE, RunDirectory, claim_run_dir, default_ru
 from fedvault.security.identity import IdentityPin, fingerprint, load_identity_public_key
 from fedvault.server.app import build_server_app, make_strategy
 from fedvault.server.sealing import server_identity_path
+from fedvault.server.tracking import check_tracking
 from fedvault.tasks import load_task_data
 
 log = logging.getLogger("fedvault")
@@ -93,7 +94,8 @@ class SimulationResult:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Fail fast, before Ray starts: the task loads and its data splits as configured."""
+    """Fail fast, before Ray starts: the trackers are installed, the task loads and its data splits as configured."""
+    check_tracking(cfg)
     make_strategy(cfg)  # unknown strategy or bad strategy.<param> fails here, not in a Ray worker
     data = load_task_data(cfg.task, cfg.seed)
     partition(
