@@ -6,7 +6,9 @@ Section "sealing":
 * ``cipher``: AES-128-GCM alone on 1 MiB records, ``encrypt_into``/``decrypt_into`` preallocated
   buffers: the ceiling sealing can approach.
 * ``cipher-fresh``: the same into output buffers allocated for each message (as sealing and opening
-  must: the caller keeps what they return): the cipher plus the first touch of fresh memory.
+  must: the caller keeps what they return). Fresh memory costs a page fault per 4 KiB, as much as
+  the cipher; fedvault's parties keep freed buffers for reuse (:mod:`fedvault.memory`), and so
+  does this benchmark's process (``allocator`` in the results says whether that took effect).
 * ``arrays``: :func:`fedvault.security.sealing.seal_arrays` + ``open_arrays`` (HPKE key wrap,
   framing, chunked AEAD, fresh output buffers: what a message really costs).
 * ``flower``: :func:`fedvault.security.envelope.seal_reply` + ``open_reply`` on a ``RecordDict``
@@ -48,6 +50,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from sweep import RESULTS, simulate, write_results
 
+from fedvault.memory import keep_freed_buffers
 from fedvault.security.envelope import announced, content_digest, open_reply, seal_reply, signed_for, verify_instruction
 from fedvault.security.identity import IdentityPin, InstructionBinding, announce_run_key, fingerprint
 from fedvault.security.sealing import (
@@ -142,6 +145,7 @@ def flower_timer(update: dict[str, np.ndarray], suite: str) -> Timer:
 
 def measure_sealing(sizes: list[int], reps: int) -> dict:
     """Section "sealing": one row per (size, suite, level), medians over interleaved reps."""
+    allocator = keep_freed_buffers()  # as fedvault's server and clients do
     cases: dict[tuple[int, str, str], Timer] = {}
     update_bytes = {}
     for size in sizes:
@@ -186,6 +190,7 @@ def measure_sealing(sizes: list[int], reps: int) -> dict:
     return {
         "reps": reps,
         "chunk_bytes": CHUNK_SIZE,
+        "allocator": "freed buffers kept for reuse (fedvault.memory)" if allocator else "system default",
         "rows": rows,
         "summary": {
             "size_mb": largest,
@@ -210,6 +215,7 @@ def sealing_markdown(section: dict) -> list[str]:
         "## Seal + open throughput",
         "",
         f"Median of {section['reps']} interleaved repetitions; {section['chunk_bytes'] // 2**20} MiB records; "
+        f"allocator: {section['allocator']}; "
         "MB/s = update size / (seal + open), MB = 10^6 bytes (min-max over repetitions in brackets).",
         "",
         "| update | suite | level | seal ms | open ms | seal+open MB/s |",

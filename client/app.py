@@ -38,6 +38,7 @@ from fedvault.client.receipts import keep_receipts
 from fedvault.client.sealing import ClientSealing
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
+from fedvault.memory import keep_freed_buffers
 from fedvault.plugins import PluginPolicy
 from fedvault.privacy.node_ledger import NodeLedger
 from fedvault.protocol import (
@@ -80,6 +81,7 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
     def checked(msg: Message, context: Context, kind: str) -> tuple[RunConfig, ClientPolicy, ClientSealing]:
         """The run config, the policy, and the instruction checked against it: nothing is trained for an
         unsigned, forged, relabelled or replayed instruction (these raise)."""
+        keep_freed_buffers()  # this process allocates the same update-sized buffers every round
         cfg = get_config(context)
         if policy is not None:
             own = policy

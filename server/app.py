@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
+from fedvault.memory import keep_freed_buffers
 from fedvault.plots import run_title
 from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger
@@ -98,6 +99,7 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     ``deployed``: the run config came from the SuperLink, so the server's own policies decide
     (plug-ins, sealing); otherwise (a simulation) the config's author runs every party."""
     check_run_plugins(cfg, server_plugin_policy(deployed))  # before any plug-in is imported or a file written
+    keep_freed_buffers()  # every round opens and aggregates update-sized buffers again
     run_dir = RunDirectory(cfg.run_dir or default_run_dir(cfg.task))
     tracking = Tracking(cfg, run_dir.path)  # a tracker asked for but not installed stops here
     if not (run_dir.path / "config.toml").exists():
