@@ -27,6 +27,7 @@ To add a section, write a ``measure_*`` function that returns a JSON-able dict p
 ``*_markdown`` renderer, and list both in ``SECTIONS``.
 
     python benchmarks/encryption_overhead.py [--sizes 1 10 100] [--reps 7] [--rounds 16] [--pairs 3]
+        [--only sealing|round_time ...]   (a section not measured keeps its figures from the last results)
 
 Writes benchmarks/results/encryption_overhead.json and .md (atomically).
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -346,14 +348,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=16, help="rounds per simulation (round-time section)")
     parser.add_argument("--pairs", type=int, default=3, help="off/on simulation pairs (round-time section)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for encryption_overhead.json and .md")
+    names = [name for name, _, _ in SECTIONS]
+    parser.add_argument(
+        "--only", choices=names, nargs="+", default=names, help="measure these sections; keep the others' last results"
+    )
     args = parser.parse_args(argv)
+    previous = args.out / "encryption_overhead.json"
+    kept = json.loads(previous.read_text()) if set(args.only) != set(names) and previous.exists() else {}
     report = {
         "environment": {
             "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "cryptography": cryptography.__version__,
             "numpy": np.__version__,
         },
-        **{name: measure(args) for name, measure, _ in SECTIONS},
+        **{name: measure(args) if name in args.only else kept[name] for name, measure, _ in SECTIONS},
     }
     env = report["environment"]
     lines = ["# Encryption overhead", "", f"CPU {env['cpu']}; cryptography {env['cryptography']}.", ""]
