@@ -15,7 +15,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def simulate(settings: list[str]) -> dict:
     """One simulation in a subprocess; returns summary.json plus the per-round accuracy curve (round 0
-    first) and seconds (round 1 first)."""
+    first), seconds and bytes received (round 1 first)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(out)]
@@ -28,6 +28,7 @@ def simulate(settings: list[str]) -> dict:
         rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         summary["accuracy_curve"] = [r["central"]["accuracy"] for r in rounds]
         summary["round_seconds"] = [r["seconds"] for r in rounds[1:]]
+        summary["bytes_received_per_round"] = [r.get("bytes_received", 0) for r in rounds[1:]]
         return summary
 
 

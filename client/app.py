@@ -3,7 +3,9 @@
 Replies use Flower's usual keys so stock Flower strategies and ServerApps interoperate with
 fedvault clients; the whole wire format is in :mod:`fedvault.protocol`. Training runs the task's
 own loop with DP on and off (:mod:`fedvault.client.local_training`). Under sample-level DP the
-replies carry only what the client's epsilon covers (:mod:`fedvault.privacy.release`).
+replies carry only what the client's epsilon covers (:mod:`fedvault.privacy.release`). A train
+reply's model is encoded as a delta when ``compression.codec`` asks (:mod:`fedvault.client.compression`),
+then sealed.
 
 What the client requires of an instruction (signed by its pinned server, sealed replies, allowed
 suites, its DP floor, no replayed rounds, a task it allows) is its own policy
@@ -23,19 +25,21 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvault.client.attacks import attack_update
+from fedvault.client.compression import compress_reply
 from fedvault.client.local_training import round_defaults, train_plain
 from fedvault.client.node import (
     DataSelection,
     batch_size_for,
     client_data,
     is_update_attacker,
+    node_ledger_path,
     task_and_model,
     training_data,
 )
 from fedvault.client.policy import ClientPolicy, PolicyRefused
-from fedvault.client.private_training import REFUSALS, node_ledger_path, run_key, train_private
 from fedvault.client.receipts import keep_receipts
 from fedvault.client.sealing import ClientSealing
+from fedvault.compression import make_codec
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
 from fedvault.memory import keep_freed_buffers
@@ -55,6 +59,7 @@ from fedvault.protocol import (
     TRAIN_STEPS,
     read_round_config,
     refusal,
+    run_key,
 )
 from fedvault.strategies.client_steps import build_client_steps
 from fedvault.tasks import make_loader
@@ -109,6 +114,10 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
         make_steps = lambda model: build_client_steps(msg.content, context.state, model)  # noqa: E731
         start = time.perf_counter()
         if cfg.privacy.sample_level:
+            # Opacus and the accountants load only for a DP round: in deployment every message starts a
+            # fresh ClientApp process, and evaluate, query and non-DP rounds need neither (about 3 s)
+            from fedvault.client.private_training import REFUSALS, train_private
+
             ledger = NodeLedger(node_ledger_path(cfg, context.node_config))
             try:
                 done = train_private(
@@ -135,7 +144,9 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
         if not cfg.privacy.sample_level:  # under DP-SGD both are functions of the data no epsilon covers
             metrics[TRAIN_LOSS], metrics[TRAIN_SECONDS] = float(done.result.loss), time.perf_counter() - start
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
-        return sealing.reply(msg, RecordDict({ARRAYS: arrays, METRICS: metrics, **done.records}))
+        content = RecordDict({ARRAYS: arrays, METRICS: metrics, **done.records})
+        codec = make_codec(cfg.compression)  # encode, then seal
+        return sealing.reply(msg, compress_reply(codec, content, msg.content.array_records[ARRAYS], context.state))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from pathlib import Path
 
 import numpy as np
 from torch import nn
@@ -125,3 +126,18 @@ def task_and_model(task_name: str) -> tuple[Task, nn.Module]:
     """The task and one model instance per process; each message loads its weights into it."""
     task = load_task(task_name)
     return task, task.build_model()
+
+
+def client_party(sel: DataSelection) -> str:
+    """The party name this client's spends are recorded under, in both ledgers."""
+    return f"client-{sel.partition_id}"
+
+
+def node_ledger_path(cfg: RunConfig, node_config: dict) -> Path:
+    """Node config ``ledger-path``, else ``privacy.node-ledger``, else beside the run, else ~/.fedvault."""
+    chosen = node_config.get("ledger-path") or cfg.privacy.node_ledger
+    if chosen:
+        return Path(str(chosen))
+    if cfg.run_dir:
+        return Path(cfg.run_dir) / "node-ledger.sqlite"
+    return Path.home() / ".fedvault" / "node-ledger.sqlite"

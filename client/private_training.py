@@ -11,12 +11,11 @@ tell the client what it spent, so it refuses to train (:class:`LedgerInvalid`).
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import torch
 
 from fedvault.client.local_training import LocalRound, StepFactory, cpu_state
-from fedvault.client.node import DataSelection, batch_size_for, task_and_model, training_data
+from fedvault.client.node import DataSelection, batch_size_for, client_party, task_and_model, training_data
 from fedvault.config import RunConfig
 from fedvault.privacy.budget import Budget, projected_epsilon
 from fedvault.privacy.dp_sgd import PrivateTrainer
@@ -31,7 +30,6 @@ from fedvault.protocol import (
     RoundConfig,
     dp_event_record,
 )
-from fedvault.protocol import run_key as run_key  # re-exported: the ClientApp imports it from here
 from fedvault.strategies.client_steps import finish_client_steps
 from fedvault.strategies.hooks import ClientStep
 from fedvault.tasks import make_loader
@@ -67,21 +65,6 @@ class LedgerInvalid(Exception):
 
 #: Every way a client refuses to train; each carries its reply ``status``.
 REFUSALS = (BudgetExhausted, RoundAlreadySpent, LedgerInvalid)
-
-
-def client_party(sel: DataSelection) -> str:
-    """The party name this client's spends are recorded under, in both ledgers."""
-    return f"client-{sel.partition_id}"
-
-
-def node_ledger_path(cfg: RunConfig, node_config: dict) -> Path:
-    """Node config ``ledger-path``, else ``privacy.node-ledger``, else beside the run, else ~/.fedvault."""
-    chosen = node_config.get("ledger-path") or cfg.privacy.node_ledger
-    if chosen:
-        return Path(str(chosen))
-    if cfg.run_dir:
-        return Path(cfg.run_dir) / "node-ledger.sqlite"
-    return Path.home() / ".fedvault" / "node-ledger.sqlite"
 
 
 @cache

@@ -13,9 +13,8 @@ import logging
 
 from flwr.app import Context, Message
 
-from fedvault.client.node import DataSelection
+from fedvault.client.node import DataSelection, client_party, node_ledger_path
 from fedvault.client.policy import ClientPolicy
-from fedvault.client.private_training import client_party, node_ledger_path
 from fedvault.config import RunConfig
 from fedvault.privacy.anchors import key_fingerprint
 from fedvault.privacy.node_ledger import NodeLedger

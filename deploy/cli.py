@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ import tomli_w
 from cryptography import x509
 
 from fedvault.atomic import atomic_write
-from fedvault.cli_config import add_config_args
+from fedvault.cli_config import add_config_args, add_verbosity_args
 from fedvault.config import RunConfig
 from fedvault.deploy.node_activity import NodeActivity
 from fedvault.deploy.processes import (
@@ -167,6 +168,7 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
         "(non-zero if it failed or stopped early).",
     )
     add_config_args(server)
+    add_verbosity_args(server, "also show the SuperLink's own log (Flower's) with the run's")
     server.add_argument(
         "--keys",
         metavar="DIR",
@@ -508,6 +510,7 @@ def write_app_dir(
 def cmd_server(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``fedvault server``: SuperLink + one run; exit 0 only if the run completed every round."""
     out = out or sys.stdout  # looked up per call: tests and callers redirect sys.stdout
+    shown = io.StringIO() if args.quiet else out  # --quiet: the run's log is still in STATE/run-<id>.log
     from fedvault.deploy.superlink import start_superlink, submit_run
     from fedvault.server.tracking import check_tracking
 
@@ -549,47 +552,49 @@ def cmd_server(args: argparse.Namespace, out: TextIO | None = None) -> int:
         try:
             dial = _client_address(layout, host, args.port)
             _say(
-                out,
+                shown,
                 f"SuperLink (pid {superlink.process.pid}) listening on {join_host_port(host, args.port)} for "
                 f"SuperNodes (Fleet API only); state {state_dir}",
             )
             _say(
-                out,
+                shown,
                 f"admin API (flwr) on {superlink.connection.address} only: "
                 f"FLWR_HOME={superlink.connection.flwr_home} flwr ls {superlink.connection.name}",
             )
             keys_hint = "--insecure" if layout is None else "--keys KEYS"
             _say(
-                out,
+                shown,
                 f"clients: fedvault client --server {dial} {keys_hint} --client-id <1..{cfg.num_clients}> "
                 f"--num-partitions {cfg.num_clients}",
             )
             if cfg.sealing.enabled(deployed=True):
                 _say(
-                    out,
+                    shown,
                     f"server identity fingerprint (clients pin it with --server-identity): "
                     f"{_fingerprint(Path(cfg.sealing.identity_key))}",
                 )
-            _say(out, "ready")
+            _say(shown, "ready")
             app_dir = write_app_dir(private_directory(state_dir / APP_DIR), cfg.to_flat(), mode=0o600)
             run_id = submit_run(superlink.connection, app_dir)
             _say(
-                out,
+                shown,
                 f"run {run_id} submitted; run directory {cfg.run_dir}"
                 + (" (resuming from its latest checkpoint)" if cfg.resume else ""),
             )
-            status = follow_run(superlink, run_id, state_dir / f"run-{run_id}.log", out)
+            also = [superlink.process] if args.verbose else []  # Flower's own SuperLink log, interleaved
+            status = follow_run(superlink, run_id, state_dir / f"run-{run_id}.log", shown, also)
             code = _report(out, run_id, status, Path(cfg.run_dir))
             if args.keep_running:
-                _say(out, "run finished; SuperLink keeps serving (Ctrl-C to stop)")
+                _say(shown, "run finished; SuperLink keeps serving (Ctrl-C to stop)")
                 supervise([superlink.process])
             return code
         finally:
             superlink.stop()
 
 
-def follow_run(superlink: Any, run_id: int, log_path: Path, out: TextIO) -> str:
-    """Print the run's log (``flwr log --stream``) as it grows; return its final status.
+def follow_run(superlink: Any, run_id: int, log_path: Path, out: TextIO, also: Sequence[ManagedProcess] = ()) -> str:
+    """Print the run's log (``flwr log --stream``), and the logs of ``also``, as they grow; return the
+    run's final status.
 
     Raises :class:`~fedvault.deploy.processes.ProcessError` if the SuperLink exits first.
     """
@@ -604,9 +609,11 @@ def follow_run(superlink: Any, run_id: int, log_path: Path, out: TextIO) -> str:
         umask=PRIVATE_UMASK,
     )
     printed, stream_ended_at, next_poll = 0, None, time.monotonic() + STATUS_POLL_S
+    printed_also = [0] * len(also)
     try:
         while True:
             printed = _print_new(streamer, printed, out)
+            printed_also = [_print_new(process, done, out) for process, done in zip(also, printed_also)]
             if not superlink.process.alive():
                 raise exited_error(superlink.process, f"while run {run_id} was going")
             if not superlink.front.alive():

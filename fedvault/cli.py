@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedvault import __version__
-from fedvault.cli_config import add_config_args, config_epilog
+from fedvault.cli_config import add_config_args, add_verbosity_args, config_epilog
 from fedvault.config import RunConfig
 from fedvault.errors import ConfigError, FedvaultError
 from fedvault.interruption import Interrupted, run_interruptible
@@ -26,14 +26,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f'run-dir="{args.out}"'] if args.out else [])
     cfg = RunConfig.from_sources(args.config, overrides)  # config errors before torch, Flower and Ray load
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.task)
+    from fedvault.progress import Progress
     from fedvault.simulations.harness import simulate, stop_engine
 
+    if args.quiet:
+        show_progress(logging.ERROR)
+    display = Progress(quiet=args.quiet)
     try:
         resolved = cfg.with_options(run_dir=str(run_dir))
         result = run_interruptible(
-            lambda: simulate(resolved, verbose=args.verbose, overwrite=args.overwrite), run_dir / INTERRUPTED_LOG
+            lambda: simulate(resolved, verbose=args.verbose, overwrite=args.overwrite, display=display),
+            run_dir / INTERRUPTED_LOG,
         )
     except Interrupted as stop:
+        display.close()  # the ServerApp's thread may still be running: its status line goes first
         stop_engine()
         finished = sum(1 for r in RunDirectory(run_dir).rounds() if r["round"] > 0)
         stop.tell(
@@ -73,7 +79,7 @@ EXIT_UNVERIFIED = 3
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from fedvault.privacy.audit import plot_epsilon, render_table, to_csv, to_json
+    from fedvault.privacy.audit import ledger_verdict, plot_epsilon, render_table, to_csv, to_json
     from fedvault.privacy.report import EPSILON_PLOT
     from fedvault.server.run_audit import audit
 
@@ -90,11 +96,31 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if report.exceeded:
         print(f"fedvault audit: cap exceeded by {', '.join(report.exceeded)}", file=sys.stderr)
     refuted = _empirical(Path(args.run_dir), args.canaries) if args.empirical else False
-    if report.tampered:
-        return EXIT_TAMPERED
-    if report.exceeded or refuted:
-        return 1
-    return EXIT_UNVERIFIED if report.unverified else 0
+    return _audit_status(ledger_verdict(report), refuted)
+
+
+#: The exit status of ``fedvault audit`` (and ``report``) for the ledger's verdict.
+VERDICT_STATUS = {
+    "verified": 0,
+    "no DP": 0,
+    "cap exceeded": 1,
+    "tampered": EXIT_TAMPERED,
+    "unverified": EXIT_UNVERIFIED,
+}
+
+
+def _audit_status(verdict: str, refuted: bool) -> int:
+    """Tampering first (2), then a cap exceeded or a claim refuted (1), then unverified (3); else 0."""
+    status = VERDICT_STATUS.get(verdict, EXIT_TAMPERED)  # an audit that failed is an error
+    return 1 if refuted and status != EXIT_TAMPERED else status
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedvault.server.run_report import write_report
+
+    written = write_report(args.run_dir, args.out, server_key=args.server_key)
+    print(f"report: {written.path} (privacy: {written.verdict})")
+    return _audit_status(written.verdict, written.refuted)
 
 
 def _empirical(run_dir: Path, canaries: int) -> bool:
@@ -107,6 +133,15 @@ def _empirical(run_dir: Path, canaries: int) -> bool:
     results = empirical_audit_of_run(run_dir, RunConfig.from_sources(run_dir / CONFIG_FILE), canaries)
     print(render_empirical(results), end="")
     return any(r["flagged"] for r in results)
+
+
+def _add_server_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server-key",
+        metavar="PUB_OR_FINGERPRINT",
+        help="pin the key the anchors must be signed by: an identity.pub file or its SHA-256 fingerprint "
+        "(default: the identity the run's config names, or RUN_DIR/identity/)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(simulate)
     simulate.add_argument("--out", metavar="DIR", help="run directory (default runs/<time>-<task>)")
-    simulate.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    add_verbosity_args(simulate, "also show Flower's and Ray's own logs")
     simulate.add_argument(
         "--overwrite",
         action="store_true",
@@ -161,12 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "identity key can re-sign a rewritten ledger.",
     )
     audit.add_argument("run_dir", metavar="RUN_DIR")
-    audit.add_argument(
-        "--server-key",
-        metavar="PUB_OR_FINGERPRINT",
-        help="pin the key the anchors must be signed by: an identity.pub file or its SHA-256 fingerprint "
-        "(default: the identity the run's config names, or RUN_DIR/identity/)",
-    )
+    _add_server_key(audit)
     audit.add_argument(
         "--node-ledger",
         metavar="FILE",
@@ -188,6 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fmt.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     audit.set_defaults(func=_cmd_audit)
+
+    report = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of a run (config, curves, privacy audit, system) for a reviewer",
+        description="Write RUN_DIR/report.html (or --out FILE): the run's config, accuracy and loss per round, "
+        "the privacy audit of `fedvault audit` (ledger verdict, findings, caps exceeded, epsilon per client and "
+        "per round), the empirical audit if `fedvault audit --empirical` was run, and seconds, bytes and clients "
+        "per round. The page loads nothing from anywhere (inline CSS, figures as inline PNGs): open it offline "
+        "or send it as one file. Nothing else in RUN_DIR is written.",
+        epilog="exit status: 2 and no page when config.toml or metrics.jsonl is missing or damaged (naming the "
+        "file) or another error stops it; once the page is written, as `fedvault audit`: 0 verified (or no DP); "
+        "1 a cap exceeded or the empirical audit refuted the claim; 2 tampering, or a ledger that cannot be "
+        "audited; 3 unverified.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--out", metavar="FILE", help="where to write the page (default RUN_DIR/report.html)")
+    _add_server_key(report)
+    report.set_defaults(func=_cmd_report)
 
     from fedvault.deploy.cli import add_deploy_commands
 

@@ -1,5 +1,5 @@
-"""Command-line pieces every config-taking command shares: the positional config file, ``--set``, and
-the epilog listing every key (``fedvault simulate`` and ``fedvault server`` use both)."""
+"""Command-line pieces every config-taking command shares: the positional config file, ``--set``,
+``--quiet``/``--verbose``, and the epilog listing every key (``fedvault simulate`` and ``fedvault server``)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one config key (repeatable), e.g. --set num-server-rounds=5",
     )
+
+
+def add_verbosity_args(parser: argparse.ArgumentParser, verbose_help: str) -> None:
+    """``--quiet`` (only errors and the final summary line) or ``--verbose`` (``verbose_help``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quiet", action="store_true", help="print only errors and the final summary line")
+    group.add_argument("--verbose", action="store_true", help=verbose_help)
 
 
 #: README's config table sits between this marker and the next blank line; tests/test_config_table.py checks it.

@@ -179,6 +179,25 @@ class SealingConfig(_Validated):
         return self.mode == "on" or (self.mode == "auto" and deployed)
 
 
+@dataclass(frozen=True)
+class CompressionConfig(_Validated):
+    """How a client compresses its update (the delta against the global model; fedvault.compression)."""
+
+    SECTION: ClassVar[str] = "compression"
+
+    codec: str = option(
+        "none",
+        "update codec: none, fp16, bf16, int8 / int4 (blockwise absmax), topk (top-k with error feedback)",
+        choices=("none", "fp16", "bf16", "int8", "int4", "topk"),
+    )
+    block_size: int = option(256, "values per float32 scale for int8 / int4", POSITIVE)
+    top_k_fraction: float = option(
+        0.01,
+        "share of the update's values topk sends (the largest magnitudes)",
+        (lambda v: 0 < v <= 1, "must be > 0 and <= 1"),
+    )
+
+
 #: Experiment trackers ``tracking.backends`` may name (fedvault.server.tracking writes to them).
 TRACKERS = ("tensorboard", "mlflow")
 
@@ -285,6 +304,7 @@ class RunConfig(_Validated):
     attack: AttackConfig = field(default_factory=AttackConfig)
     sealing: SealingConfig = field(default_factory=SealingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     strategy_params: tuple = field(default=(), metadata={"free": STRATEGY_PREFIX})  # ((param, value), ...)
 
     # ---- construction -------------------------------------------------------------------

@@ -6,6 +6,7 @@ user's pyplot backend and global figure list are left alone (no ``matplotlib.use
 
 from __future__ import annotations
 
+import io
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,35 +33,97 @@ def run_title(cfg: RunConfig) -> str:
     return f"{cfg.task}, {cfg.num_clients} clients ({cfg.partitioner}), {cfg.strategy.name}, {privacy}"
 
 
-def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
-    """Write accuracy.png and loss.png (centralized and client-side curves per round)."""
-    written = []
-    for name, curves in {
-        "accuracy": [
-            ("central", "accuracy", "server (held-out test)"),
-            ("evaluate", "eval_accuracy", "clients (local test)"),
-        ],
-        "loss": [
-            ("central", "loss", "server (held-out test)"),
-            ("evaluate", "eval_loss", "clients (local test)"),
-            ("train", "train_loss", "clients (training)"),
-        ],
-    }.items():
-        fig = Figure(figsize=(6, 4))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
+METRIC_CURVES = {
+    "accuracy": [
+        ("central", "accuracy", "server (held-out test)"),
+        ("evaluate", "eval_accuracy", "clients (local test)"),
+    ],
+    "loss": [
+        ("central", "loss", "server (held-out test)"),
+        ("evaluate", "eval_loss", "clients (local test)"),
+        ("train", "train_loss", "clients (training)"),
+    ],
+}
+
+
+def _axes(title: str, ylabel: str) -> tuple[Figure, Any]:
+    """A 6x4 in figure with its own Agg canvas and one axes with integer rounds on x."""
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def metric_figures(rounds: list[dict[str, Any]], title: str) -> dict[str, Figure]:
+    """``{"accuracy": fig, "loss": fig}``: centralized and client-side curves per round."""
+    figures = {}
+    for name, curves in METRIC_CURVES.items():
+        fig, ax = _axes(f"{name} per round\n{title}", name)
         for section, key, label in curves:
             xs, ys = _series(rounds, section, key)
             if xs:
                 ax.plot(xs, ys, marker="o", label=label)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(name)
-        ax.set_title(f"{name} per round\n{title}", fontsize="medium")
-        ax.grid(alpha=0.3)
         ax.legend()
-        path = out_dir / f"{name}.png"
         fig.tight_layout()
+        figures[name] = fig
+    return figures
+
+
+#: Per-round client counts in metrics.jsonl, with their labels.
+CLIENT_COUNTS = {
+    "clients_sampled": "sampled",
+    "replies_ok": "aggregated",
+    "dropped": "dropped",
+    "late": "late",
+    "failed_nodes": "no reply",
+    "budget_exhausted": "out of budget",
+}
+
+
+def client_count(record: dict[str, Any], key: str) -> int | None:
+    """A :data:`CLIENT_COUNTS` count of a round's record (a number, or the nodes it lists); None if absent."""
+    value = record.get(key)
+    return len(value) if isinstance(value, list) else value
+
+
+def system_figures(rounds: list[dict[str, Any]], title: str) -> dict[str, Figure]:
+    """``{"round_seconds", "traffic", "clients"}``: seconds, bytes (MB) and client counts per round."""
+    trained = [r for r in rounds if "clients_sampled" in r]
+    xs = [r["round"] for r in trained]
+    seconds, sax = _axes(f"seconds per round\n{title}", "seconds")
+    sax.bar([r["round"] for r in rounds], [r.get("seconds", 0.0) for r in rounds], color="tab:gray")
+    traffic, tax = _axes(f"traffic per round\n{title}", "MB")
+    for offset, key, label in ((-0.2, "bytes_sent", "sent by the server"), (0.2, "bytes_received", "received")):
+        tax.bar([x + offset for x in xs], [r.get(key, 0) / 1e6 for r in trained], width=0.4, label=label)
+    tax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    clients, cax = _axes(f"clients per round\n{title}", "clients")
+    cax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for (key, label), marker, size in zip(CLIENT_COUNTS.items(), "osDv^x", range(11, 0, -2)):  # overlaps stay visible
+        cax.plot(xs, [client_count(r, key) or 0 for r in trained], marker=marker, markersize=size, label=label)
+    cax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figures = {"round_seconds": seconds, "traffic": traffic, "clients": clients}
+    for fig in figures.values():
+        fig.tight_layout()
+    return figures
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG (100 dpi, cropped to what is drawn, legends outside the axes included)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+    """Write accuracy.png and loss.png (centralized and client-side curves per round)."""
+    written = []
+    for name, fig in metric_figures(rounds, title).items():
+        path = out_dir / f"{name}.png"
         atomic_write(path, partial(fig.savefig, format="png", dpi=100))
         written.append(path)
     return written

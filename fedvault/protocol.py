@@ -24,7 +24,9 @@ reply (client -> server)
 
 Strategy records (SCAFFOLD's ``"scaffold.*"``, FedNova's ``"fednova.*"`` metrics) are defined
 next to both halves of their strategy in :mod:`fedvault.strategies`; sealing's ``"fedvault.*"``
-records in :mod:`fedvault.security.envelope`.
+records in :mod:`fedvault.security.envelope`; update compression's ``"fedvault.compressed"`` ArrayRecord
+and ``"fedvault.compression"`` ConfigRecord, which replace ``"arrays"`` in a compressed reply, in
+:mod:`fedvault.compression`.
 """
 
 from __future__ import annotations

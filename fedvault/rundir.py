@@ -81,10 +81,22 @@ class RunDirectory:
         append_line(self.path / METRICS_FILE, json.dumps(record, sort_keys=True))
 
     def rounds(self) -> list[dict[str, Any]]:
+        """The per-round records ([] before the first); a line that is not a JSON record raises naming it."""
         path = self.path / METRICS_FILE
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RunDirectoryError(f"{path} line {number} is not JSON: {exc.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+                raise RunDirectoryError(f"{path} line {number} is not a round record (no integer 'round')")
+            records.append(record)
+        return records
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write(

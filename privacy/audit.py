@@ -252,24 +252,26 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def render_table(report: AuditReport) -> str:
-    """Human-readable report: ledger integrity and anchors, one row per party, the findings and exceeded caps."""
-    header = (
-        "party",
-        "kind",
-        "rounds",
-        "nodes",
-        "dropped",
-        "eps PLD",
-        "eps PRV",
-        "eps RDP",
-        "delta",
-        "cap",
-        "remaining",
-        "mechanism",
-        "status",
-    )
-    rows = [
+PARTY_COLUMNS = (
+    "party",
+    "kind",
+    "rounds",
+    "nodes",
+    "dropped",
+    "eps PLD",
+    "eps PRV",
+    "eps RDP",
+    "delta",
+    "cap",
+    "remaining",
+    "mechanism",
+    "status",
+)
+
+
+def party_rows(report: AuditReport) -> list[tuple[str, ...]]:
+    """One row of display strings per party, in :data:`PARTY_COLUMNS` order."""
+    return [
         (
             p.party,
             p.kind,
@@ -287,6 +289,21 @@ def render_table(report: AuditReport) -> str:
         )
         for p in report.parties
     ]
+
+
+def ledger_verdict(report: AuditReport) -> str:
+    """The ledger's verdict, the first that applies: tampered, cap exceeded, unverified, verified."""
+    if report.tampered:
+        return "tampered"
+    if report.exceeded:
+        return "cap exceeded"
+    return "unverified" if report.unverified else "verified"
+
+
+def render_table(report: AuditReport) -> str:
+    """Human-readable report: ledger integrity and anchors, one row per party, the findings and exceeded caps."""
+    header = PARTY_COLUMNS
+    rows = party_rows(report)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         f"privacy audit of {report.run_dir} (run {report.run!r})",
@@ -377,9 +394,8 @@ def to_csv(report: AuditReport) -> str:
     return out.getvalue()
 
 
-def plot_epsilon(report: AuditReport, path: str | Path) -> Path:
-    """Write a PNG of cumulative PLD epsilon after each round per party (atomically) and return its path."""
-    path = Path(path)
+def epsilon_figure(report: AuditReport, title: str | None = None) -> Figure:
+    """Cumulative PLD epsilon after each round per party, with the caps; ``title`` defaults to the run's name."""
     figure = Figure(figsize=(8, 5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -398,13 +414,20 @@ def plot_epsilon(report: AuditReport, path: str | Path) -> Path:
         )
     axes.set_xlabel("round")
     axes.set_ylabel(f"cumulative epsilon (PLD, delta={report.delta:g})")
-    axes.set_title(f"privacy spent: {Path(report.run_dir).name}")
+    axes.set_title(title or f"privacy spent: {Path(report.run_dir).name}", fontsize="medium")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(True, alpha=0.3)
     if report.curves:
         axes.legend(
             fontsize="small", ncol=2 if len(report.curves) > 12 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0)
         )
+    return figure
+
+
+def plot_epsilon(report: AuditReport, path: str | Path) -> Path:
+    """Write :func:`epsilon_figure` as a PNG (atomically) and return its path."""
+    path = Path(path)
+    figure = epsilon_figure(report)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: figure.savefig(handle, format="png", bbox_inches="tight"))
     return path

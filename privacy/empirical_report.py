@@ -72,14 +72,21 @@ def empirical_audit_of_run(run_dir: Path, cfg: RunConfig, canaries: int) -> list
     return results
 
 
+def bound_kind(result: dict[str, Any]) -> str:
+    """What the audited number is: a 95 % lower bound (DP-SGD) or a one-shot estimate (DP-FedAvg)."""
+    return "lower bound (95 %)" if result["mechanism"] == "dp-sgd" else "one-shot estimate"
+
+
+def verdict(result: dict[str, Any]) -> str:
+    return "CLAIM EXCEEDED" if result["flagged"] else "consistent with the claim"
+
+
 def render_empirical(results: list[dict[str, Any]]) -> str:
     """One line per mechanism: claim, audited value, canaries, seed, and whether the claim was refuted."""
     lines = ["empirical audit (a separate run with canaries; the run's model holds none):"]
     for r in results:
-        kind = "lower bound (95 %)" if r["mechanism"] == "dp-sgd" else "one-shot estimate"
-        verdict = "CLAIM EXCEEDED" if r["flagged"] else "consistent with the claim"
         lines.append(
-            f"  {r['mechanism']}: claimed epsilon {r['claimed_epsilon']:g}, audited {kind} {r['audited']:.3f} "
-            f"with {r['canaries']} canaries (seed {r['seed']}, {r['ledger_entry']}): {verdict}"
+            f"  {r['mechanism']}: claimed epsilon {r['claimed_epsilon']:g}, audited {bound_kind(r)} {r['audited']:.3f} "
+            f"with {r['canaries']} canaries (seed {r['seed']}, {r['ledger_entry']}): {verdict(r)}"
         )
     return "\n".join(lines) + "\n"

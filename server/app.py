@@ -6,8 +6,8 @@ allows (:mod:`fedvault.server.plugins`); that is checked before anything is impo
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -15,19 +15,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedvault.compression import make_codec
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
+from fedvault.logs import show_progress
 from fedvault.memory import keep_freed_buffers
 from fedvault.plots import run_title
 from fedvault.privacy.dp_sgd import dp_compatible
 from fedvault.privacy.ledger import LEDGER_FILENAME, Ledger
 from fedvault.privacy.release import client_level_round_record
 from fedvault.privacy.report import ledger_header, privacy_summary
+from fedvault.progress import Progress
 from fedvault.protocol import run_key, train_config
 from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.security.identity import load_identity
 from fedvault.server.anchoring import ANCHOR_KEY, LedgerAnchorer, anchor_sources
 from fedvault.server.client_level_dp import ClientLevelDP
+from fedvault.server.compression import DecodingGrid
 from fedvault.server.plugins import check_run_plugins, server_plugin_policy
 from fedvault.server.receipts import ReceiptGrid
 from fedvault.server.recorder import RunRecorder
@@ -40,14 +44,17 @@ from fedvault.strategies.validation import ValidationRules
 from fedvault.tasks import Task, load_task, load_task_data, make_loader
 
 
-def build_server_app(config: RunConfig | None = None) -> ServerApp:
-    """A ServerApp using ``config``, or the Flower run config when ``config`` is None."""
+def build_server_app(config: RunConfig | None = None, progress: Progress | None = None) -> ServerApp:
+    """A ServerApp using ``config``, or the Flower run config when ``config`` is None (deployed: in a
+    process whose application set up no logging, it shows fedvault's log lines in the run's log)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if config is None and not logging.getLogger().handlers:  # a process of its own (flwr-serverapp)
+            show_progress()  # its waits and drops then reach the run's log (`flwr log`, `fedvault server`)
         cfg = config if config is not None else RunConfig.from_flat(dict(context.run_config))
-        run_server(grid, cfg, deployed=config is None)
+        run_server(grid, cfg, deployed=config is None, progress=progress)
 
     return app
 
@@ -93,11 +100,13 @@ def initial_model(task: Task, cfg: RunConfig) -> torch.nn.Module:
     return dp_compatible(model) if cfg.privacy.sample_level else model
 
 
-def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
+def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False, progress: Progress | None = None) -> dict:
     """Run all rounds on ``grid`` and write the run directory; returns the summary.
 
     ``deployed``: the run config came from the SuperLink, so the server's own policies decide
-    (plug-ins, sealing); otherwise (a simulation) the config's author runs every party."""
+    (plug-ins, sealing); otherwise (a simulation) the config's author runs every party.
+    ``progress``: where round lines, waits and the live status go (default: stdout, live on a terminal)."""
+    progress = progress or Progress()
     check_run_plugins(cfg, server_plugin_policy(deployed))  # before any plug-in is imported or a file written
     keep_freed_buffers()  # every round opens and aggregates update-sized buffers again
     run_dir = RunDirectory(cfg.run_dir or default_run_dir(cfg.task))
@@ -125,8 +134,11 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
     if sealing_policy.enabled:  # outside the receipts: instructions are signed before receipts join them
         sealing = ServerSealing(sealing_policy.identity_path(run_dir.path), grid.run.run_id, sealing_policy.suite)
         grid = SealedGrid(grid, sealing)
+    codec = make_codec(cfg.compression)
+    if codec is not None:  # outside the sealing: a reply is opened, then decoded, then validated
+        grid = DecodingGrid(grid, codec)
     release = client_level_round_record if cfg.privacy.client_level else (lambda record: record)
-    recorder = RunRecorder(run_dir, cfg.num_server_rounds, title=run_title(cfg), out=sys.stdout)
+    recorder = RunRecorder(run_dir, cfg.num_server_rounds, title=run_title(cfg), progress=progress)
     observers = (recorder, tracking)  # each round: the run directory, then the trackers
     loop = RoundLoop(
         strategy=strategy,
@@ -138,18 +150,19 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
         min_replies=cfg.min_replies,
         client_evaluate=cfg.fraction_evaluate > 0 and cfg.test_fraction > 0 and not private,  # withheld under DP
         ledger=ledger,
+        progress=progress,
     )
     arrays, first_round = ArrayRecord(model.state_dict()), 1
     if cfg.resume:
         arrays, first_round = restore(run_dir, loop, arrays)
-        print(f"resuming {run_dir.path} at round {first_round}", file=sys.stdout, flush=True)
+        progress.line(f"resuming {run_dir.path} at round {first_round}")
     stopped = None
-    with tracking:  # open before round 0, closed however the rounds end
+    with tracking, progress.running(cfg.num_server_rounds, first_round):  # both closed however the rounds end
         try:
             arrays = loop.run(arrays, cfg.num_server_rounds, lambda r: round_config(cfg, r), first_round)
         except RunStopped as exc:
             stopped = str(exc)
-            print(f"run stopped: {stopped}", file=sys.stdout, flush=True)
+            progress.line(f"run stopped: {stopped}")
             arrays = recorder.last_arrays or arrays
     extra: dict[str, object] = {"task": cfg.task, "run_dir": str(Path(run_dir.path)), "stopped": stopped}
     if anchorer is not None:
@@ -159,7 +172,7 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False) -> dict:
             receipts.deliver(loop.grid, last_round, cfg.round_timeout)
         extra[ANCHOR_KEY] = anchorer.anchor(last_round, final=True).to_dict()
         report, text = privacy_summary(run_dir.path, cfg, anchorer.run, anchorer.trusted, anchor_sources(run_dir.path))
-        print(text, file=sys.stdout, flush=True)
+        progress.line(text)
         extra["privacy"] = report
     return recorder.finish(arrays.to_torch_state_dict(), extra=extra)
 

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from typing import Any, TextIO
+from typing import Any
 
 from flwr.app import ArrayRecord
 
 from fedvault.plots import plot_run
+from fedvault.progress import Progress
 from fedvault.rundir import RunDirectory
 
 
 class RunRecorder:
-    """``on_round`` target for the round loop; ``finish`` writes summary, model and plots."""
+    """``on_round`` target for the round loop; ``finish`` writes summary, model and plots.
 
-    def __init__(self, run_dir: RunDirectory, num_rounds: int, title: str, out: TextIO = sys.stdout) -> None:
-        self.run_dir, self.num_rounds, self.title, self.out = run_dir, num_rounds, title, out
+    The round lines go through ``progress`` (stdout by default; none when it is quiet)."""
+
+    def __init__(self, run_dir: RunDirectory, num_rounds: int, title: str, progress: Progress | None = None) -> None:
+        self.run_dir, self.num_rounds, self.title = run_dir, num_rounds, title
+        self.progress = progress or Progress()
         self.started = time.perf_counter()
         self.last_arrays: ArrayRecord | None = None
 
@@ -41,7 +44,8 @@ class RunRecorder:
             if "dp_epsilon" in record["train"]:
                 line += f"  client_eps {record['train']['dp_epsilon']:.2f}"
         line += f"  {record['seconds']:.2f}s"
-        print(line, file=self.out, flush=True)
+        self.progress.round_finished(record["round"], record["seconds"])
+        self.progress.line(line)
 
     def finish(self, state_dict: dict, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         rounds = self.run_dir.rounds()

@@ -3,8 +3,10 @@
 One round is the sequence configure -> exchange -> set aside ``budget-exhausted`` replies ->
 validate -> record the clients' DP events -> aggregate -> evaluate -> record. Features wrap the
 pieces instead of branching here: client-level DP wraps the strategy
-(:class:`fedvault.server.client_level_dp.ClientLevelDP`), sealing wraps the grid
-(:class:`fedvault.server.sealing.SealedGrid`). Around the strategy's hooks the loop
+(:class:`fedvault.server.client_level_dp.ClientLevelDP`), sealing and update compression wrap the
+grid (:class:`fedvault.server.sealing.SealedGrid`, :class:`fedvault.server.compression.DecodingGrid`:
+``take_dropped``, ``take_rejected`` and ``payload_bytes`` are how a grid reports to the loop).
+Around the strategy's hooks the loop
 
 1. waits up to the round timeout for the strategy's minimum of connected clients, then lets it
    sample only connected clients with privacy budget left (an exhausted client is never sampled
@@ -14,7 +16,7 @@ pieces instead of branching here: client-level DP wraps the strategy
 3. sets aside ``budget-exhausted``, ``ledger-invalid`` and ``policy-refused`` refusals (those
    clients are not sampled again) and records every other refusal (``round-already-spent``) as a
    drop with its status and reason, then validates every update before aggregation (bad ones
-   are dropped with a logged reason and counted, with those the grid could not open);
+   are dropped with a logged reason and counted, with those the grid could not open or decode);
 4. appends to the run's hash-chained ledger, before aggregating, the DP event of EVERY reply it
    received, kept or dropped, under the node id Flower authenticated (``metadata.src_node_id``):
    a dropped reply was paid for all the same. A reply the grid could not open is noted as
@@ -51,6 +53,7 @@ from flwr.supercore.run import Run
 from fedvault.errors import FedvaultError
 from fedvault.privacy.events import DPEvent, DPEventError
 from fedvault.privacy.ledger import Ledger, canonical_json, spends
+from fedvault.progress import Progress
 from fedvault.protocol import (
     BUDGET_EXHAUSTED,
     LEDGER_INVALID,
@@ -131,10 +134,15 @@ class EligibleGrid(GridWrapper):
 
 
 def exchange(
-    grid: Grid, messages: list[Message], timeout: float | None, poll_seconds: float = 0.1
+    grid: Grid,
+    messages: list[Message],
+    timeout: float | None,
+    poll_seconds: float = 0.1,
+    report: Callable[[int], None] = lambda replies: None,
 ) -> tuple[list[Message], list[Message]]:
     """Push ``messages`` and pull replies until all are answered or ``timeout`` seconds pass (None:
-    no limit); the replies, and the messages left unanswered (their ids set by the push)."""
+    no limit); the replies, and the messages left unanswered (their ids set by the push).
+    ``report(replies so far)`` is called at every poll (:meth:`fedvault.progress.Wait.update`)."""
     ids = set(grid.push_messages(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
@@ -142,6 +150,7 @@ def exchange(
         got = list(grid.pull_messages(ids))
         replies += got
         ids -= {reply.metadata.reply_to_message_id for reply in got}
+        report(len(replies))
         if not ids or (deadline is not None and time.monotonic() >= deadline):
             break
         time.sleep(poll_seconds)
@@ -187,6 +196,8 @@ class RoundLoop:
     pull_seconds: float = 0.1
     #: Train instructions not answered in their round: message id -> (node, round), awaited still.
     outstanding: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Where waits and the live status go (:mod:`fedvault.progress`).
+    progress: Progress = field(default_factory=Progress)
 
     def run(
         self, arrays: ArrayRecord, num_rounds: int, round_config: Callable[[int], ConfigRecord], first_round: int = 1
@@ -218,9 +229,13 @@ class RoundLoop:
         eligible = self._eligible_grid(server_round)
         with minimums_at_most(self.strategy, len(eligible.get_node_ids())):
             sent = self._instruct(self.strategy.configure_train(server_round, arrays, config, eligible), server_round)
-        replies, unopened = self._exchange(sent, await_late=True)
+        replies, unopened = self._exchange(sent, f"round {server_round}", await_late=True)
         late = self._pull_late(server_round)
         unopened += self._taken_dropped()
+        answered = {id(r) for r in replies}
+        undecoded = [(r, why) for r, why in self._taken_rejected() if id(r) in answered]  # a late one: in late
+        undecodable = {id(r) for r, _ in undecoded}
+        received, replies = replies, [r for r in replies if id(r) not in undecodable]  # dropped, not validated
 
         status = [reply_status(r) for r in replies]
         exhausted = [r for r, s in zip(replies, status) if s == BUDGET_EXHAUSTED]
@@ -238,11 +253,13 @@ class RoundLoop:
             server_round,
             [(r, "dropped" if lost else "kept", lost) for r in kept]
             + [(r, "dropped", why) for r, (_, why) in zip(dropped_replies, rejected)]
+            + [(r, "dropped", why) for r, why in undecoded]
             + [(r, "dropped", _refusal_reason(r)) for r in self._not_in_ledger(paid_before)]
             + late,
             unopened,
         )
         kept.sort(key=lambda r: r.metadata.src_node_id)  # arrival order must not change the float sums
+        rejected += [(r.metadata.src_node_id, why) for r, why in undecoded]
         dropped = unopened + rejected + unreadable + [(r.metadata.src_node_id, _refusal_reason(r)) for r in refused]
         if lost:  # closed without an update: the model stays as it was, the run goes on
             log.warning("%s", lost)
@@ -251,7 +268,7 @@ class RoundLoop:
         elif len(kept) < self.min_replies:
             raise RunStopped(
                 f"round {server_round}: {len(kept)} usable updates < min-replies={self.min_replies} "
-                f"({len(sent)} sampled, {len(_failed(sent, replies))} unanswered by the round timeout, "
+                f"({len(sent)} sampled, {len(_failed(sent, received))} unanswered by the round timeout, "
                 f"{len(exhausted)} budget-exhausted, {len(dropped)} dropped"
                 + (f"; first drop: node {dropped[0][0]}: {dropped[0][1]}" if dropped else "")
                 + ")"
@@ -263,26 +280,26 @@ class RoundLoop:
             train=train_metrics,
             clients_sampled=len(sent),
             replies_ok=len(kept),
-            failed_nodes=sorted(_failed(sent, replies)),
+            failed_nodes=sorted(_failed(sent, received)),
             budget_exhausted=len(exhausted),
             dropped=[{"node": node, "reason": reason} for node, reason in dropped],
             late=[{"node": r.metadata.src_node_id, "reason": why} for r, _, why in late],
         )
-        bytes_sent, bytes_received = _payload_bytes(sent), _payload_bytes(replies)
+        bytes_sent, bytes_received = self._payload_bytes(sent), self._payload_bytes(received)
         if self.client_evaluate:
             with minimums_at_most(self.strategy, len(eligible.get_node_ids())):
                 sent_eval = self._instruct(
                     self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), eligible), server_round
                 )
-            eval_replies, _ = self._exchange(sent_eval)
+            eval_replies, _ = self._exchange(sent_eval, f"round {server_round} evaluate")
             for reply in [r for r in eval_replies if reply_status(r) is not None]:  # no metrics to average
                 log.info(
                     "round %d: evaluate of node %d %s", server_round, reply.metadata.src_node_id, _refusal_reason(reply)
                 )
             eval_replies = [r for r in eval_replies if reply_status(r) is None]
             record["evaluate"] = dict(self.strategy.aggregate_evaluate(server_round, eval_replies) or {})
-            bytes_sent += _payload_bytes(sent_eval)
-            bytes_received += _payload_bytes(eval_replies)
+            bytes_sent += self._payload_bytes(sent_eval)
+            bytes_received += self._payload_bytes(eval_replies)
         record["central"] = dict(self.central_evaluate(server_round, arrays))
         record["bytes_sent"], record["bytes_received"] = bytes_sent, bytes_received
         record["seconds"] = time.perf_counter() - start
@@ -293,10 +310,13 @@ class RoundLoop:
         """Stamp ``server-round`` into every instruction, whatever the strategy (before any signing)."""
         return [stamp_server_round(message, server_round) for message in messages]
 
-    def _exchange(self, sent: list[Message], await_late: bool = False) -> tuple[list[Message], list[tuple[int, str]]]:
-        """Send, wait (up to the timeout); the replies, and ``(node, reason)`` of those the grid dropped.
-        With ``await_late`` the unanswered instructions stay awaited (:meth:`_pull_late`)."""
-        replies, unanswered = exchange(self.grid, sent, self.timeout, self.pull_seconds)
+    def _exchange(
+        self, sent: list[Message], label: str, await_late: bool = False
+    ) -> tuple[list[Message], list[tuple[int, str]]]:
+        """Send, wait (up to the timeout, saying so); the replies, and ``(node, reason)`` of those the grid
+        dropped. With ``await_late`` the unanswered instructions stay awaited (:meth:`_pull_late`)."""
+        with self.progress.replies_wait(label, len(sent), self.timeout) as wait:
+            replies, unanswered = exchange(self.grid, sent, self.timeout, self.pull_seconds, wait.update)
         if await_late:
             self.outstanding.update(
                 {m.metadata.message_id: (m.metadata.dst_node_id, read_server_round(m.content)) for m in unanswered}
@@ -306,6 +326,17 @@ class RoundLoop:
     def _taken_dropped(self) -> list[tuple[int, str]]:
         take_dropped = getattr(self.grid, "take_dropped", None)  # a wrapping grid that drops replies says so
         return list(take_dropped()) if callable(take_dropped) else []
+
+    def _taken_rejected(self) -> list[tuple[Message, str]]:
+        """``(reply, reason)`` of replies a wrapping grid returned but could not turn into an update (e.g. a
+        payload that does not decode): dropped like an invalid update, their spends recorded."""
+        take_rejected = getattr(self.grid, "take_rejected", None)
+        return list(take_rejected()) if callable(take_rejected) else []
+
+    def _payload_bytes(self, messages: list[Message]) -> int:
+        """What ``messages`` carried: a wrapping grid that changes replies' size counts them itself."""
+        count = getattr(self.grid, "payload_bytes", None)
+        return int(count(messages)) if callable(count) else payload_bytes(messages)
 
     def _pull_late(self, server_round: int) -> list[tuple[Message, str, str | None]]:
         """Replies to earlier rounds' train instructions that came in since, as ``(reply, "late", reason)``."""
@@ -333,17 +364,12 @@ class RoundLoop:
         wanted = getattr(self.strategy, "min_available_nodes", 1)
         connected = list(self.grid.get_node_ids())
         if len(connected) < wanted:
-            log.info(
-                "round %d: waiting up to %g s for %d clients (%d connected)",
-                server_round,
-                self.timeout,
-                wanted,
-                len(connected),
-            )
             deadline = time.monotonic() + self.timeout
-            while len(connected) < wanted and time.monotonic() < deadline:
-                time.sleep(self.poll_seconds)
-                connected = list(self.grid.get_node_ids())
+            with self.progress.clients_wait(server_round, wanted, self.timeout) as wait:
+                while len(connected) < wanted and time.monotonic() < deadline:
+                    wait.update(len(connected))
+                    time.sleep(self.poll_seconds)
+                    connected = list(self.grid.get_node_ids())
             if len(connected) < wanted:
                 log.warning(
                     "round %d: only %d of %d clients connected after %g s; sampling among them",
@@ -440,7 +466,7 @@ def _refusal_reason(reply: Message) -> str:
     return f"refused ({record.get(STATUS)!r}): {record.get('reason', '')!r}"
 
 
-def _payload_bytes(messages: Iterable[Message]) -> int:
+def payload_bytes(messages: Iterable[Message]) -> int:
     """Bytes of the arrays carried by ``messages`` (what dominates traffic)."""
     return sum(rec.count_bytes() for msg in messages if msg.has_content() for rec in msg.content.array_records.values())
 

@@ -33,6 +33,7 @@ from fedvault.errors import ConfigError, FedvaultError
 from fedvault.logs import show_progress
 from fedvault.partition import partition
 from fedvault.plugins import PluginPolicy
+from fedvault.progress import Progress
 from fedvault.rundir import CONFIG_FILE, RunDirectory, claim_run_dir, default_run_dir
 from fedvault.security.identity import IdentityPin, fingerprint, load_identity_public_key
 from fedvault.server.app import build_server_app, make_strategy
@@ -150,6 +151,7 @@ def simulate(
     verbose: bool = False,
     progress: bool = False,
     overwrite: bool = False,
+    display: Progress | None = None,
     **options: Any,
 ) -> SimulationResult:
     """Run a simulation of ``config`` (a RunConfig, a TOML file, or None for the defaults).
@@ -157,6 +159,8 @@ def simulate(
     ``options`` override keys by their Python names, as in :meth:`RunConfig.create`
     (``simulate("run.toml", num_server_rounds=5)``). ``progress`` shows fedvault's log lines
     (:func:`fedvault.logs.show_progress`) during the call; ``verbose`` also shows Flower's and Ray's.
+    ``display`` is where the round lines and the live status go (:class:`fedvault.progress.Progress`;
+    default: stdout, with a status line when stderr is a terminal).
     An existing run directory is refused unless ``resume`` continues it (with its own saved config)
     or ``overwrite`` moves it aside (:func:`fedvault.rundir.claim_run_dir`).
     Raises :class:`SimulationError` (or the FedvaultError the ServerApp raised) when the run fails.
@@ -185,7 +189,7 @@ def simulate(
             run_dir.path,
         )
         started = time.perf_counter()
-        _run_flower_simulation(cfg, run_dir.path, verbose)
+        _run_flower_simulation(cfg, run_dir.path, verbose, display)
     if not (run_dir.path / "summary.json").exists():
         raise SimulationError(f"the simulation ended without finishing its rounds; see {run_dir.path}")
     summary = run_dir.summary()
@@ -233,7 +237,7 @@ def stop_engine() -> None:
         ray.shutdown()
 
 
-def _run_flower_simulation(cfg: RunConfig, run_dir: Path, verbose: bool) -> None:
+def _run_flower_simulation(cfg: RunConfig, run_dir: Path, verbose: bool, display: Progress | None) -> None:
     """``flwr.simulation.run_simulation``; a failure surfaces as a FedvaultError carrying its message."""
     from flwr.simulation import run_simulation
 
@@ -242,7 +246,7 @@ def _run_flower_simulation(cfg: RunConfig, run_dir: Path, verbose: bool) -> None
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")  # Ray's would abort on SIGTERM (exit -6)
     try:
         run_simulation(
-            server_app=build_server_app(cfg),
+            server_app=build_server_app(cfg, display),
             client_app=build_client_app(cfg, client_policy(cfg)),
             num_supernodes=cfg.num_clients,
             backend_config=backend_config(cfg, verbose),

@@ -14,37 +14,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim") / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedvault.cli",
-            "simulate",
-            "--out",
-            str(out),
-            "--set",
-            "task=digits",
-            "--set",
-            "batch-size=32",
-            "--set",
-            "learning-rate=0.05",
-            "--set",
-            "num-clients=5",
-            "--set",
-            "num-server-rounds=3",
-            "--set",
-            "partitioner=dirichlet",
-            "--set",
-            "dirichlet-alpha=1.0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds(420),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+def run_dir(simulated_run):
+    """The session's simulated run (tests/conftest.py): (run directory, stdout)."""
+    return simulated_run
 
 
 def test_progress_is_printed_each_round(run_dir):
@@ -217,7 +189,9 @@ def test_server_app_failure_is_a_fedvault_error_and_the_process_is_restored(tmp_
     from fedvault import FedvaultError, RunConfig, simulate
     from fedvault.simulations import harness
 
-    monkeypatch.setattr(harness, "build_server_app", lambda cfg: _failing_server_app(ValueError("boom in round 1")))
+    monkeypatch.setattr(
+        harness, "build_server_app", lambda cfg, display: _failing_server_app(ValueError("boom in round 1"))
+    )
     environ, flwr_log = dict(os.environ), logging.getLogger("flwr")
     flwr_state = (flwr_log.level, flwr_log.propagate, list(flwr_log.filters), list(flwr_log.handlers))
     cfg = RunConfig.create(task="digits", num_clients=2, num_server_rounds=1, privacy_sample_level=False)

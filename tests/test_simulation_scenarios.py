@@ -127,3 +127,28 @@ def test_the_main_job_learns_under_dp_sgd_with_its_defaults(tmp_path):
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.3
     clients = [p for p in summary["privacy"]["parties"] if p["party"].startswith("client-")]
     assert len(clients) == 4 and all(0 < p["epsilon_pld"] <= 8.0 for p in clients)
+
+
+def test_int8_compressed_updates_cost_a_quarter_of_the_bytes_and_change_nothing_else(tmp_path, simulated_run):
+    """The shared run (tests/conftest.py) again with compression.codec = int8: the same rounds, replies
+    and privacy spend, each reply about 1/4 of its float32 size, and it still learns."""
+    plain, _ = simulated_run
+    _, rounds, summary = simulate(
+        tmp_path / "run",
+        "num-clients=5",
+        "num-server-rounds=3",
+        "partitioner=dirichlet",
+        "dirichlet-alpha=1.0",
+        "compression.codec=int8",
+    )
+    base = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
+    base_summary = json.loads((plain / "summary.json").read_text())
+    assert len(rounds) == len(base) == 4
+    for r, b in zip(rounds[1:], base[1:]):
+        assert r["replies_ok"] == b["replies_ok"] == 5 and r["dropped"] == b["dropped"] == []
+        assert r["bytes_sent"] == b["bytes_sent"]  # the global model still goes out in float32
+        assert 0.22 < r["bytes_received"] / b["bytes_received"] <= 0.27
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
+    assert summary["final_accuracy"] > base_summary["final_accuracy"] - 0.1  # DP noise differs between runs
+    epsilons = lambda s: {p["party"]: p["epsilon_pld"] for p in s["privacy"]["parties"]}  # noqa: E731
+    assert epsilons(summary) == epsilons(base_summary)  # post-processing: the same spend
