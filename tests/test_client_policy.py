@@ -80,6 +80,14 @@ def _deployed(msg: Message, context: Context) -> Message:
     return build_client_app()(msg, context)
 
 
+def _opened(server: ServerSealing, reply: Message, instruction: Message, kind: str):
+    """The sealed reply to a round-1 ``instruction``, opened as the server does."""
+    digest = signed_instruction_digest(instruction.content)
+    return open_reply(
+        reply.content, server.run_key, run_id=RUN_ID, round=1, node_id=NODE, kind=kind, instruction=digest
+    )
+
+
 # ---- V2, V3: the run config cannot switch sealing off or choose the pin ---------------------------
 
 
@@ -136,15 +144,7 @@ def test_instruction_for_another_node_is_refused(server, identity, flower_task_i
 def test_reply_names_the_instruction_it_answers(server, identity, flower_task_identity):
     instruction = _instruction(server)
     reply = _deployed(instruction, _context({"server-identity": identity.fingerprint}))
-    opened = open_reply(
-        reply.content,
-        server.run_key,
-        run_id=RUN_ID,
-        round=1,
-        node_id=NODE,
-        kind="train",
-        instruction=signed_instruction_digest(instruction.content),
-    )
+    opened = _opened(server, reply, instruction, "train")
     assert opened[METRICS]["num-examples"] > 0
     other = signed_instruction_digest(_instruction(server).content)  # same round, node, kind and model
     with pytest.raises(Exception, match="header.instruction"):
@@ -191,15 +191,7 @@ def test_run_without_dp_is_refused_by_a_node_that_requires_it(server, identity, 
     node = {"server-identity": identity.fingerprint, "dp-required": True}
     instruction = _instruction(server)
     reply = _deployed(instruction, _context(node))
-    opened = open_reply(
-        reply.content,
-        server.run_key,
-        run_id=RUN_ID,
-        round=1,
-        node_id=NODE,
-        kind="train",
-        instruction=signed_instruction_digest(instruction.content),
-    )
+    opened = _opened(server, reply, instruction, "train")
     assert opened[STATUS][STATUS] == POLICY_REFUSED and "requires sample-level DP" in str(opened[STATUS]["reason"])
     assert "arrays" not in opened
 
@@ -208,15 +200,7 @@ def test_node_that_requires_dp_withholds_its_test_metrics_as_a_refusal(server, i
     node = {"server-identity": identity.fingerprint, "dp-required": True}
     instruction = _instruction(server, kind=MessageType.EVALUATE)
     reply = _deployed(instruction, _context(node))
-    opened = open_reply(
-        reply.content,
-        server.run_key,
-        run_id=RUN_ID,
-        round=1,
-        node_id=NODE,
-        kind="evaluate",
-        instruction=signed_instruction_digest(instruction.content),
-    )
+    opened = _opened(server, reply, instruction, "evaluate")
     assert opened[STATUS][STATUS] == POLICY_REFUSED and "withheld" in str(opened[STATUS]["reason"])
     assert set(opened[METRICS]) == {NUM_EXAMPLES} and opened[METRICS][NUM_EXAMPLES] == 0
 
@@ -235,15 +219,7 @@ def test_run_asking_for_less_noise_trains_under_the_node_cap(server, identity, t
     node = {"server-identity": identity.fingerprint, "dp-max-epsilon": 1.0, "ledger-path": str(tmp_path / "l.sqlite")}
     instruction = _instruction(server)
     reply = _deployed(instruction, _context(node, run))
-    opened = open_reply(
-        reply.content,
-        server.run_key,
-        run_id=RUN_ID,
-        round=1,
-        node_id=NODE,
-        kind="train",
-        instruction=signed_instruction_digest(instruction.content),
-    )
+    opened = _opened(server, reply, instruction, "train")
     assert 0 < opened[METRICS][DP_EPSILON] <= 1.0 + 1e-9  # the run's 50 would have spent ~50 in its one round
 
 
