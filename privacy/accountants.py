@@ -135,13 +135,13 @@ def _prv_epsilon(groups: tuple[Group, ...], delta: float) -> float:
 
 
 def _rdp_epsilon(groups: tuple[Group, ...], delta: float) -> float:
-    accountant = dp_accounting.rdp.RdpAccountant()
-    for z, q, n in groups:
-        gaussian = dp_accounting.GaussianDpEvent(z)
-        accountant.compose(gaussian if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, gaussian), n)
     absl = logging.getLogger("absl")
     absl.addFilter(_drop_rdp_convergence_notice)  # only while fedvault asks: importing changes no logger
     try:
+        accountant = dp_accounting.rdp.RdpAccountant()
+        for z, q, n in groups:  # dp-accounting computes the orders (and may log) while composing
+            gaussian = dp_accounting.GaussianDpEvent(z)
+            accountant.compose(gaussian if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, gaussian), n)
         return float(accountant.get_epsilon(delta))
     finally:
         absl.removeFilter(_drop_rdp_convergence_notice)

@@ -175,3 +175,17 @@ def test_dp_event_round_trip_and_field_errors():
         DPEvent.from_dict({k: v for k, v in event.to_dict().items() if k != "party"})
     with pytest.raises(DPEventError, match="'extra' is unknown"):
         DPEvent.from_dict({**event.to_dict(), "extra": 1})
+
+
+def test_rdp_cross_check_keeps_dp_accountings_convergence_notices_off_the_console(caplog):
+    """README's main job (z 1.337, q 1/9, 270 steps) makes dp-accounting log one notice per
+    fractional order it excludes, while composing; the audit's RDP column must not print them."""
+    history = [(1.33695, 1 / 9, 270)]
+    caplog.set_level("WARNING")
+    bare = dp_accounting.rdp.RdpAccountant()
+    bare.compose(dp_accounting.PoissonSampledDpEvent(1 / 9, dp_accounting.GaussianDpEvent(1.33695)), 270)
+    assert any("failed to converge" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    eps = epsilon([sample_event(z, q, n, rnd=1) for z, q, n in history], 1e-5, method="rdp")
+    assert 8.0 < eps < 9.5
+    assert not [r for r in caplog.records if "failed to converge" in r.getMessage()]
