@@ -240,8 +240,8 @@ class RunConfig(_Validated):
 
     task: str = option(
         "mnist1d-large",
-        "built-in task (mnist1d-large, mnist1d, digits, fashion-mnist), a 'module:attr' path, or a name in the "
-        "entry point group fedvault.tasks",
+        "built-in task (mnist1d-large, mnist1d, digits, fashion-mnist, fashion-mnist-scatter), "
+        "a 'module:attr' path, or a name in the entry point group fedvault.tasks",
     )
     num_clients: int = option(4, "number of clients (simulated SuperNodes)", POSITIVE)
     num_server_rounds: int = option(6, "federated rounds", POSITIVE)

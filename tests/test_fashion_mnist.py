@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedvault.errors import TaskError
+from fedvault.tasks import fashion_mnist_scatter as scatter
 from fedvault.tasks import load_task
 from fedvault.tasks.fashion_mnist import DEBIAN_DIR, ENV_DIR, FILES, MEAN, STD, load_fashion_mnist, read_idx
 
@@ -78,3 +79,41 @@ def test_the_real_files_hold_60000_and_10000_images(monkeypatch):
     assert (len(data.train), len(data.test)) == (60000, 10000)
     assert np.bincount(data.test.y).tolist() == [1000] * 10
     assert abs(float(data.train.x.mean())) < 0.01 and abs(float(data.train.x.std()) - 1) < 0.01
+
+
+def test_scatter_task_caches_features_once_and_feeds_a_linear_model(tiny_dir, tmp_path, monkeypatch):
+    folder, arrays = tiny_dir
+    monkeypatch.setenv(ENV_DIR, str(folder))
+    monkeypatch.setenv(scatter.CACHE_ENV, str(tmp_path / "cache"))
+    task = load_task("fashion-mnist-scatter")
+    data = task.load_data(seed=0)
+    assert data.train.x.shape == (6, 81, 7, 7) and data.test.x.shape == (4, 81, 7, 7)
+    np.testing.assert_array_equal(data.test.y, [9, 0, 3, 1])
+    images = load_fashion_mnist(folder)
+    np.testing.assert_array_equal(data.train.x, scatter.scattering(images.train.x))
+    # the zeroth-order channel is the image averaged by the scale-4 Gaussian: its mean is the image's
+    np.testing.assert_allclose(
+        data.train.x[:, 0].astype(np.float32).mean(axis=(1, 2)), images.train.x.mean(axis=(1, 2, 3)), atol=0.05
+    )
+
+    def recompute(_images):
+        raise AssertionError("features recomputed although cached")
+
+    monkeypatch.setattr(scatter, "scattering", recompute)
+    again = load_task("fashion-mnist-scatter").load_data(seed=0)
+    np.testing.assert_array_equal(again.train.x, data.train.x)
+    assert isinstance(again.train.x, np.memmap)  # clients read only their own rows
+
+    model = task.build_model()
+    assert sum(p.numel() for p in model.parameters()) == 81 * 49 * 10 + 10
+    assert model(torch.as_tensor(data.train.x, dtype=torch.float32)).shape == (6, 10)
+
+
+def test_scatter_cache_key_follows_the_files(tiny_dir, tmp_path, monkeypatch):
+    folder, arrays = tiny_dir
+    monkeypatch.setenv(scatter.CACHE_ENV, str(tmp_path / "cache"))
+    first = scatter.cached_features(load_fashion_mnist(folder), folder)[0].copy()
+    write_idx(folder / FILES["train_x"], 255 - arrays["train_x"], compress=True)
+    second = scatter.cached_features(load_fashion_mnist(folder), folder)[0]
+    assert len(list((tmp_path / "cache").glob("fashion-mnist-scatter-*[!k]"))) == 2
+    assert not np.array_equal(first, second)
