@@ -42,6 +42,7 @@ from fedvault.server.tracking import check_tracking
 from fedvault.tasks import load_task_data
 
 log = logging.getLogger("fedvault")
+LIBRARY_LOG = "library.log"  # Flower's and other libraries' lines during a simulation (not with verbose)
 
 
 class SimulationError(FedvaultError, RuntimeError):
@@ -97,7 +98,13 @@ class SimulationResult:
 def preflight(cfg: RunConfig) -> None:
     """Fail fast, before Ray starts: the trackers are installed, the task loads and its data splits as configured."""
     check_tracking(cfg)
-    make_strategy(cfg)  # unknown strategy or bad strategy.<param> fails here, not in a Ray worker
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)  # the strategy's notices are logged once, by the run (to library.log)
+    try:
+        make_strategy(cfg)  # unknown strategy or bad strategy.<param> fails here, not in a Ray worker
+    finally:
+        flwr_log.setLevel(level)
     data = load_task_data(cfg.task, cfg.seed)
     partition(
         data.train.y,
@@ -189,7 +196,8 @@ def simulate(
             run_dir.path,
         )
         started = time.perf_counter()
-        _run_flower_simulation(cfg, run_dir.path, verbose, display)
+        with _library_lines_to(run_dir.path / LIBRARY_LOG, verbose):
+            _run_flower_simulation(cfg, run_dir.path, verbose, display)
     if not (run_dir.path / "summary.json").exists():
         raise SimulationError(f"the simulation ended without finishing its rounds; see {run_dir.path}")
     summary = run_dir.summary()
@@ -280,7 +288,7 @@ def _process_state_restored() -> Iterator[None]:
     this harness sets a Ray variable and the flwr logger's level and filter.
     """
     environ = dict(os.environ)
-    loggers = [_LoggerState(logging.getLogger(name)) for name in ("flwr", "fedvault", None)]
+    loggers = [_LoggerState(logging.getLogger(name)) for name in ("flwr", "fedvault", "py.warnings", None)]
     try:
         yield
     finally:
@@ -309,6 +317,28 @@ class _LoggerState:
         self.logger.handlers[:] = self.handlers
         for handler, level in zip(self.handlers, self.handler_levels):
             handler.setLevel(level)
+
+
+@contextlib.contextmanager
+def _library_lines_to(path: Path, verbose: bool) -> Iterator[None]:
+    """Without ``verbose``, Flower's log lines, Python warnings and whatever else reaches the root
+    logger (Opacus configures a console handler there on import) go to the run's ``library.log``;
+    fedvault's own lines keep the console. The loggers are put back by :func:`_process_state_restored`."""
+    if verbose:
+        yield
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    flwr_log, root = logging.getLogger("flwr"), logging.getLogger()
+    flwr_log.handlers[:], flwr_log.propagate = [handler], False
+    consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    root.handlers[:] = [h for h in root.handlers if getattr(h, "stream", None) not in consoles] + [handler]
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        handler.close()
 
 
 class _DropDeprecation(logging.Filter):
