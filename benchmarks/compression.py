@@ -4,10 +4,11 @@
                                      [--codecs fp32 int8 ...] [--name compression]
 
 H2 runs one real simulation per codec (fp32 = ``compression.codec = none``, fp16, int8, int4,
-top-k 1 % with error feedback), DP off, client evaluation off, so ``bytes_received`` is the train
-replies alone. Targets: int8 <= 26 % of fp32's bytes within 0.5 accuracy points, top-k 1 % + EF
-<= 5 % within 2 points. H3 times encode + decode of ``--mb`` MB of float32 per codec on one core
-(numpy, one torch thread); target >= 500 MB/s for int8. Writes benchmarks/results/<name>.{json,md}.
+top-k 1 % with error feedback, random rotation + 8- or 4-bit stochastic quantisation), DP off,
+client evaluation off, so ``bytes_received`` is the train replies alone. Targets: int8 <= 26 % of
+fp32's bytes within 0.5 accuracy points, top-k 1 % + EF <= 5 % within 2 points. H3 times encode +
+decode of ``--mb`` MB of float32 per codec on one core (numpy, one torch thread); target >= 500
+MB/s for int8. Writes benchmarks/results/<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from sweep import simulate, write_results
 from fedvault.compression import make_codec
 from fedvault.config import CompressionConfig
 
-CODECS = {"fp32": "none", "fp16": "fp16", "int8": "int8", "int4": "int4", "topk 1% + EF": "topk"}
+#: label -> compression settings (CompressionConfig fields)
+CODECS: dict[str, dict] = {
+    "fp32": {"codec": "none"},
+    "fp16": {"codec": "fp16"},
+    "int8": {"codec": "int8"},
+    "int4": {"codec": "int4"},
+    "topk 1% + EF": {"codec": "topk"},
+    "rotation 8-bit": {"codec": "rotation", "bits": 8},
+    "rotation 4-bit": {"codec": "rotation", "bits": 4},
+}
 TARGETS = {"int8": (0.26, 0.5), "topk 1% + EF": (0.05, 2.0)}  # (bytes vs fp32, accuracy points lost)
 
 
@@ -40,7 +50,7 @@ def bytes_and_accuracy(args: argparse.Namespace) -> dict[str, dict]:
     ]
     rows = {}
     for label in args.codecs:
-        summary = simulate([*base, f"compression.codec={CODECS[label]}"])
+        summary = simulate([*base, *(f"compression.{key}={value}" for key, value in CODECS[label].items())])
         received = summary["bytes_received_per_round"]
         rows[label] = {"bytes_per_round": sum(received) / len(received), "final_accuracy": summary["final_accuracy"]}
         print(
@@ -59,10 +69,10 @@ def throughput(mb: int, repeats: int = 3) -> dict[str, dict]:
     values = np.random.default_rng(0).standard_normal(mb * 2**20 // 4).astype(np.float32)
     delta = {"w": values}
     rows = {}
-    for label, name in CODECS.items():
-        if name == "none":
+    for label, settings in CODECS.items():
+        if settings["codec"] == "none":
             continue
-        codec = make_codec(CompressionConfig(codec=name))
+        codec = make_codec(CompressionConfig(**settings))
         assert codec is not None
         best_encode = best_decode = float("inf")
         for _ in range(repeats):

@@ -18,11 +18,18 @@ Codecs (``compression.codec``), bytes relative to float32 (npy headers aside):
   their int32 indices, 8 bytes each, with error feedback (:attr:`Codec.error_feedback`): what was not
   sent is the client's residual, added to its next delta (Seide et al., "1-bit SGD", Interspeech
   2014; Karimireddy et al., "Error Feedback Fixes SignSGD", ICML 2019).
+* ``rotation``: a random rotation, then ``bits``-bit stochastic quantisation (Suresh et al.,
+  "Distributed Mean Estimation with Limited Communication", ICML 2017): per chunk of 2^16 values
+  (the tail chunk zero-padded to the next power of two), random signs and an orthonormal Walsh-Hadamard
+  transform spread the vector's energy evenly over the coordinates, which are then rounded
+  stochastically (unbiased: E[decoded] = delta) to ``2^bits`` levels over ``[-m, m]``, m the
+  chunk's largest rotated magnitude. ``bits / 32`` of the bytes plus 4 per chunk and the 8-byte
+  seed of the signs (not a secret: the rotation only conditions the quantisation). The same
+  rotation and integer codes are what secure aggregation sums (TFF's ``DistributedDpSumFactory``).
 
 Under sample-level DP (DP-SGD on the client) a codec is post-processing of the already-private
 update (the residual is a function of earlier private updates too), so it changes no privacy
-accounting. A later codec for secure aggregation (random rotation + b-bit stochastic
-quantisation) implements the same two methods, carrying its rotation seed as a payload field.
+accounting.
 
 Wire form (:func:`to_records`/:func:`from_records`): the reply's ``"arrays"`` ArrayRecord is
 replaced by the ArrayRecord ``"fedvault.compressed"`` (one array per field) and the ConfigRecord
@@ -32,6 +39,7 @@ replaced by the ArrayRecord ``"fedvault.compressed"`` (one array per field) and 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -267,6 +275,99 @@ class TopK(VectorCodec):
         return out
 
 
+#: Values per rotation chunk: a power of two, so a chunk's Walsh-Hadamard transform needs no padding.
+ROTATION_CHUNK = 1 << 16
+
+
+def _hadamard(x: np.ndarray) -> np.ndarray:
+    """The orthonormal Walsh-Hadamard transform of each row of ``x`` (row length a power of two), in place
+    on a float64 copy; it is its own inverse."""
+    out = x.astype(np.float64)
+    rows, n = out.shape
+    h = 1
+    while h < n:
+        pairs = out.reshape(rows, n // (2 * h), 2, h)
+        a, b = pairs[:, :, 0, :].copy(), pairs[:, :, 1, :]
+        pairs[:, :, 0, :] += b
+        np.subtract(a, b, out=pairs[:, :, 1, :])
+        h *= 2
+    out /= math.sqrt(n)
+    return out
+
+
+class RotatedStochastic(VectorCodec):
+    """Random rotation (signs from ``seed``, then Walsh-Hadamard per chunk) and ``bits``-bit unbiased
+    stochastic quantisation per chunk (Suresh et al., ICML 2017). Chunks hold ``chunk`` values; the
+    tail chunk is zero-padded to the next power of two. Codes are uint8 (nibble-packed for
+    ``bits <= 4``) or uint16; the range ``m`` per chunk is float32."""
+
+    fields = ("codes", "ranges", "seed")
+
+    def __init__(self, name: str, bits: int, chunk: int = ROTATION_CHUNK) -> None:
+        super().__init__(name)
+        self.bits, self.chunk = bits, chunk
+        self.top = (1 << bits) - 1  # codes 0..top over [-m, m]
+
+    def _segments(self, size: int) -> list[tuple[int, int, int]]:
+        """(start, rows, width) of the full chunks and of the padded tail chunk."""
+        full = size // self.chunk
+        segments = [(0, full, self.chunk)] if full else []
+        if tail := size - full * self.chunk:
+            segments.append((full * self.chunk, 1, 1 << (tail - 1).bit_length()))
+        return segments
+
+    def _padded(self, size: int) -> int:
+        return sum(rows * width for _, rows, width in self._segments(size))
+
+    def _rotations(self, seed: np.ndarray, size: int):
+        """Per segment: its (start, rows, width) and its random signs, all drawn from ``seed``."""
+        rng = np.random.default_rng(int(seed[0]))
+        for start, rows, width in self._segments(size):
+            yield start, rows, width, (1 - 2 * rng.integers(0, 2, (rows, width), dtype=np.int8)).astype(np.float64)
+
+    def encode_vector(self, flat: np.ndarray) -> Payload:
+        seed = np.frombuffer(secrets.token_bytes(8), np.uint64).copy()
+        rounding = np.random.default_rng(secrets.randbits(64))
+        codes, ranges = [], []
+        for start, rows, width, signs in self._rotations(seed, flat.size):
+            block = np.zeros(rows * width, np.float32)
+            part = flat[start : start + rows * width]
+            block[: part.size] = part
+            y = _hadamard(block.reshape(rows, width) * signs)
+            m = np.abs(y).max(axis=1)
+            step = np.where(m > 0, 2 * m / self.top, 1.0)
+            q = np.floor((y + m[:, None]) / step[:, None] + rounding.random(y.shape))
+            codes.append(np.clip(q, 0, self.top, out=q).reshape(-1))
+            ranges.append(m)
+        q = np.concatenate(codes) if codes else np.zeros(0)
+        if self.bits <= 4:
+            packed = _pack_nibbles((q - 8).astype(np.int8))  # nibble = code (0..15)
+        else:
+            packed = q.astype(np.uint8 if self.bits <= 8 else np.uint16)
+        m_all = np.concatenate(ranges) if ranges else np.zeros(0)
+        return {"codes": packed, "ranges": m_all.astype(np.float32), "seed": seed}
+
+    def decode_vector(self, payload: Payload, size: int) -> np.ndarray:
+        padded = self._padded(size)
+        seed = _expect(payload, "seed", np.uint64, 1)
+        m_all = _expect(payload, "ranges", np.float32, sum(rows for _, rows, _ in self._segments(size)))
+        if not (np.isfinite(m_all).all() and (m_all >= 0).all()):
+            raise PayloadError("field 'ranges' holds a negative, NaN or infinite range")
+        wire = np.uint8 if self.bits <= 8 else np.uint16
+        raw = _expect(payload, "codes", wire, math.ceil(padded / 2) if self.bits <= 4 else padded)
+        codes = _unpack_nibbles(raw, padded) + 8 if self.bits <= 4 else raw
+        if codes.size and int(codes.max()) > self.top:
+            raise PayloadError(f"field 'codes' holds a code above {self.top} ({self.bits} bits)")
+        out, offset, row = np.empty(padded, np.float32), 0, 0
+        for start, rows, width, signs in self._rotations(seed, size):
+            m = m_all[row : row + rows].astype(np.float64)
+            step = np.where(m > 0, 2 * m / self.top, 0.0)
+            y = codes[offset : offset + rows * width].reshape(rows, width) * step[:, None] - m[:, None]
+            out[start : start + rows * width] = (_hadamard(y) * signs).reshape(-1)
+            offset, row = offset + rows * width, row + rows
+        return out[:size]
+
+
 #: Codec name -> factory from the ``compression.*`` settings; ``none`` is no codec.
 CODECS: dict[str, Callable[[CompressionConfig], Codec]] = {
     "fp16": lambda c: CastCodec("fp16", torch.float16, np.float16),
@@ -274,6 +375,7 @@ CODECS: dict[str, Callable[[CompressionConfig], Codec]] = {
     "int8": lambda c: BlockwiseAbsmax("int8", 127, c.block_size, nibbles=False),
     "int4": lambda c: BlockwiseAbsmax("int4", 7, c.block_size, nibbles=True),
     "topk": lambda c: TopK("topk", c.top_k_fraction),
+    "rotation": lambda c: RotatedStochastic("rotation", c.bits),
 }
 
 

@@ -187,9 +187,11 @@ class CompressionConfig(_Validated):
 
     codec: str = option(
         "none",
-        "update codec: none, fp16, bf16, int8 / int4 (blockwise absmax), topk (top-k with error feedback)",
-        choices=("none", "fp16", "bf16", "int8", "int4", "topk"),
+        "update codec: none, fp16, bf16, int8 / int4 (blockwise absmax), topk (top-k with error feedback), "
+        "rotation (random rotation + stochastic quantisation to compression.bits)",
+        choices=("none", "fp16", "bf16", "int8", "int4", "topk", "rotation"),
     )
+    bits: int = option(8, "bits per value for rotation", (lambda v: 1 <= v <= 16, "must be between 1 and 16"))
     block_size: int = option(256, "values per float32 scale for int8 / int4", POSITIVE)
     top_k_fraction: float = option(
         0.01,
