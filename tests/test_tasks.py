@@ -46,7 +46,11 @@ def test_user_task_by_module_path(monkeypatch):
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("imagenet", "unknown task 'imagenet' (choose one of digits, fashion-mnist, mnist1d, mnist1d-large"),
+        (
+            "imagenet",
+            "unknown task 'imagenet' (choose one of digits, fashion-mnist, fashion-mnist-scatter, mnist1d, "
+            "mnist1d-large",
+        ),
         ("no_such_module:Task", "task 'no_such_module:Task': cannot import module 'no_such_module'"),
         ("tasks_fixture:Missing", "module 'tasks_fixture' has no attribute 'Missing'"),
         ("tasks_fixture:NOT_A_TASK", "task 'tasks_fixture:NOT_A_TASK' is int, not a Task"),
