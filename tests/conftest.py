@@ -10,6 +10,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from waits import seconds
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "scenario(case): the simulation a test checks (tests/test_simulation_scenarios.py runs them)"
+    )
+
+
 @pytest.fixture
 def flower_task_identity():
     """What Flower's runtime sets in a ClientApp process before it builds Messages."""
