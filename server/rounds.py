@@ -22,7 +22,8 @@ Around the strategy's hooks the loop
    a dropped reply was paid for all the same. A reply the grid could not open is noted as
    unread (its spend, if any, is only in the client's ledger);
 5. completes a round with the replies that came back before the timeout (the others are recorded
-   in ``failed_nodes``) and fails it with one clear line when fewer than ``min_replies`` survive;
+   in ``failed_nodes``) and fails it with one clear line when fewer than ``min_replies`` survive
+   (a strategy that sampled nobody, as a Poisson sample under client-level DP may, gets its round);
    train instructions left unanswered stay awaited: a reply that arrives in a later round (or by
    :meth:`RoundLoop.collect_late` at the end) is recorded in the ledger as ``late``, paid for and
    never aggregated (Flower's own ``send_and_receive`` would discard it). A round a resumed run
@@ -265,7 +266,7 @@ class RoundLoop:
             log.warning("%s", lost)
             record["lost"] = lost
             train_metrics: dict[str, Any] = {}
-        elif len(kept) < self.min_replies:
+        elif len(kept) < self.min_replies and sent:  # an empty Poisson sample is a round (noise alone)
             raise RunStopped(
                 f"round {server_round}: {len(kept)} usable updates < min-replies={self.min_replies} "
                 f"({len(sent)} sampled, {len(_failed(sent, received))} unanswered by the round timeout, "

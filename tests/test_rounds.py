@@ -195,3 +195,27 @@ def test_a_round_every_client_paid_for_before_an_interruption_is_lost_recorded_a
     assert "round 2 lost" in caplog.text and sorted(d["node"] for d in record["dropped"]) == [11, 12]
     spent = [(e.node, e.status, e.event.party) for e in ledger.entries() if e.event is not None]
     assert spent == [(11, "kept", "client-11"), (12, "dropped", "client-12")]  # node 11's spend is not counted twice
+
+
+def test_an_empty_poisson_sample_is_a_round_that_releases_noise_alone(tmp_path, flower_task_identity):
+    """Client-level DP samples each client with probability q, so a round may sample nobody: the
+    accountant counts it as a release (noise / qN), and the run goes on instead of stopping."""
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    strategy = ClientLevelDP(
+        FedAvg(fraction_evaluate=0.0),
+        aggregator=DPFedAvgAggregator(1.0, 1.0, expected_clients=2),
+        sample_rate=1e-12,  # nobody, in practice
+        budget=Budget(10.0, 1e-5),
+        ledger=ledger,
+    )
+    records = []
+    round_loop = loop(InstantGrid([11, 12]), strategy)
+    round_loop.central_evaluate = lambda server_round, arrays: {}
+    round_loop.on_round = lambda record, arrays: records.append(record)
+    start = to_record({"w": np.zeros(1000, dtype=np.float32)})
+    arrays = round_loop._round(1, start, ConfigRecord())
+    (record,) = records
+    assert record["round"] == 1 and "lost" not in record
+    noise = to_ndarrays(arrays)["w"]
+    assert 0.4 < float(noise.std()) < 0.6  # z * C / (q N) = 1 * 1 / 2
+    assert [e.event.round for e in ledger.entries() if e.event is not None] == [1]
