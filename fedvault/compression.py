@@ -20,7 +20,7 @@ Codecs (``compression.codec``), bytes relative to float32 (npy headers aside):
   2014; Karimireddy et al., "Error Feedback Fixes SignSGD", ICML 2019).
 * ``rotation``: a random rotation, then ``bits``-bit stochastic quantisation (Suresh et al.,
   "Distributed Mean Estimation with Limited Communication", ICML 2017): per chunk of 2^16 values
-  (the tail chunk zero-padded to the next power of two), random signs and an orthonormal Walsh-Hadamard
+  (the tail cut into power-of-two pieces, the last padded), random signs and an orthonormal Walsh-Hadamard
   transform spread the vector's energy evenly over the coordinates, which are then rounded
   stochastically (unbiased: E[decoded] = delta) to ``2^bits`` levels over ``[-m, m]``, m the
   chunk's largest rotated magnitude. ``bits / 32`` of the bytes plus 4 per chunk and the 8-byte
@@ -277,6 +277,8 @@ class TopK(VectorCodec):
 
 #: Values per rotation chunk: a power of two, so a chunk's Walsh-Hadamard transform needs no padding.
 ROTATION_CHUNK = 1 << 16
+#: The smallest power-of-two piece a tail is cut into (below it, the rest is padded).
+ROTATION_PIECE = 256
 
 
 def _hadamard(x: np.ndarray) -> np.ndarray:
@@ -298,7 +300,7 @@ def _hadamard(x: np.ndarray) -> np.ndarray:
 class RotatedStochastic(VectorCodec):
     """Random rotation (signs from ``seed``, then Walsh-Hadamard per chunk) and ``bits``-bit unbiased
     stochastic quantisation per chunk (Suresh et al., ICML 2017). Chunks hold ``chunk`` values; the
-    tail chunk is zero-padded to the next power of two. Codes are uint8 (nibble-packed for
+    tail is cut into power-of-two pieces (see ``_segments``). Codes are uint8 (nibble-packed for
     ``bits <= 4``) or uint16; the range ``m`` per chunk is float32."""
 
     fields = ("codes", "ranges", "seed")
@@ -309,11 +311,18 @@ class RotatedStochastic(VectorCodec):
         self.top = (1 << bits) - 1  # codes 0..top over [-m, m]
 
     def _segments(self, size: int) -> list[tuple[int, int, int]]:
-        """(start, rows, width) of the full chunks and of the padded tail chunk."""
+        """(start, rows, width) of the full chunks, then the tail as power-of-two pieces (its binary
+        digits down to ROTATION_PIECE), the last piece zero-padded: under ROTATION_PIECE values of padding."""
         full = size // self.chunk
         segments = [(0, full, self.chunk)] if full else []
-        if tail := size - full * self.chunk:
-            segments.append((full * self.chunk, 1, 1 << (tail - 1).bit_length()))
+        start, width = full * self.chunk, self.chunk // 2
+        while size - start >= ROTATION_PIECE:
+            if size - start >= width:
+                segments.append((start, 1, width))
+                start += width
+            width //= 2
+        if size > start:
+            segments.append((start, 1, 1 << (size - start - 1).bit_length()))
         return segments
 
     def _padded(self, size: int) -> int:
