@@ -32,7 +32,7 @@ from fedvault.protocol import (
 )
 from fedvault.strategies.client_steps import finish_client_steps
 from fedvault.strategies.hooks import ClientStep
-from fedvault.tasks import make_loader
+from fedvault.tasks import SupervisedTask, make_loader
 
 
 class BudgetExhausted(Exception):
@@ -88,6 +88,7 @@ def private_trainer(cfg: RunConfig, sel: DataSelection, device_type: str) -> Pri
         grad_sample_mode=cfg.privacy.grad_sample_mode,
         max_physical_batch_size=cfg.privacy.max_physical_batch_size or None,
         secure_mode=cfg.privacy.secure_mode,
+        criterion_honoured=type(task).train is SupervisedTask.train,  # the built-in loop: ghost is safe
     )
 
 

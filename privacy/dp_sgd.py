@@ -66,9 +66,10 @@ from fedvault.tasks.base import Task, TrainingHook, TrainResult, TrainSettings
 log = logging.getLogger("fedvault")
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ew")
-#: What "auto" times and picks from: ghost clipping is left to an explicit choice, since it needs the
-#: task's loop to compute its loss with ``settings.criterion`` (a step without it is refused).
+#: What "auto" times and picks from. Ghost clipping joins them only when the task's loop is known to
+#: compute its loss with ``settings.criterion`` (``criterion_honoured``; a ghost step without it is refused).
 AUTO_MODES = ("hooks", "functorch", "ew")
+AUTO_MODES_WITH_GHOST = (*AUTO_MODES, "ghost")
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -268,19 +269,23 @@ class ModeChoice:
     seconds_per_step: Mapping[str, float]
 
 
-_MODE_CHOICES: dict[tuple[str, int, str], ModeChoice] = {}
+_MODE_CHOICES: dict[tuple[str, int, str, tuple[str, ...]], ModeChoice] = {}
 
 
 def auto_grad_sample_mode(
-    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], criterion: nn.Module, device: torch.device
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    criterion: nn.Module,
+    device: torch.device,
+    candidates: tuple[str, ...] = AUTO_MODES,
 ) -> ModeChoice:
-    """Time every mode that can train the model, once per process per (architecture, batch size,
-    device); cached."""
-    key = (repr(model), len(batch[1]), device.type)
+    """Time every mode of ``candidates`` that can train the model, once per process per
+    (architecture, batch size, device, candidates); cached."""
+    key = (repr(model), len(batch[1]), device.type, candidates)
     if key not in _MODE_CHOICES:
-        modes = [mode for mode in AUTO_MODES if _runs(model, batch, criterion, device, mode)]
+        modes = [mode for mode in candidates if _runs(model, batch, criterion, device, mode)]
         if not modes:
-            raise DPSGDError(f"DP-SGD: no grad-sample mode ({', '.join(AUTO_MODES)}) can train this model")
+            raise DPSGDError(f"DP-SGD: no grad-sample mode ({', '.join(candidates)}) can train this model")
         times = measure_step_times(model, batch, criterion, device, modes)
         medians = {mode: statistics.median(values) for mode, values in times.items()}
         _MODE_CHOICES[key] = ModeChoice(choose_grad_sample_mode(medians), medians)
@@ -417,6 +422,8 @@ class PrivateTrainer:
     with Opacus' ``BatchMemoryManager`` (same privacy, bounded memory). The loss ``criterion`` must
     reduce with ``"mean"`` or ``"sum"``; batches are ``(x, y)`` pairs. :meth:`with_budget` calibrates
     the noise to an (epsilon, delta) budget; :meth:`epsilon` reports what was spent.
+    ``criterion_honoured``: the task's loop computes its loss with ``settings.criterion`` (as
+    :class:`SupervisedTask`'s does), so ``"auto"`` times ghost clipping too.
     """
 
     def __init__(
@@ -432,6 +439,7 @@ class PrivateTrainer:
         grad_sample_mode: str = "hooks",
         max_physical_batch_size: int | None = None,
         secure_mode: bool = False,
+        criterion_honoured: bool = False,
     ) -> None:
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise DPSGDError(f"DP-SGD: noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
@@ -452,7 +460,8 @@ class PrivateTrainer:
             expected = self.num_examples // steps_per_epoch(self.num_examples, train_loader.batch_size)
             physical = min(expected, max_physical_batch_size or expected)
             batch = _synthetic_batch(train_loader, max(1, physical), self.device)
-            self.mode_choice = auto_grad_sample_mode(fixed, batch, criterion, self.device)
+            candidates = AUTO_MODES_WITH_GHOST if criterion_honoured else AUTO_MODES
+            self.mode_choice = auto_grad_sample_mode(fixed, batch, criterion, self.device, candidates)
             grad_sample_mode = self.mode_choice.mode
         self.grad_sample_mode = grad_sample_mode
 

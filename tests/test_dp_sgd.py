@@ -266,6 +266,28 @@ def test_auto_mode_picks_the_measured_faster_mode_and_caches_it():
     assert train_round(again, start_state(again), epochs=1).steps == again.steps_per_epoch
 
 
+def test_auto_times_ghost_clipping_too_when_the_tasks_loop_honours_the_criterion(monkeypatch):
+    """A linear model on fixed features (ScatterNet + linear): ghost clipping needs no per-sample
+    gradients there. With ``criterion_honoured`` (SupervisedTask's loop) auto times it beside the others,
+    and a round in whichever mode it picks runs the task's loop through the ghost wrapper when needed."""
+    monkeypatch.setattr(dp_sgd, "choose_grad_sample_mode", lambda seconds: "ghost")  # as it measures here
+    dataset = TensorDataset(torch.randn(256, 81 * 49), torch.randint(0, 10, (256,)))
+    trainer = trainer_for(nn.Linear(81 * 49, 10), dataset, batch_size=64, mode="auto", criterion_honoured=True)
+    assert set(trainer.mode_choice.seconds_per_step) == {"hooks", "functorch", "ew", "ghost"}
+    assert trainer.grad_sample_mode == "ghost"
+    assert train_round(trainer, start_state(trainer), epochs=1).steps == trainer.steps_per_epoch
+
+
+def test_a_client_on_a_built_in_task_lets_auto_time_ghost_clipping():
+    from fedvault.client.node import DataSelection
+    from fedvault.client.private_training import private_trainer
+    from fedvault.config import RunConfig
+
+    cfg = RunConfig.from_flat({"task": "digits", "num-clients": 2, "privacy.grad-sample-mode": "auto"})
+    trainer = private_trainer(cfg, DataSelection.from_run(cfg, {"partition-id": 0}), "cpu")
+    assert set(trainer.mode_choice.seconds_per_step) == {"hooks", "functorch", "ew", "ghost"}
+
+
 def test_auto_leaves_out_a_mode_that_cannot_train_the_model(monkeypatch, caplog):
     real = dp_sgd.make_private_parts
 
