@@ -38,6 +38,7 @@ replaced by the ArrayRecord ``"fedvault.compressed"`` (one array per field) and 
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Callable, Mapping
@@ -281,20 +282,36 @@ ROTATION_CHUNK = 1 << 16
 ROTATION_PIECE = 256
 
 
+#: Butterflies below this span run as one matrix product per block of this many values (BLAS).
+_HADAMARD_BLOCK = 256
+
+
+@functools.cache
+def _sylvester(size: int, dtype: type) -> np.ndarray:
+    """The ``size`` x ``size`` Sylvester Hadamard matrix (entries +-1; symmetric)."""
+    h: np.ndarray = np.ones((1, 1), dtype)
+    while len(h) < size:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
 def _hadamard(x: np.ndarray) -> np.ndarray:
-    """The orthonormal Walsh-Hadamard transform of each row of ``x`` (row length a power of two), in place
-    on a float64 copy; it is its own inverse."""
-    out = x.astype(np.float64)
-    rows, n = out.shape
-    h = 1
+    """The orthonormal Walsh-Hadamard transform of each row of ``x`` (row length a power of two), in
+    float32 (float64 stays float64); it is its own inverse. H_n = H_(n/k) (x) H_k: the low bits by a
+    matrix product per block of k values, the high ones by butterflies over contiguous halves."""
+    dtype = np.float64 if x.dtype == np.float64 else np.float32
+    rows, n = x.shape
+    k = min(n, _HADAMARD_BLOCK)
+    out = (np.asarray(x, dtype).reshape(-1, k) @ _sylvester(k, dtype)).reshape(rows, n)
+    buf = np.empty_like(out)
+    h = k
     while h < n:
-        pairs = out.reshape(rows, n // (2 * h), 2, h)
-        a, b = pairs[:, :, 0, :].copy(), pairs[:, :, 1, :]
-        pairs[:, :, 0, :] += b
-        np.subtract(a, b, out=pairs[:, :, 1, :])
+        src, dst = out.reshape(rows, n // (2 * h), 2, h), buf.reshape(rows, n // (2 * h), 2, h)
+        np.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
+        np.subtract(src[:, :, 0], src[:, :, 1], out=dst[:, :, 1])
+        out, buf = buf, out
         h *= 2
-    out /= math.sqrt(n)
-    return out
+    return np.multiply(out, 1 / math.sqrt(n), out=out)
 
 
 class RotatedStochastic(VectorCodec):
@@ -332,7 +349,8 @@ class RotatedStochastic(VectorCodec):
         """Per segment: its (start, rows, width) and its random signs, all drawn from ``seed``."""
         rng = np.random.default_rng(int(seed[0]))
         for start, rows, width in self._segments(size):
-            yield start, rows, width, (1 - 2 * rng.integers(0, 2, (rows, width), dtype=np.int8)).astype(np.float64)
+            bits = np.unpackbits(np.frombuffer(rng.bytes(math.ceil(rows * width / 8)), np.uint8))[: rows * width]
+            yield start, rows, width, (1 - 2 * bits.astype(np.float32)).reshape(rows, width)
 
     def encode_vector(self, flat: np.ndarray) -> Payload:
         seed = np.frombuffer(secrets.token_bytes(8), np.uint64).copy()
@@ -344,8 +362,8 @@ class RotatedStochastic(VectorCodec):
             block[: part.size] = part
             y = _hadamard(block.reshape(rows, width) * signs)
             m = np.abs(y).max(axis=1)
-            step = np.where(m > 0, 2 * m / self.top, 1.0)
-            q = np.floor((y + m[:, None]) / step[:, None] + rounding.random(y.shape))
+            step = np.where(m > 0, 2 * m / self.top, 1.0).astype(np.float32)
+            q = np.floor((y + m[:, None]) / step[:, None] + rounding.random(y.shape, dtype=np.float32))
             codes.append(np.clip(q, 0, self.top, out=q).reshape(-1))
             ranges.append(m)
         q = np.concatenate(codes) if codes else np.zeros(0)
@@ -369,8 +387,8 @@ class RotatedStochastic(VectorCodec):
             raise PayloadError(f"field 'codes' holds a code above {self.top} ({self.bits} bits)")
         out, offset, row = np.empty(padded, np.float32), 0, 0
         for start, rows, width, signs in self._rotations(seed, size):
-            m = m_all[row : row + rows].astype(np.float64)
-            step = np.where(m > 0, 2 * m / self.top, 0.0)
+            m = m_all[row : row + rows]
+            step = np.where(m > 0, 2 * m / self.top, 0.0).astype(np.float32)
             y = codes[offset : offset + rows * width].reshape(rows, width) * step[:, None] - m[:, None]
             out[start : start + rows * width] = (_hadamard(y) * signs).reshape(-1)
             offset, row = offset + rows * width, row + rows
