@@ -27,18 +27,27 @@ import torch
 from sweep import RESULTS, write_results
 from torch import nn
 
-from fedvault.privacy.dp_sgd import GRAD_SAMPLE_MODES, auto_grad_sample_mode, dp_compatible, measure_step_times
+from fedvault.privacy.dp_sgd import (
+    AUTO_MODES_WITH_GHOST,
+    GRAD_SAMPLE_MODES,
+    auto_grad_sample_mode,
+    dp_compatible,
+    measure_step_times,
+)
 from fedvault.tasks.digits import DigitsTask
 from fedvault.tasks.fashion_mnist import FashionMnistTask
+from fedvault.tasks.fashion_mnist_scatter import CHANNELS, SIDE, FashionMnistScatterTask
 from fedvault.tasks.mnist1d import Mnist1dTask
 
 DEFAULT_MODEL = "mnist1d"  # the model of the default task (mnist1d-large uses the same CNN)
-TARGET_MODELS = ("mnist1d", "fashion-mnist")  # P3: DP step <= 1.5x plain on the main job's and Fashion-MNIST's model
+#: P3: DP step <= 1.5x plain on the main job's model and Fashion-MNIST's (the CNN and the ScatterNet + linear)
+TARGET_MODELS = ("mnist1d", "fashion-mnist", "fashion-mnist-scatter")
 TARGET_RATIO = 1.5
 MODELS = {  # name -> (model factory, input shape of one example)
     "mnist1d": (lambda: Mnist1dTask().build_model(), (1, 40)),
     "digits": (lambda: DigitsTask().build_model(), (64,)),
     "fashion-mnist": (lambda: FashionMnistTask().build_model(), (1, 28, 28)),
+    "fashion-mnist-scatter": (lambda: FashionMnistScatterTask().build_model(), (CHANNELS, SIDE, SIDE)),
 }
 MODES = ("plain", *GRAD_SAMPLE_MODES)
 
@@ -51,7 +60,7 @@ def bench_model(name: str, batch_size: int, reps: int, steps: int, device: torch
     criterion = nn.CrossEntropyLoss()
     times = measure_step_times(model, batch, criterion, device, MODES, reps=reps, steps=steps, warmup=3)
     median = {mode: statistics.median(values) for mode, values in times.items()}
-    choice = auto_grad_sample_mode(model, batch, criterion, device)
+    choice = auto_grad_sample_mode(model, batch, criterion, device, AUTO_MODES_WITH_GHOST)  # built-in tasks' loop
     fastest = min(median[mode] for mode in GRAD_SAMPLE_MODES)
     return {
         "model": name,

@@ -99,8 +99,8 @@ class PrivacyConfig(_Validated):
     )
     grad_sample_mode: str = option(
         "auto",
-        "Opacus per-sample gradients: auto (times hooks, functorch, ew; keeps the fastest), hooks, functorch, "
-        "ghost (the task must use settings.criterion), ew",
+        "Opacus per-sample gradients: auto (times hooks, functorch, ew, and ghost for tasks on the built-in "
+        "loop; keeps the fastest), hooks, functorch, ghost (the task must use settings.criterion), ew",
         choices=("auto", "hooks", "functorch", "ghost", "ew"),
     )
     secure_mode: bool = option(
