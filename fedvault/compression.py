@@ -342,13 +342,10 @@ class RotatedStochastic(VectorCodec):
             segments.append((start, 1, 1 << (size - start - 1).bit_length()))
         return segments
 
-    def _padded(self, size: int) -> int:
-        return sum(rows * width for _, rows, width in self._segments(size))
-
-    def _rotations(self, seed: np.ndarray, size: int):
+    def _rotations(self, seed: np.ndarray, segments: list[tuple[int, int, int]]):
         """Per segment: its (start, rows, width) and its random signs, all drawn from ``seed``."""
         rng = np.random.default_rng(int(seed[0]))
-        for start, rows, width in self._segments(size):
+        for start, rows, width in segments:
             bits = np.unpackbits(np.frombuffer(rng.bytes(math.ceil(rows * width / 8)), np.uint8))[: rows * width]
             yield start, rows, width, (1 - 2 * bits.astype(np.float32)).reshape(rows, width)
 
@@ -356,7 +353,7 @@ class RotatedStochastic(VectorCodec):
         seed = np.frombuffer(secrets.token_bytes(8), np.uint64).copy()
         rounding = np.random.default_rng(secrets.randbits(64))
         codes, ranges = [], []
-        for start, rows, width, signs in self._rotations(seed, flat.size):
+        for start, rows, width, signs in self._rotations(seed, self._segments(flat.size)):
             block = np.zeros(rows * width, np.float32)
             part = flat[start : start + rows * width]
             block[: part.size] = part
@@ -375,9 +372,10 @@ class RotatedStochastic(VectorCodec):
         return {"codes": packed, "ranges": m_all.astype(np.float32), "seed": seed}
 
     def decode_vector(self, payload: Payload, size: int) -> np.ndarray:
-        padded = self._padded(size)
+        segments = self._segments(size)
+        padded = sum(rows * width for _, rows, width in segments)
         seed = _expect(payload, "seed", np.uint64, 1)
-        m_all = _expect(payload, "ranges", np.float32, sum(rows for _, rows, _ in self._segments(size)))
+        m_all = _expect(payload, "ranges", np.float32, sum(rows for _, rows, _ in segments))
         if not (np.isfinite(m_all).all() and (m_all >= 0).all()):
             raise PayloadError("field 'ranges' holds a negative, NaN or infinite range")
         wire = np.uint8 if self.bits <= 8 else np.uint16
@@ -386,7 +384,7 @@ class RotatedStochastic(VectorCodec):
         if codes.size and int(codes.max()) > self.top:
             raise PayloadError(f"field 'codes' holds a code above {self.top} ({self.bits} bits)")
         out, offset, row = np.empty(padded, np.float32), 0, 0
-        for start, rows, width, signs in self._rotations(seed, size):
+        for start, rows, width, signs in self._rotations(seed, segments):
             m = m_all[row : row + rows]
             step = np.where(m > 0, 2 * m / self.top, 0.0).astype(np.float32)
             y = codes[offset : offset + rows * width].reshape(rows, width) * step[:, None] - m[:, None]

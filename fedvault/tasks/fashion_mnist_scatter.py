@@ -8,7 +8,7 @@ of 7x7 per image, computed with kymatio (Andreux et al., JMLR 2020). Their filte
 learnt from data, so the features cost no privacy; each image is normalised by itself (GroupNorm
 with 27 groups, no affine parameters), so normalisation costs none either.
 
-The features of all 70,000 images are computed once (about two minutes on two cores) and cached
+The features of all 70,000 images are computed once (a few minutes on two cores) and cached
 as float16 in ``$FEDVAULT_CACHE_DIR`` (default ``~/.cache/fedvault``), keyed by the IDX files'
 hash; later processes memory-map the cache, so each client reads only its own partition.
 """
@@ -27,7 +27,7 @@ from torch import nn
 
 from fedvault.errors import MissingPackageError
 from fedvault.tasks.base import ArrayDataset, TaskData
-from fedvault.tasks.fashion_mnist import FILES, FashionMnistTask, data_dir, load_fashion_mnist
+from fedvault.tasks.fashion_mnist import FILES, FashionMnistTask, _find, data_dir, load_fashion_mnist
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def scattering(images: np.ndarray) -> np.ndarray:
 def _files_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for stem in FILES.values():
-        path = folder / f"{stem}.gz" if (folder / f"{stem}.gz").is_file() else folder / stem
-        digest.update(path.read_bytes() if path.is_file() else b"")
+        digest.update(_find(folder, stem).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -76,7 +75,7 @@ def cached_features(data: TaskData, folder: Path) -> tuple[np.ndarray, np.ndarra
     with open(target.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_dir():
-            log.warning("computing ScatterNet features of 70,000 images once (about two minutes), into %s", target)
+            log.warning("computing ScatterNet features of 70,000 images once (a few minutes), into %s", target)
             partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
             partial.mkdir()
             np.save(partial / "train.npy", scattering(data.train.x))
