@@ -1,4 +1,5 @@
-"""Local step time of each built-in model: plain SGD vs Opacus DP-SGD (hooks, functorch, ghost, ew) and "auto".
+"""Local step time of each built-in model: plain SGD vs DP-SGD (Opacus' hooks, functorch, ghost, ew; fedvault's
+book-keeping bk) and "auto".
 
 One process, one run: the modes are interleaved within every repetition (so machine load
 hits them alike) and the median seconds per step is reported, with ratios to plain SGD. A step
@@ -8,9 +9,10 @@ synthetic examples (for DP: per-example clipping and Gaussian noise, σ = C = 1)
 shorter measurement); the report says whether the mode it picked is within 5% of the faster
 mode in this benchmark's own measurement.
 
-    python benchmarks/dp_overhead.py [--batch-size 256] [--reps 15] [--steps 20] [--device cpu]
+    python benchmarks/dp_overhead.py [--batch-size 256] [--reps 15] [--steps 20] [--device cpu] [--name dp_overhead]
 
-Writes benchmarks/results/dp_overhead.json and .md (atomically).
+Writes benchmarks/results/NAME.json and .md (atomically). The main job's clients hold 10,000
+examples each, so their auto batch is 1,000: ``--batch-size 1000 --name dp_overhead_b1000``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from sweep import RESULTS, write_results
 from torch import nn
 
 from fedvault.privacy.dp_sgd import (
-    AUTO_MODES_WITH_GHOST,
+    AUTO_MODES_WITH_LOSS_CLIPPING,
     GRAD_SAMPLE_MODES,
     auto_grad_sample_mode,
     dp_compatible,
@@ -60,7 +62,9 @@ def bench_model(name: str, batch_size: int, reps: int, steps: int, device: torch
     criterion = nn.CrossEntropyLoss()
     times = measure_step_times(model, batch, criterion, device, MODES, reps=reps, steps=steps, warmup=3)
     median = {mode: statistics.median(values) for mode, values in times.items()}
-    choice = auto_grad_sample_mode(model, batch, criterion, device, AUTO_MODES_WITH_GHOST)  # built-in tasks' loop
+    choice = auto_grad_sample_mode(
+        model, batch, criterion, device, AUTO_MODES_WITH_LOSS_CLIPPING
+    )  # built-in tasks' loop
     fastest = min(median[mode] for mode in GRAD_SAMPLE_MODES)
     return {
         "model": name,
@@ -150,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions per mode")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per repetition")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dp_overhead.json and .md")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for NAME.json and .md")
+    parser.add_argument("--name", default="dp_overhead", help="result file name (without extension)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     device = torch.device(args.device)
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     markdown = to_markdown(report)
-    write_results("dp_overhead", report, markdown, out=args.out)
+    write_results(args.name, report, markdown, out=args.out)
     print(markdown)
     return report
 

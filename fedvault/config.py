@@ -99,9 +99,10 @@ class PrivacyConfig(_Validated):
     )
     grad_sample_mode: str = option(
         "auto",
-        "Opacus per-sample gradients: auto (times hooks, functorch, ew, and ghost for tasks on the built-in "
-        "loop; keeps the fastest), hooks, functorch, ghost (the task must use settings.criterion), ew",
-        choices=("auto", "hooks", "functorch", "ghost", "ew"),
+        "per-sample gradients: auto (times hooks, functorch, ew, and ghost and bk for tasks on the built-in "
+        "loop; keeps the fastest), Opacus' hooks, functorch, ghost (the task must use settings.criterion) or "
+        "ew, or bk (book-keeping clipping: one backward pass; Linear/Conv layers; uses settings.criterion)",
+        choices=("auto", "hooks", "functorch", "ghost", "ew", "bk"),
     )
     secure_mode: bool = option(
         False,

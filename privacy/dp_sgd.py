@@ -21,9 +21,13 @@ Per-example gradients come from Opacus' ``"hooks"`` (materialised per-sample gra
 module hooks), ``"functorch"`` (the same through ``torch.func``'s ``vmap`` of per-example
 gradients), ``"ghost"`` (ghost clipping, Li et al. 2022, arXiv 2110.05679; Bu et al. 2023, arXiv
 2205.10683: norms without materialising Linear-layer per-sample gradients, at the cost of a
-second backward pass; the task's loop must use ``settings.criterion``) or ``"ew"`` (torch's
-expanded weights, per-sample gradients inside autograd); ``"auto"`` times hooks, functorch and ew
-once per process on the actual model and batch size and keeps the fastest.
+second backward pass; the task's loop must use ``settings.criterion``), ``"ew"`` (torch's
+expanded weights, per-sample gradients inside autograd) or ``"bk"`` (book-keeping clipping, Bu et
+al. 2023, arXiv 2210.00038: one backward pass, per-layer norms from kept activations and output
+gradients, :mod:`fedvault.privacy.book_keeping`; Linear and Conv layers only; the task's loop must
+use ``settings.criterion``); ``"auto"`` times hooks, functorch and ew (and ghost and bk when the
+task's loop uses ``settings.criterion``) once per process on the actual model and batch size and
+keeps the fastest.
 
 Randomness: by default Opacus runs with ``secure_mode=False``: the Poisson sampler and the noise
 use torch's ordinary (Mersenne Twister / Philox) generators seeded from :mod:`secrets`, so neither
@@ -59,17 +63,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedvault.errors import FedvaultError
 from fedvault.privacy.accountants import calibrate_noise_multiplier, epsilon
+from fedvault.privacy.book_keeping import BookKeepingLoss, BookKeepingModule
 from fedvault.privacy.events import DPEvent
 from fedvault.step_hooks import HookedOptimizer
 from fedvault.tasks.base import Task, TrainingHook, TrainResult, TrainSettings
 
 log = logging.getLogger("fedvault")
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ew")
-#: What "auto" times and picks from. Ghost clipping joins them only when the task's loop is known to
-#: compute its loss with ``settings.criterion`` (``criterion_honoured``; a ghost step without it is refused).
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ew", "bk")
+#: Modes that clip inside the loss's ``backward()``: the task's loop must call ``settings.criterion``.
+LOSS_CLIPPING_MODES = ("ghost", "bk")
+#: What "auto" times and picks from. The loss-clipping modes join them only when the task's loop is known
+#: to compute its loss with ``settings.criterion`` (``criterion_honoured``; a step without it is refused).
 AUTO_MODES = ("hooks", "functorch", "ew")
-AUTO_MODES_WITH_GHOST = (*AUTO_MODES, "ghost")
+AUTO_MODES_WITH_LOSS_CLIPPING = (*AUTO_MODES, *LOSS_CLIPPING_MODES)
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -121,7 +128,7 @@ class PrivateParts:
     engine: PrivacyEngine
     module: nn.Module  # an Opacus GradSampleModule
     optimizer: torch.optim.Optimizer  # an Opacus DPOptimizer
-    criterion: Callable[..., Any]  # the ghost-mode loss wrapper, or the criterion itself
+    criterion: Callable[..., Any]  # the ghost or bk loss wrapper, or the criterion itself
     loader: DataLoader
 
 
@@ -156,7 +163,7 @@ def make_private_parts(
                 "DP-SGD: privacy.secure-mode = true needs the torchcsprng package (Opacus' secure generator), "
                 "which is not installed; install a torchcsprng build for this torch, or set privacy.secure-mode = false"
             ) from None
-    made = engine.make_private(
+    made = engine.make_private(  # bk: Opacus' ghost-clipping optimizer and loader, fedvault's module and loss
         module=model,
         optimizer=optimizer,
         data_loader=loader,
@@ -165,10 +172,16 @@ def make_private_parts(
         max_grad_norm=max_grad_norm,
         loss_reduction=reduction,
         poisson_sampling=poisson_sampling,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode="ghost" if grad_sample_mode == "bk" else grad_sample_mode,
         noise_generator=None if secure_mode else noise_generator,
     )
-    if grad_sample_mode == "ghost":
+    dp_criterion: Callable[..., Any]
+    if grad_sample_mode == "bk":
+        ghost_module, dp_optimizer, _, dp_loader = made
+        ghost_module.cleanup()  # its hooks would run a second set of per-sample computations
+        module = BookKeepingModule(model)
+        dp_criterion = BookKeepingLoss(module, criterion, max_grad_norm)
+    elif grad_sample_mode == "ghost":
         module, dp_optimizer, dp_criterion, dp_loader = made
     else:
         (module, dp_optimizer, dp_loader), dp_criterion = made, criterion
@@ -318,15 +331,16 @@ def _synthetic_batch(loader: DataLoader, batch_size: int, device: torch.device) 
 # ---- the wrapper the task's own loop runs on ------------------------------------------------
 
 
-class _GhostLoss:
-    """Opacus' ghost-clipping loss wrapper that remembers whether its two-pass backward ran.
+class _ClippingLoss:
+    """A loss-clipping mode's loss wrapper (:data:`LOSS_CLIPPING_MODES`) that remembers whether its
+    clipping backward ran.
 
-    Under ghost clipping a plain ``loss.backward()`` leaves the *unclipped* gradient sum in
+    Under ghost or bk clipping a plain ``loss.backward()`` leaves the *unclipped* gradient sum in
     ``p.grad``, which the optimizer would then noise and release; the trainer refuses such a step.
     """
 
-    def __init__(self, loss: Callable[..., Any]) -> None:
-        self.loss = loss
+    def __init__(self, loss: Callable[..., Any], mode: str) -> None:
+        self.loss, self.mode = loss, mode
         self.clipped = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -343,8 +357,8 @@ class _GhostLoss:
     def consume(self) -> None:
         if not self.clipped:
             raise DPSGDError(
-                "DP-SGD: grad-sample mode 'ghost' needs Task.train to compute its loss with settings.criterion "
-                "(Opacus' clipping loss); this step's gradient was not clipped, so it is not released"
+                f"DP-SGD: grad-sample mode {self.mode!r} needs Task.train to compute its loss with "
+                "settings.criterion (the clipping loss); this step's gradient was not clipped, so it is not released"
             )
         self.clipped = False
 
@@ -354,16 +368,16 @@ class _PrivateStep(HookedOptimizer):
     runs the strategy hooks on the private gradient (post-processing), then the plain update."""
 
     def __init__(
-        self, dp_optimizer: DPOptimizer, model: nn.Module, hooks: Sequence[TrainingHook], ghost: _GhostLoss | None
+        self, dp_optimizer: DPOptimizer, model: nn.Module, hooks: Sequence[TrainingHook], clipping: _ClippingLoss | None
     ):
         super().__init__(dp_optimizer, model, hooks)
         self.dp = dp_optimizer
-        self.ghost = ghost
+        self.clipping = clipping
         self._noise_only = False
 
     def ready(self) -> bool:
-        if self.ghost is not None and not self._noise_only:
-            self.ghost.consume()
+        if self.clipping is not None and not self._noise_only:
+            self.clipping.consume()
         return bool(self.dp.pre_step())
 
     def update(self) -> None:
@@ -374,8 +388,8 @@ class _PrivateStep(HookedOptimizer):
         Skipping it would reveal that the batch was empty (and under-count the steps)."""
         self.dp.zero_grad(set_to_none=True)
         for p in self.dp.params:
-            if self.ghost is not None:
-                p.grad = torch.zeros_like(p)  # ghost mode sums p.grad
+            if self.clipping is not None:
+                p.grad = torch.zeros_like(p)  # the loss-clipping optimizer sums p.grad
             else:
                 p.grad_sample = p.new_zeros((0, *p.shape))
         self._noise_only = True
@@ -423,7 +437,7 @@ class PrivateTrainer:
     reduce with ``"mean"`` or ``"sum"``; batches are ``(x, y)`` pairs. :meth:`with_budget` calibrates
     the noise to an (epsilon, delta) budget; :meth:`epsilon` reports what was spent.
     ``criterion_honoured``: the task's loop computes its loss with ``settings.criterion`` (as
-    :class:`SupervisedTask`'s does), so ``"auto"`` times ghost clipping too.
+    :class:`SupervisedTask`'s does), so ``"auto"`` times ghost and bk clipping too.
     """
 
     def __init__(
@@ -460,7 +474,7 @@ class PrivateTrainer:
             expected = self.num_examples // steps_per_epoch(self.num_examples, train_loader.batch_size)
             physical = min(expected, max_physical_batch_size or expected)
             batch = _synthetic_batch(train_loader, max(1, physical), self.device)
-            candidates = AUTO_MODES_WITH_GHOST if criterion_honoured else AUTO_MODES
+            candidates = AUTO_MODES_WITH_LOSS_CLIPPING if criterion_honoured else AUTO_MODES
             self.mode_choice = auto_grad_sample_mode(fixed, batch, criterion, self.device, candidates)
             grad_sample_mode = self.mode_choice.mode
         self.grad_sample_mode = grad_sample_mode
@@ -492,7 +506,9 @@ class PrivateTrainer:
             if max_physical_batch_size
             else parts.loader
         )
-        self._ghost = _GhostLoss(parts.criterion) if grad_sample_mode == "ghost" else None
+        self._clipping = (
+            _ClippingLoss(parts.criterion, grad_sample_mode) if grad_sample_mode in LOSS_CLIPPING_MODES else None
+        )
         self._model = fixed  # the wrapped nn.Module: plain state-dict keys, same Parameter objects
 
     @classmethod
@@ -623,8 +639,8 @@ class PrivateTrainer:
         if learning_rate is not None:
             for group in original.param_groups:
                 group["lr"] = learning_rate
-        step = _PrivateStep(parts.optimizer, self._model, hooks, self._ghost)
-        settings = TrainSettings(epochs=epochs, device=self.device, amp=amp, criterion=self._ghost)
+        step = _PrivateStep(parts.optimizer, self._model, hooks, self._clipping)
+        settings = TrainSettings(epochs=epochs, device=self.device, amp=amp, criterion=self._clipping)
         result = task.train(parts.module, _PoissonBatches(self._batches, step, self.device), step, settings)
         parts.optimizer.zero_grad(set_to_none=True)  # drop per-sample gradients between rounds
         return TrainResult(loss=result.loss, steps=step.steps)

@@ -77,7 +77,7 @@ def test_planning_helpers_match_what_opacus_builds():
     assert result.steps == 12 == trainer.accounted_steps()
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew", "bk"])
 def test_each_example_gradient_is_clipped_to_the_bound(mode):
     torch.manual_seed(0)
     n, clip = 8, 0.05
@@ -110,7 +110,7 @@ def test_each_example_gradient_is_clipped_to_the_bound(mode):
     assert math.sqrt(sum((u**2).sum().item() for u in update)) <= clip + 1e-6
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew", "bk"])
 def test_noise_std_is_sigma_times_clip_over_expected_batch_size(mode):
     # x = 0 and no bias: every gradient is exactly zero, so the update is the noise alone.
     n, batch, sigma, clip = 64, 16, 2.0, 0.5
@@ -179,7 +179,7 @@ def test_global_weights_load_in_place_with_or_without_module_prefix():
         train_round(trainer, {"weight": torch.zeros(2, 4), "bias": torch.zeros(3)}, epochs=1)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew", "bk"])
 def test_empty_poisson_batches_still_take_an_accounted_noise_step(mode, monkeypatch):
     dataset = TensorDataset(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
     trainer = trainer_for(nn.Linear(3, 2, bias=False), dataset, batch_size=1, sigma=1.0, mode=mode)  # q = 0.5
@@ -195,7 +195,7 @@ def test_empty_poisson_batches_still_take_an_accounted_noise_step(mode, monkeypa
     assert not torch.equal(result.state_dict["weight"], start["weight"])
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew", "bk"])
 def test_batch_memory_manager_splits_physical_batches_but_accounts_logical_steps(mode):
     dataset = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
     trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=32, sigma=1.0, mode=mode, max_physical_batch_size=8)
@@ -258,7 +258,7 @@ def test_auto_mode_picks_the_measured_faster_mode_and_caches_it():
     batch = (torch.randn(64, 256), torch.zeros(64, dtype=torch.long))
     times = measure_step_times(build(), batch, CE, torch.device("cpu"), reps=5)
     medians = {mode: statistics.median(v) for mode, v in times.items()}
-    assert set(medians) == {"hooks", "functorch", "ghost", "ew"} and all(m > 0 for m in medians.values())
+    assert set(medians) == {"hooks", "functorch", "ghost", "ew", "bk"} and all(m > 0 for m in medians.values())
     assert choice.mode != "ghost" and set(choice.seconds_per_step) == {"hooks", "functorch", "ew"}
 
     again = trainer_for(build(), dataset, batch_size=64, mode="auto", sigma=1.0)
@@ -266,26 +266,28 @@ def test_auto_mode_picks_the_measured_faster_mode_and_caches_it():
     assert train_round(again, start_state(again), epochs=1).steps == again.steps_per_epoch
 
 
-def test_auto_times_ghost_clipping_too_when_the_tasks_loop_honours_the_criterion(monkeypatch):
-    """A linear model on fixed features (ScatterNet + linear): ghost clipping needs no per-sample
-    gradients there. With ``criterion_honoured`` (SupervisedTask's loop) auto times it beside the others,
-    and a round in whichever mode it picks runs the task's loop through the ghost wrapper when needed."""
-    monkeypatch.setattr(dp_sgd, "choose_grad_sample_mode", lambda seconds: "ghost")  # as it measures here
+@pytest.mark.parametrize("picked", ["ghost", "bk"])
+def test_auto_times_the_loss_clipping_modes_too_when_the_tasks_loop_honours_the_criterion(monkeypatch, picked):
+    """A linear model on fixed features (ScatterNet + linear): ghost and bk clipping need no per-sample
+    gradients there. With ``criterion_honoured`` (SupervisedTask's loop) auto times them beside the others,
+    and a round in whichever mode it picks runs the task's loop through the clipping loss when needed."""
+    monkeypatch.setattr(dp_sgd, "choose_grad_sample_mode", lambda seconds: picked)  # as it may measure here
+    monkeypatch.setattr(dp_sgd, "_MODE_CHOICES", {})  # "auto" caches its choice per process
     dataset = TensorDataset(torch.randn(256, 81 * 49), torch.randint(0, 10, (256,)))
     trainer = trainer_for(nn.Linear(81 * 49, 10), dataset, batch_size=64, mode="auto", criterion_honoured=True)
-    assert set(trainer.mode_choice.seconds_per_step) == {"hooks", "functorch", "ew", "ghost"}
-    assert trainer.grad_sample_mode == "ghost"
+    assert set(trainer.mode_choice.seconds_per_step) == {"hooks", "functorch", "ew", "ghost", "bk"}
+    assert trainer.grad_sample_mode == picked
     assert train_round(trainer, start_state(trainer), epochs=1).steps == trainer.steps_per_epoch
 
 
-def test_a_client_on_a_built_in_task_lets_auto_time_ghost_clipping():
+def test_a_client_on_a_built_in_task_lets_auto_time_the_loss_clipping_modes():
     from fedvault.client.node import DataSelection
     from fedvault.client.private_training import private_trainer
     from fedvault.config import RunConfig
 
     cfg = RunConfig.from_flat({"task": "digits", "num-clients": 2, "privacy.grad-sample-mode": "auto"})
     trainer = private_trainer(cfg, DataSelection.from_run(cfg, {"partition-id": 0}), "cpu")
-    assert set(trainer.mode_choice.seconds_per_step) == {"hooks", "functorch", "ew", "ghost"}
+    assert set(trainer.mode_choice.seconds_per_step) == {"hooks", "functorch", "ew", "ghost", "bk"}
 
 
 def test_auto_leaves_out_a_mode_that_cannot_train_the_model(monkeypatch, caplog):
@@ -319,7 +321,8 @@ class ConstantPull:
 
 
 @pytest.mark.parametrize(
-    "mode,physical", [("hooks", None), ("functorch", None), ("ghost", None), ("ew", None), ("hooks", 4)]
+    "mode,physical",
+    [("hooks", None), ("functorch", None), ("ghost", None), ("ew", None), ("bk", None), ("hooks", 4), ("bk", 4)],
 )
 def test_strategy_hooks_edit_the_noised_gradient_once_per_logical_step(mode, physical):
     """Clip ~0 and no noise: the private gradient is ~0, so only the hook moves the weights. Had it
@@ -336,7 +339,7 @@ def test_strategy_hooks_edit_the_noised_gradient_once_per_logical_step(mode, phy
 
 
 class OwnLossTask(CrossEntropyTask):
-    """A custom loop that ignores settings.criterion: under ghost clipping its gradient is unclipped."""
+    """A custom loop that ignores settings.criterion: under ghost or bk clipping its gradient is unclipped."""
 
     def train(self, model, loader, optimizer, settings):
         for _ in range(settings.epochs):
@@ -347,9 +350,10 @@ class OwnLossTask(CrossEntropyTask):
         return TrainResult(loss=0.0, steps=0)
 
 
-def test_ghost_mode_refuses_a_step_whose_loss_skipped_the_clipping_wrapper():
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_loss_clipping_modes_refuse_a_step_whose_loss_skipped_the_clipping_wrapper(mode):
     dataset = TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,)))
-    trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=8, sigma=1.0, mode="ghost")
+    trainer = trainer_for(nn.Linear(4, 3), dataset, batch_size=8, sigma=1.0, mode=mode)
     with pytest.raises(DPSGDError, match="settings.criterion"):
         trainer.train(OwnLossTask(), 1, global_state=start_state(trainer))
     trainer_hooks = trainer_for(nn.Linear(4, 3), dataset, batch_size=8, sigma=1.0, mode="hooks")
