@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import wrap_data_loader
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
@@ -121,6 +121,19 @@ def dp_compatible(model: nn.Module) -> nn.Module:
     return fixed
 
 
+class _FastClippingOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' optimizer for ghost and bk clipping, with ``accumulate`` cloning ``p.grad`` where
+    Opacus deep-copies it: the same sums, without ``copy.deepcopy``'s Python overhead (about
+    70 us per parameter per step, a tenth of a small model's whole step)."""
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad)
+            else:
+                p.summed_grad = p.grad.detach().clone()
+
+
 @dataclass
 class PrivateParts:
     """The objects ``make_private`` returns, the same shape for every grad-sample mode."""
@@ -175,6 +188,8 @@ def make_private_parts(
         grad_sample_mode="ghost" if grad_sample_mode == "bk" else grad_sample_mode,
         noise_generator=None if secure_mode else noise_generator,
     )
+    if type(made[1]) is DPOptimizerFastGradientClipping:
+        made[1].__class__ = _FastClippingOptimizer  # same state and noise; only accumulate() differs
     dp_criterion: Callable[..., Any]
     if grad_sample_mode == "bk":
         ghost_module, dp_optimizer, _, dp_loader = made
