@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -331,8 +332,7 @@ class BookKeepingModule(nn.Module):
         key = (self._layers.index(record.layer), record.activation.shape[1:])  # Poisson batches vary in size
         if key not in self._kernels:
             candidates = _candidates(record.layer, record.activation, g)
-            timings = {kernel: _time(kernel, record, g) for kernel in candidates} if len(candidates) > 1 else {}
-            self._kernels[key] = min(timings, key=timings.__getitem__) if timings else candidates[0]
+            self._kernels[key] = _fastest(candidates, record, g) if len(candidates) > 1 else candidates[0]
             log.debug(
                 "book-keeping clipping: %s on %s uses %s",
                 record.layer,
@@ -348,16 +348,20 @@ class BookKeepingModule(nn.Module):
         self._handles, self._records = [], []
 
 
-def _time(kernel: Kernel, record: _Record, g: torch.Tensor, reps: int = 2) -> float:
-    """Seconds of ``kernel``'s norms and clipped sums (best of ``reps``); nothing is written to the parameters."""
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        norms, finish = kernel(record.layer, record.activation, g)
-        weight, _ = finish(norms)
-        weight.sum().item()  # synchronises on CUDA
-        best = min(best, time.perf_counter() - start)
-    return best
+def _fastest(candidates: tuple[Kernel, ...], record: _Record, g: torch.Tensor, reps: int = 5) -> Kernel:
+    """The kernel with the lowest median time for norms and clipped sums, each run once to warm up and
+    then ``reps`` times interleaved with the others (so machine load hits them alike); nothing is
+    written to the parameters."""
+    seconds: dict[Kernel, list[float]] = {kernel: [] for kernel in candidates}
+    for rep in range(reps + 1):
+        for kernel in candidates:
+            start = time.perf_counter()
+            norms, finish = kernel(record.layer, record.activation, g)
+            weight, _ = finish(norms)
+            weight.sum().item()  # synchronises on CUDA
+            if rep:
+                seconds[kernel].append(time.perf_counter() - start)
+    return min(candidates, key=lambda kernel: statistics.median(seconds[kernel]))
 
 
 class BookKeepingLoss:
