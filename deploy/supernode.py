@@ -13,11 +13,16 @@ Readiness has two stages, both verified on flwr 1.41:
   from then on ``flwr supernode list`` on the server shows that id ``online``.
 
 Failures are read from the log and reported in one line (:data:`FAILURES`).
+
+Each message's ClientApp forks from the node's warm, pre-imported process
+(:mod:`fedvault.deploy.warm_clientapp`) unless ``warm_clientapp=False`` (Flower's one fresh
+``flwr-clientapp`` process per message).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +43,7 @@ from fedvault.deploy.processes import (
     wait_for_log,
     wait_healthy,
 )
+from fedvault.deploy.warm_clientapp import WarmClientApp, start_warm_clientapp
 from fedvault.errors import ConfigError
 from fedvault.security.key_files import PlainKey, plain_key_file
 
@@ -79,12 +85,15 @@ class SuperNode:
     health_address: str
     runtime_address: str
     plain_key: PlainKey | None = None  # the decrypted node key, when the key file is encrypted
+    warm: WarmClientApp | None = None  # where its ClientApps fork from (None: one process per message)
 
     def stop(self) -> int:
-        """Stop the SuperNode (it deregisters from the SuperLink on a graceful exit)."""
+        """Stop the SuperNode (it deregisters from the SuperLink on a graceful exit) and its warm ClientApp."""
         try:
             return stop(self.process)
         finally:
+            if self.warm is not None:
+                self.warm.stop()
             if self.plain_key is not None:
                 self.plain_key.close()
 
@@ -138,6 +147,7 @@ def start_supernode(
     timeout: float = 60.0,
     wait_connected: bool = True,
     passphrase: bytes | None = None,
+    warm_clientapp: bool = True,
 ) -> SuperNode:
     """Start ``flower-supernode`` against ``superlink`` (``host:port``) and wait until it joins.
 
@@ -145,6 +155,8 @@ def start_supernode(
     ``context.node_config``. ``root_certificates`` is the fedvault ``ca.pem`` (None: system trust
     store); ``private_key`` is ``client-<i>.key``, decrypted with ``passphrase`` into an in-memory
     file when it is encrypted (:func:`~fedvault.security.key_files.plain_key_file`).
+    ``warm_clientapp`` forks each message's ClientApp from a pre-imported process (its log:
+    ``state_dir/warm-clientapp.log``).
     ``insecure=True`` drops TLS and authentication and logs a warning. The local Runtime API port
     and the health address default to free loopback ports. Output goes to
     ``state_dir/supernode.log``; ``state_dir`` is made 0700 and the SuperNode (and the ClientApps it
@@ -169,6 +181,7 @@ def start_supernode(
     plain_key = None
     if private_key is not None and not insecure:
         plain_key = plain_key_file(Path(private_key).resolve(), passphrase, openssh=True)
+    warm: WarmClientApp | None = None
     try:
         argv = supernode_command(
             superlink=superlink,
@@ -179,23 +192,31 @@ def start_supernode(
             health_address=health_address,
             runtime_port=runtime_port,
         )
+        env = child_env({"FLWR_HOME": str(state_dir / FLWR_HOME_DIR)})
+        warm = start_warm_clientapp(state_dir / "warm-clientapp.log", env) if warm_clientapp else None
+        if warm is not None:
+            env["PATH"] = os.pathsep.join([str(warm.bin_dir), env["PATH"]])  # SuperExec finds its shim first
         process = start_process(
             argv,
             name=f"SuperNode {partition_id}",
             log_path=state_dir / "supernode.log",
-            env=child_env({"FLWR_HOME": str(state_dir / FLWR_HOME_DIR)}),
+            env=env,
             pass_fds=() if plain_key is None else plain_key.pass_fds,
             umask=PRIVATE_UMASK,
         )
     except BaseException:
+        if warm is not None:
+            warm.stop()
         if plain_key is not None:
             plain_key.close()
         raise
-    node = SuperNode(process, None, health_address, join_host_port("127.0.0.1", runtime_port), plain_key)
+    node = SuperNode(process, None, health_address, join_host_port("127.0.0.1", runtime_port), plain_key, warm)
     try:
         wait_healthy(health_address, timeout, process)
         if wait_connected:
             node.node_id = int(wait_for_log(process, CONNECTED, timeout).group(1))
+        if warm is not None:
+            warm.wait_ready(timeout)
     except ProcessError as err:
         node.stop()
         raise ProcessError(_explain(process, superlink, err)) from None

@@ -201,10 +201,12 @@ def test_two_rounds_with_tls_and_node_auth_improve_accuracy(federation):
     assert accuracy[2] > accuracy[1] > accuracy[0]
     run_id = re.search(r"run (\d+) finished:completed", server_log).group(1)
     said = (f"run {run_id}: answered train round 1", f"run {run_id}: answered train round 2")
-    for client in federation["clients"]:
+    for number, client in enumerate(federation["clients"], start=1):
         assert client.alive()  # clients outlive the run; they stop on Ctrl-C / SIGTERM
         shown = lambda client=client: all(line in client.log_text() for line in said)  # noqa: E731
         wait_for(shown, seconds(20), "the client's round lines")
+        warm_log = (federation["root"] / f"client-{number}" / "warm-clientapp.log").read_text()
+        assert len(re.findall(r"task pid \d+ exited 0", warm_log)) >= 2  # both rounds forked from the warm process
 
 
 @pytest.mark.integration

@@ -60,6 +60,7 @@ def started():
 
 def _node(superlink_address, tmp_path, name, **kwargs):
     kwargs.setdefault("timeout", seconds(30))
+    kwargs.setdefault("warm_clientapp", False)  # these tests run no ClientApp
     return start_supernode(superlink_address, tmp_path / name, partition_id=0, num_partitions=2, **kwargs)
 
 
