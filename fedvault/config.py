@@ -237,6 +237,28 @@ class TrackingConfig(_Validated):
         return _tracker_names(self.backends)
 
 
+def _valid_ray_address(value: str) -> bool:
+    if value in ("", "auto"):
+        return True
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+@dataclass(frozen=True)
+class SimulationConfig(_Validated):
+    """Where ``fedvault simulate`` runs Flower's Simulation Engine."""
+
+    SECTION: ClassVar[str] = "simulation"
+
+    ray_address: str = option(
+        "",
+        "attach to a running Ray cluster: its head's HOST:PORT (`ray start --head --port PORT` there, "
+        "`ray start --address HOST:PORT` on the other machines), or auto (RAY_ADDRESS, else a cluster "
+        "started on this machine); empty = start Ray in this process",
+        (_valid_ray_address, "must be empty, auto, or HOST:PORT"),
+    )
+
+
 @dataclass(frozen=True)
 class RunConfig(_Validated):
     """Everything a run needs; see README.md for the reference table."""
@@ -308,6 +330,7 @@ class RunConfig(_Validated):
     sealing: SealingConfig = field(default_factory=SealingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
     strategy_params: tuple = field(default=(), metadata={"free": STRATEGY_PREFIX})  # ((param, value), ...)
 
     # ---- construction -------------------------------------------------------------------

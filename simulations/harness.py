@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -96,8 +97,10 @@ class SimulationResult:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Fail fast, before Ray starts: the trackers are installed, the task loads and its data splits as configured."""
+    """Fail fast, before Ray starts: the trackers are installed, a Ray cluster to attach to answers, the
+    task loads and its data splits as configured."""
     check_tracking(cfg)
+    check_ray_address(cfg.simulation.ray_address)
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     flwr_log.setLevel(logging.ERROR)  # the strategy's notices are logged once, by the run (to library.log)
@@ -114,6 +117,20 @@ def preflight(cfg: RunConfig) -> None:
         alpha=cfg.dirichlet_alpha,
         shards_per_client=cfg.shards_per_client,
     )
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A ``HOST:PORT`` cluster address must accept a connection (Ray's own failure takes minutes)."""
+    if address in ("", "auto"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"simulation.ray-address {address}: no Ray head answers there ({exc.strerror or exc}); start one with "
+            f"`ray start --head --port {port}` on that machine, or leave the key empty to run Ray here"
+        ) from None
 
 
 def client_gpus(cfg: RunConfig) -> float:
@@ -145,10 +162,12 @@ def client_policy(cfg: RunConfig) -> ClientPolicy:
 
 
 def backend_config(cfg: RunConfig, verbose: bool) -> dict:
-    return {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": client_gpus(cfg)},
-        "init_args": {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose},
-    }
+    """Flower's Ray backend settings: resources per client, and ``ray.init``'s arguments (``address``
+    attaches to a running cluster, whose machines then host the clients)."""
+    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    if cfg.simulation.ray_address:
+        init_args["address"] = cfg.simulation.ray_address
+    return {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": client_gpus(cfg)}, "init_args": init_args}
 
 
 def simulate(
