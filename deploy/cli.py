@@ -281,6 +281,14 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
         "--startup-timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the SuperNode to join"
     )
     client.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="seconds the idle SuperNode waits before asking the server again for a message (Flower's "
+        "fixed 3 s at most; every round's instruction waits up to this long)",
+    )
+    client.add_argument(
         "--cold-clientapp",
         action="store_true",
         help="start a fresh flwr-clientapp process for every message (Flower's default: about 4 s of imports "
@@ -783,6 +791,7 @@ def cmd_client(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 timeout=args.startup_timeout,
                 passphrase=passphrase,
                 warm_clientapp=not args.cold_clientapp,
+                poll_interval=args.poll_interval,
             )
         except ProcessError as err:
             first = str(err).splitlines()[0]

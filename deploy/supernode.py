@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,6 @@ from fedvault.deploy.processes import (
     ManagedProcess,
     ProcessError,
     child_env,
-    executable,
     format_config,
     free_port,
     join_host_port,
@@ -43,6 +43,7 @@ from fedvault.deploy.processes import (
     wait_for_log,
     wait_healthy,
 )
+from fedvault.deploy.supernode_process import POLL_ENV
 from fedvault.deploy.warm_clientapp import WarmClientApp, start_warm_clientapp
 from fedvault.errors import ConfigError
 from fedvault.security.key_files import PlainKey, plain_key_file
@@ -50,6 +51,8 @@ from fedvault.security.key_files import PlainKey, plain_key_file
 log = logging.getLogger(__name__)
 
 CONNECTED = r"SuperNode ID: (-?\d+)"
+DEFAULT_POLL_S = 0.5  # idle SuperNode -> SuperLink (Flower: 3 s); a round's instruction waits 0-0.5 s
+SUPEREXEC_POLL_S = 0.1  # SuperExec -> its own SuperNode on loopback (Flower: 1 s)
 FLWR_HOME_DIR = "flwr-home"
 # Regex on the SuperNode log -> what went wrong, in order (first match wins).
 FAILURES: dict[str, str] = {
@@ -108,10 +111,13 @@ def supernode_command(
     health_address: str,
     runtime_port: int,
 ) -> list[str]:
-    """The ``flower-supernode`` argv. ``root_certificates=None`` (without ``insecure``) makes
+    """The ``flower-supernode`` argv (Flower's entry point, run by
+    :mod:`fedvault.deploy.supernode_process`). ``root_certificates=None`` (without ``insecure``) makes
     Flower verify the SuperLink against the system trust store."""
     argv = [
-        executable("flower-supernode"),
+        sys.executable,
+        "-m",
+        "fedvault.deploy.supernode_process",
         "--superlink",
         superlink,
         "--node-config",
@@ -148,6 +154,7 @@ def start_supernode(
     wait_connected: bool = True,
     passphrase: bytes | None = None,
     warm_clientapp: bool = True,
+    poll_interval: float = DEFAULT_POLL_S,
 ) -> SuperNode:
     """Start ``flower-supernode`` against ``superlink`` (``host:port``) and wait until it joins.
 
@@ -156,7 +163,8 @@ def start_supernode(
     store); ``private_key`` is ``client-<i>.key``, decrypted with ``passphrase`` into an in-memory
     file when it is encrypted (:func:`~fedvault.security.key_files.plain_key_file`).
     ``warm_clientapp`` forks each message's ClientApp from a pre-imported process (its log:
-    ``state_dir/warm-clientapp.log``).
+    ``state_dir/warm-clientapp.log``). ``poll_interval``: seconds the idle SuperNode waits before
+    asking the SuperLink again (Flower's fixed 3 s at most), and its SuperExec between asks for tasks.
     ``insecure=True`` drops TLS and authentication and logs a warning. The local Runtime API port
     and the health address default to free loopback ports. Output goes to
     ``state_dir/supernode.log``; ``state_dir`` is made 0700 and the SuperNode (and the ClientApps it
@@ -165,6 +173,8 @@ def start_supernode(
     Raises :class:`~fedvault.deploy.processes.ProcessError` whose first line says what went wrong (see
     :data:`FAILURES`) and which quotes the log tail; the process is then stopped.
     """
+    if not 0 < poll_interval <= 3.0:
+        raise ConfigError(f"poll interval must be > 0 and <= 3 s (Flower's own idle poll), got {poll_interval}")
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition id {partition_id} must be in [0, {num_partitions}) (num-partitions)")
     if insecure:
@@ -192,7 +202,13 @@ def start_supernode(
             health_address=health_address,
             runtime_port=runtime_port,
         )
-        env = child_env({"FLWR_HOME": str(state_dir / FLWR_HOME_DIR)})
+        env = child_env(
+            {
+                "FLWR_HOME": str(state_dir / FLWR_HOME_DIR),
+                POLL_ENV: str(poll_interval),
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(min(poll_interval, SUPEREXEC_POLL_S)),
+            }
+        )
         warm = start_warm_clientapp(state_dir / "warm-clientapp.log", env) if warm_clientapp else None
         if warm is not None:
             env["PATH"] = os.pathsep.join([str(warm.bin_dir), env["PATH"]])  # SuperExec finds its shim first

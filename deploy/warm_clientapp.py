@@ -16,9 +16,11 @@ signals to the child and exits with the child's exit code. When the warm process
 (not yet ready, stopped, crashed) the shim ``exec``s the real ``flwr-clientapp``: a task is never
 lost, only slower.
 
-Nothing runs in the warm process before a fork but imports (no torch operations, no threads), so
-each child starts from the same clean state a fresh interpreter would have; it reseeds Python's,
-NumPy's and torch's default generators, which fork would otherwise share between tasks.
+Before any fork the warm process only imports and takes one training step of a tiny model with
+torch limited to one thread (torch initialises its kernels lazily: about half a second a fresh
+process would pay in its first round; one thread starts no thread pool, so every child creates
+its own). Each child reseeds Python's, NumPy's and torch's default generators, which fork would
+otherwise share between tasks.
 
     python -m fedvault.deploy.warm_clientapp SOCKET   # the warm process (start_warm_clientapp)
 """
@@ -55,8 +57,15 @@ log = logging.getLogger(__name__)
 
 READY = "warm ClientApp ready"
 SHIM_NAME = "flwr-clientapp"
-#: What every task needs, imported once before any fork.
-PREIMPORTS = ("torch", "numpy", "opacus", "flwr.supernode.cli.flwr_clientapp", "fedvault.client.app")
+#: What every task needs, imported once before any fork (the last one for the built-in digits task).
+PREIMPORTS = (
+    "torch",
+    "numpy",
+    "opacus",
+    "flwr.supernode.cli.flwr_clientapp",
+    "fedvault.client.app",
+    "sklearn.datasets",
+)
 _HEADER = struct.Struct("!I")
 _MAX_REQUEST = 1 << 20
 
@@ -209,6 +218,24 @@ def _run_task(request: dict[str, Any], fds: list[int]) -> None:
         os._exit(code)
 
 
+def _warm_up() -> None:
+    """One single-threaded SGD step of a tiny model: torch's lazily built kernels (forward, autograd,
+    optimizer) are ready in every child; the thread-count setting is restored for the children."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 0, 1])).backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _reseed() -> None:
     import random
 
@@ -230,6 +257,7 @@ def serve(socket_path: Path) -> None:
     started = time.perf_counter()
     for name in PREIMPORTS:
         __import__(name)
+    _warm_up()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
     os.chmod(socket_path, 0o600)
@@ -239,8 +267,8 @@ def serve(socket_path: Path) -> None:
         signal.signal(number, lambda signum, _frame: stopping.append(signum))
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
-    tasks: dict[int, socket.socket] = {}
-    print(f"{READY} (pid {os.getpid()}; imports took {time.perf_counter() - started:.1f} s)", flush=True)
+    tasks: dict[int, tuple[socket.socket, float]] = {}
+    _say(f"{READY} (pid {os.getpid()}; imports took {time.perf_counter() - started:.1f} s)")
     try:
         while not stopping:
             for _ in selector.select(timeout=0.2):
@@ -248,7 +276,7 @@ def serve(socket_path: Path) -> None:
                 try:
                     request, fds = _receive(conn)
                 except (ValueError, OSError) as exc:
-                    print(f"refused a request: {exc}", flush=True)
+                    _say(f"refused a request: {exc}")
                     conn.close()
                     continue
                 sys.stdout.flush()
@@ -261,8 +289,8 @@ def serve(socket_path: Path) -> None:
                 for fd in fds:
                     os.close(fd)
                 conn.sendall(f"pid {pid}\n".encode())
-                tasks[pid] = conn
-                print(f"task pid {pid} started", flush=True)
+                tasks[pid] = (conn, time.monotonic())
+                _say(f"task pid {pid} started")
             _reap(tasks)
     finally:
         for pid in tasks:
@@ -271,14 +299,20 @@ def serve(socket_path: Path) -> None:
         socket_path.unlink(missing_ok=True)
 
 
-def _reap(tasks: dict[int, socket.socket]) -> None:
+def _say(line: str) -> None:
+    """One timestamped line in the warm process' log."""
+    now = time.time()
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d} {line}", flush=True)
+
+
+def _reap(tasks: dict[int, tuple[socket.socket, float]]) -> None:
     while tasks:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
             return
-        conn = tasks.pop(pid, None)
+        conn, started = tasks.pop(pid, (None, time.monotonic()))
         code = _exit_code(status)
-        print(f"task pid {pid} exited {code}", flush=True)
+        _say(f"task pid {pid} exited {code} after {time.monotonic() - started:.2f} s")
         if conn is not None:
             try:
                 conn.sendall(f"exit {code}\n".encode())

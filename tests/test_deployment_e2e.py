@@ -205,8 +205,9 @@ def test_two_rounds_with_tls_and_node_auth_improve_accuracy(federation):
         assert client.alive()  # clients outlive the run; they stop on Ctrl-C / SIGTERM
         shown = lambda client=client: all(line in client.log_text() for line in said)  # noqa: E731
         wait_for(shown, seconds(20), "the client's round lines")
-        warm_log = (federation["root"] / f"client-{number}" / "warm-clientapp.log").read_text()
-        assert len(re.findall(r"task pid \d+ exited 0", warm_log)) >= 2  # both rounds forked from the warm process
+        warm_log = federation["root"] / f"client-{number}" / "warm-clientapp.log"
+        forked = lambda log=warm_log: len(re.findall(r"task pid \d+ exited 0", log.read_text())) >= 2  # noqa: E731
+        wait_for(forked, seconds(20), "both rounds' tasks forked from the warm ClientApp")  # its exit is logged last
 
 
 @pytest.mark.integration
