@@ -283,10 +283,10 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     client.add_argument(
         "--poll-interval",
         type=float,
-        default=0.5,
+        default=1.0,
         metavar="S",
         help="seconds the idle SuperNode waits before asking the server again for a message (Flower's "
-        "fixed 3 s at most; every round's instruction waits up to this long)",
+        "fixed 3 s at most; every round's instruction waits up to this long, and every client asks this often)",
     )
     client.add_argument(
         "--cold-clientapp",

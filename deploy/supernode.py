@@ -51,7 +51,7 @@ from fedvault.security.key_files import PlainKey, plain_key_file
 log = logging.getLogger(__name__)
 
 CONNECTED = r"SuperNode ID: (-?\d+)"
-DEFAULT_POLL_S = 0.5  # idle SuperNode -> SuperLink (Flower: 3 s); a round's instruction waits 0-0.5 s
+DEFAULT_POLL_S = 1.0  # idle SuperNode -> SuperLink (Flower: 3 s); a round's instruction waits 0-1 s
 SUPEREXEC_POLL_S = 0.1  # SuperExec -> its own SuperNode on loopback (Flower: 1 s)
 FLWR_HOME_DIR = "flwr-home"
 # Regex on the SuperNode log -> what went wrong, in order (first match wins).
