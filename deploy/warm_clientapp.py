@@ -253,7 +253,8 @@ def _exit_code(status: int) -> int:
 
 
 def serve(socket_path: Path) -> None:
-    """Import once, then fork one task per connection until SIGTERM/SIGINT; reap and report exits."""
+    """Import once, then fork one task per connection until SIGTERM/SIGINT or its parent dies (its
+    tasks are then stopped too); reap and report exits."""
     started = time.perf_counter()
     for name in PREIMPORTS:
         __import__(name)
@@ -262,6 +263,7 @@ def serve(socket_path: Path) -> None:
     listener.bind(str(socket_path))
     os.chmod(socket_path, 0o600)
     listener.listen(64)
+    parent = os.getppid()
     stopping: list[int] = []
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda signum, _frame: stopping.append(signum))
@@ -292,6 +294,9 @@ def serve(socket_path: Path) -> None:
                 tasks[pid] = (conn, time.monotonic())
                 _say(f"task pid {pid} started")
             _reap(tasks)
+            if os.getppid() != parent:  # the SuperNode's supervisor died without stopping us (SIGKILL)
+                _say("parent process gone: stopping")
+                break
     finally:
         for pid in tasks:
             _kill(pid)

@@ -7,8 +7,10 @@ import os
 import re
 import signal
 import subprocess
+import sys
 
 import pytest
+from deploy_helpers import wait_for
 from waits import seconds
 
 from fedvault.deploy.processes import child_env
@@ -48,3 +50,33 @@ def test_the_shim_starts_the_real_clientapp_when_the_warm_process_is_gone(warm):
     helped = shim_run(warm, "--help")
     assert helped.returncode == 0 and helped.stdout.startswith("usage: flwr-clientapp"), helped
     assert "task pid" not in warm.process.log_text()
+
+
+def test_the_warm_process_stops_when_the_process_that_started_it_dies(tmp_path):
+    """`fedvault client` killed with SIGKILL never stops its warm process: it notices and exits."""
+    code = (
+        "import sys, time; from pathlib import Path; from fedvault.deploy.processes import child_env; "
+        "from fedvault.deploy.warm_clientapp import start_warm_clientapp; "
+        f"w = start_warm_clientapp(Path({str(tmp_path / 'warm.log')!r}), child_env()); "
+        "print(w.process.pid, flush=True); time.sleep(600)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=child_env())
+    warm_pid = int(parent.stdout.readline())
+    log = tmp_path / "warm.log"
+    wait_for(lambda: "ready" in log.read_text() if log.exists() else False, seconds(60), "the warm process")
+    parent.kill()
+    parent.wait(timeout=seconds(10))
+    wait_for(lambda: not _alive(warm_pid), seconds(20), "the orphaned warm process to exit")
+    assert "parent process gone" in log.read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped by init) is gone too
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
