@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedvault.deploy.flower_timing import FLOWER_IDLE_POLL_S
 from fedvault.deploy.processes import (
     PRIVATE_UMASK,
     ManagedProcess,
@@ -173,7 +174,7 @@ def start_supernode(
     Raises :class:`~fedvault.deploy.processes.ProcessError` whose first line says what went wrong (see
     :data:`FAILURES`) and which quotes the log tail; the process is then stopped.
     """
-    if not 0 < poll_interval <= 3.0:
+    if not 0 < poll_interval <= FLOWER_IDLE_POLL_S:
         raise ConfigError(f"poll interval must be > 0 and <= 3 s (Flower's own idle poll), got {poll_interval}")
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition id {partition_id} must be in [0, {num_partitions}) (num-partitions)")

@@ -16,7 +16,9 @@ signals to the child and exits with the child's exit code. When the warm process
 (not yet ready, stopped, crashed) the shim ``exec``s the real ``flwr-clientapp``: a task is never
 lost, only slower.
 
-Before any fork the warm process only imports and takes one training step of a tiny model with
+Before any fork the warm process imports, shortens Flower's 1 s first retry of a message's objects
+(which the SuperNode is usually still fetching when a warm task asks:
+:mod:`fedvault.deploy.flower_timing`), and takes one training step of a tiny model with
 torch limited to one thread (torch initialises its kernels lazily: about half a second a fresh
 process would pay in its first round; one thread starts no thread pool, so every child creates
 its own). Each child reseeds Python's, NumPy's and torch's default generators, which fork would
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedvault.deploy.flower_timing import shorten_pull_backoff
 from fedvault.deploy.processes import (
     PRIVATE_UMASK,
     ManagedProcess,
@@ -258,6 +261,7 @@ def serve(socket_path: Path) -> None:
     started = time.perf_counter()
     for name in PREIMPORTS:
         __import__(name)
+    shorten_pull_backoff()
     _warm_up()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))

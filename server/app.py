@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedvault.compression import make_codec
 from fedvault.config import RunConfig
+from fedvault.deploy.flower_timing import shorten_pull_backoff
 from fedvault.device import resolve_device
 from fedvault.logs import show_progress
 from fedvault.memory import keep_freed_buffers
@@ -53,6 +54,7 @@ def build_server_app(config: RunConfig | None = None, progress: Progress | None 
     def main(grid: Grid, context: Context) -> None:
         if config is None and not logging.getLogger().handlers:  # a process of its own (flwr-serverapp)
             show_progress()  # its waits and drops then reach the run's log (`flwr log`, `fedvault server`)
+            shorten_pull_backoff()  # replies are fetched without Flower's 1 s first retry
         cfg = config if config is not None else RunConfig.from_flat(dict(context.run_config))
         run_server(grid, cfg, deployed=config is None, progress=progress)
 
