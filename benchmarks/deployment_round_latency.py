@@ -19,7 +19,7 @@ metrics.jsonl, the stock app's from timestamps of its evaluate_fn. Also reported
 of one ``flwr-clientapp`` process (Python + imports, measured by importing each ClientApp in a
 fresh interpreter) and the clients' own training time per round (fedvault's ``train_seconds``).
 The SuperNodes are fedvault's in both apps, with Flower's fixed waits shortened
-(:mod:`fedvault.deploy.flower_timing`); the stock ServerApp keeps Flower's own. Writes
+(:mod:`fedvault.flower_timing`); the stock ServerApp keeps Flower's own. Writes
 benchmarks/results/deployment_round_latency.{json,md}.
 
     python benchmarks/deployment_round_latency.py                       # 3 and 10 clients, 4 rounds
@@ -43,10 +43,10 @@ from sweep import RESULTS, write_results
 
 from fedvault.config import RunConfig
 from fedvault.deploy.cli import follow_run, write_app_dir
-from fedvault.deploy.flower_timing import FLOWER_IDLE_POLL_S, PULL_INITIAL_BACKOFF_S, REPLY_WAIT_S
 from fedvault.deploy.processes import child_env, free_port
 from fedvault.deploy.superlink import start_superlink, submit_run
 from fedvault.deploy.supernode import DEFAULT_POLL_S, start_supernode
+from fedvault.flower_timing import FLOWER_IDLE_POLL_S, PULL_INITIAL_BACKOFF_S, REPLY_WAIT_S
 from fedvault.security.identity import generate_identity
 from fedvault.security.tls_keys import init_keys
 from fedvault.server.rounds import RoundLoop

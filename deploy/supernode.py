@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedvault.deploy.flower_timing import FLOWER_IDLE_POLL_S
 from fedvault.deploy.processes import (
     PRIVATE_UMASK,
     ManagedProcess,
@@ -47,6 +46,7 @@ from fedvault.deploy.processes import (
 from fedvault.deploy.supernode_process import POLL_ENV
 from fedvault.deploy.warm_clientapp import WarmClientApp, start_warm_clientapp
 from fedvault.errors import ConfigError
+from fedvault.flower_timing import FLOWER_IDLE_POLL_S
 from fedvault.security.key_files import PlainKey, plain_key_file
 
 log = logging.getLogger(__name__)

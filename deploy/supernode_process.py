@@ -4,7 +4,7 @@ Flower 1.41's SuperNode asks the SuperLink for a message, and when there is none
 3 s (``flwr/supernode/start_client_internal.py``), so every round's instruction waits 0-3 s
 before a client even sees it. This runs Flower's own ``flower-supernode`` entry point with that
 idle sleep capped at ``FEDVAULT_SUPERNODE_POLL_S`` seconds, its reply waits and its first retry of a
-missing object shortened (:mod:`fedvault.deploy.flower_timing`, on the verified Flower release only).
+missing object shortened (:mod:`fedvault.flower_timing`, on the verified Flower release only).
 
     python -m fedvault.deploy.supernode_process FLOWER-SUPERNODE-ARGS...
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from fedvault.deploy.flower_timing import FLOWER_IDLE_POLL_S, shorten_pull_backoff, shorten_supernode_polls
+from fedvault.flower_timing import FLOWER_IDLE_POLL_S, shorten_pull_backoff, shorten_supernode_polls
 
 POLL_ENV = "FEDVAULT_SUPERNODE_POLL_S"
 

@@ -18,7 +18,7 @@ lost, only slower.
 
 Before any fork the warm process imports, shortens Flower's 1 s first retry of a message's objects
 (which the SuperNode is usually still fetching when a warm task asks:
-:mod:`fedvault.deploy.flower_timing`), and takes one training step of a tiny model with
+:mod:`fedvault.flower_timing`), and takes one training step of a tiny model with
 torch limited to one thread (torch initialises its kernels lazily: about half a second a fresh
 process would pay in its first round; one thread starts no thread pool, so every child creates
 its own). Each child reseeds Python's, NumPy's and torch's default generators, which fork would
@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedvault.deploy.flower_timing import shorten_pull_backoff
 from fedvault.deploy.processes import (
     PRIVATE_UMASK,
     ManagedProcess,
@@ -55,6 +54,7 @@ from fedvault.deploy.processes import (
     stop,
     wait_for_log,
 )
+from fedvault.flower_timing import shorten_pull_backoff
 
 log = logging.getLogger(__name__)
 

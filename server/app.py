@@ -17,8 +17,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedvault.compression import make_codec
 from fedvault.config import RunConfig
-from fedvault.deploy.flower_timing import shorten_pull_backoff
 from fedvault.device import resolve_device
+from fedvault.flower_timing import shorten_pull_backoff
 from fedvault.logs import show_progress
 from fedvault.memory import keep_freed_buffers
 from fedvault.plots import run_title

@@ -11,8 +11,8 @@ import time
 
 from waits import seconds
 
-from fedvault.deploy import flower_timing
-from fedvault.deploy.flower_timing import FLOWER_IDLE_POLL_S, REPLY_WAIT_S, SuperNodeSleep
+from fedvault import flower_timing
+from fedvault.flower_timing import FLOWER_IDLE_POLL_S, REPLY_WAIT_S, SuperNodeSleep
 
 # Runs in a fresh interpreter: the override is process-wide, and the test process must keep Flower's.
 PULL_WITH_RETRIES = textwrap.dedent(
@@ -20,7 +20,7 @@ PULL_WITH_RETRIES = textwrap.dedent(
     import json, sys, threading
     from flwr.supercore.inflatable import inflatable_utils
     from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
-    from fedvault.deploy.flower_timing import shorten_pull_backoff
+    from fedvault.flower_timing import shorten_pull_backoff
 
     waits = []
 
