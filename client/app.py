@@ -39,6 +39,7 @@ from fedvault.client.node import (
 from fedvault.client.policy import ClientPolicy, PolicyRefused
 from fedvault.client.receipts import keep_receipts
 from fedvault.client.sealing import ClientSealing
+from fedvault.client.simulated_device import SimulatedDevice
 from fedvault.compression import make_codec
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
@@ -109,6 +110,9 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
             return sealing.reply(msg, refusal(exc.status, str(exc)))
         sel = DataSelection.from_run(cfg, context.node_config)
         rc = read_round_config(msg.content, round_defaults(cfg))
+        simulated = SimulatedDevice.of(cfg, sel.partition_id, sel.num_partitions) if config is not None else None
+        if simulated is not None and (offline := simulated.offline(rc.server_round)) is not None:
+            return sealing.reply(msg, offline)
         device = resolve_device(str(context.node_config.get("device", cfg.device)))
         global_state = msg.content.array_records[ARRAYS].to_torch_state_dict()
         make_steps = lambda model: build_client_steps(msg.content, context.state, model)  # noqa: E731
@@ -133,20 +137,19 @@ def build_client_app(config: RunConfig | None = None, policy: ClientPolicy | Non
             state = _attacked(cfg, sel, global_state, state, rc.server_round)
 
         examples = len(training_data(cfg, sel))
+        batch_size = batch_size_for(cfg.batch_size, examples)
         metrics = MetricRecord(
-            {
-                TRAIN_STEPS: done.result.steps,
-                NUM_EXAMPLES: examples,
-                TRAIN_BATCH_SIZE: batch_size_for(cfg.batch_size, examples),
-                **done.metrics,
-            }
+            {TRAIN_STEPS: done.result.steps, NUM_EXAMPLES: examples, TRAIN_BATCH_SIZE: batch_size, **done.metrics}
         )
         if not cfg.privacy.sample_level:  # under DP-SGD both are functions of the data no epsilon covers
             metrics[TRAIN_LOSS], metrics[TRAIN_SECONDS] = float(done.result.loss), time.perf_counter() - start
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
         content = RecordDict({ARRAYS: arrays, METRICS: metrics, **done.records})
-        codec = make_codec(cfg.compression)  # encode, then seal
-        return sealing.reply(msg, compress_reply(codec, content, msg.content.array_records[ARRAYS], context.state))
+        codec = make_codec(cfg.compression)  # encode, then (a simulated device's clock) then seal
+        content = compress_reply(codec, content, msg.content.array_records[ARRAYS], context.state)
+        if simulated is not None:
+            content = simulated.finish(rc.server_round, msg.content, content, done.result.steps * batch_size)
+        return sealing.reply(msg, content)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

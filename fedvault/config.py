@@ -201,6 +201,41 @@ class CompressionConfig(_Validated):
     )
 
 
+@dataclass(frozen=True)
+class FederationConfig(_Validated):
+    """What kind of devices a simulation's clients are (fedvault.profiles), and how a round treats the slow."""
+
+    SECTION: ClassVar[str] = "federation"
+
+    profiles: str = option(
+        "",
+        "client profiles of a simulation as NAME:FRACTION,... (built-ins: datacenter-gpu, datacenter-cpu, "
+        "edge-laptop, edge-phone, edge-iot) or a preset: mixed (20 % data-center, 80 % edge), datacenter, edge; "
+        "each client then keeps a virtual clock; empty = every client alike, rounds timed on the wall clock",
+    )
+    profile_file: str = option("", "TOML file of user-defined profiles, one table each (see README)")
+    deadline: float = option(
+        0.0,
+        "seconds a round waits for train replies (virtual with profiles, else wall clock): a later reply is "
+        "dropped, its privacy spend recorded; 0 = wait for all (up to round-timeout)",
+        NON_NEGATIVE,
+    )
+    deadline_quantile: float = option(
+        0.0,
+        "adaptive deadline: each round's deadline is this quantile of the client times of the round before "
+        "(federation.deadline, if any, is round 1's); 0 = a fixed deadline",
+        FRACTION,
+    )
+    over_select: float = option(
+        0.0,
+        "over-selection: sample (1 + this) x the clients fraction-train asks for and aggregate the first that "
+        "many to finish; the slower ones are dropped, their spend recorded; 0 = off",
+        NON_NEGATIVE,
+    )
+    price_per_kwh: float = option(0.0, "energy price for the run's cost figure (currency per kWh)", NON_NEGATIVE)
+    price_per_gb: float = option(0.0, "traffic price for the run's cost figure (currency per GB moved)", NON_NEGATIVE)
+
+
 #: Experiment trackers ``tracking.backends`` may name (fedvault.server.tracking writes to them).
 TRACKERS = ("tensorboard", "mlflow")
 
@@ -331,6 +366,7 @@ class RunConfig(_Validated):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
     strategy_params: tuple = field(default=(), metadata={"free": STRATEGY_PREFIX})  # ((param, value), ...)
 
     # ---- construction -------------------------------------------------------------------
@@ -449,6 +485,16 @@ class RunConfig(_Validated):
                 f"with one noised DP-FedAvg mean, and {self.strategy.name} {refused}; use fedavg, fedprox, fedavgm, "
                 "fedadam, fedyogi or fedadagrad, or privacy.client-level = false)"
             )
+        if self.privacy.client_level and self.federation.over_select > 0:
+            raise ConfigError(
+                f"invalid value for 'federation.over-select': {self.federation.over_select} (client-level DP's "
+                "accountant assumes each client is sampled with probability fraction-train and every sampled update "
+                "counted; use federation.deadline, or privacy.client-level = false)"
+            )
+        if self.federation.profiles and not self.federation.profile_file:
+            from fedvault.profiles import BUILTIN_PROFILES, parse_mix
+
+            parse_mix(self.federation.profiles, BUILTIN_PROFILES)  # a profile file is read when the run starts
         if self.privacy.sample_level and self.strategy.name.lower() == "qfedavg":
             raise ConfigError(
                 "invalid value for 'strategy.name': 'qfedavg' (it weights each client by its train loss, which a "

@@ -112,6 +112,45 @@ def system_figures(rounds: list[dict[str, Any]], title: str) -> dict[str, Figure
     return figures
 
 
+#: What a round costs, cumulated on x against the server's test accuracy: (record key, label, scale).
+COST_AXES = (
+    ("round_clock_seconds", "time on the round clock (s)", 1.0),
+    ("bytes", "bytes moved (MB)", 1e-6),
+    ("energy_joules", "client energy (kJ)", 1e-3),
+)
+
+
+def cost_figure(rounds: list[dict[str, Any]], title: str) -> Figure | None:
+    """Accuracy against cumulative round-clock time, bytes and (virtual clock) energy; None when the
+    rounds carry no clock (a run from before it)."""
+    trained = [r for r in rounds if "round_clock_seconds" in r and "accuracy" in r.get("central", {})]
+    if not trained:
+        return None
+    axes = [
+        (key, label, scale)
+        for key, label, scale in COST_AXES
+        if key != "energy_joules" or "energy_joules" in trained[0]
+    ]
+    fig = Figure(figsize=(4 * len(axes), 3.6))
+    FigureCanvasAgg(fig)
+    start = rounds[0]["central"].get("accuracy") if rounds and rounds[0]["round"] == 0 else None
+    for i, (key, label, scale) in enumerate(axes, start=1):
+        ax = fig.add_subplot(1, len(axes), i)
+        total, xs = 0.0, [0.0] if start is not None else []
+        for r in trained:
+            total += (
+                r.get("bytes_sent", 0) + r.get("bytes_received", 0) if key == "bytes" else r.get(key, 0.0)
+            ) * scale
+            xs.append(total)
+        ax.plot(xs, ([start] if start is not None else []) + [r["central"]["accuracy"] for r in trained], marker="o")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy" if i == 1 else "")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"accuracy against what the rounds cost\n{title}", fontsize="medium")
+    fig.tight_layout()
+    return fig
+
+
 def png_bytes(fig: Figure) -> bytes:
     """The figure as PNG (100 dpi, cropped to what is drawn, legends outside the axes included)."""
     buffer = io.BytesIO()
@@ -120,9 +159,13 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
-    """Write accuracy.png and loss.png (centralized and client-side curves per round)."""
+    """Write accuracy.png and loss.png (centralized and client-side curves per round), and
+    accuracy_vs_cost.png when the rounds carry a clock."""
     written = []
-    for name, fig in metric_figures(rounds, title).items():
+    figures = metric_figures(rounds, title)
+    if (cost := cost_figure(rounds, title)) is not None:
+        figures["accuracy_vs_cost"] = cost
+    for name, fig in figures.items():
         path = out_dir / f"{name}.png"
         atomic_write(path, partial(fig.savefig, format="png", dpi=100))
         written.append(path)

@@ -58,6 +58,10 @@ BUDGET_EXHAUSTED = "budget-exhausted"  # training this round would pass the clie
 ROUND_ALREADY_SPENT = "round-already-spent"  # this round was already trained and paid for
 LEDGER_INVALID = "ledger-invalid"  # the client's own privacy ledger fails its check: it cannot know its spend
 POLICY_REFUSED = "policy-refused"  # the client's own policy refuses the run (less DP than its floor, a task it bars)
+#: A simulated client's profile (fedvault.profiles) made it miss the round: what a real server sees as no answer.
+OFFLINE = "offline"  # not online this round: nothing trained, nothing spent
+FAILED = "failed"  # failed after training: the reply carries the spend it made
+CLOCK = "fedvault.clock"  # a simulated client's virtual clock for its round (fedvault.client.simulated_device)
 
 #: Metric names in replies.
 TRAIN_LOSS = "train_loss"

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from fedvault.compression import make_codec
 from fedvault.config import RunConfig
 from fedvault.device import resolve_device
+from fedvault.errors import ConfigError
 from fedvault.flower_timing import shorten_pull_backoff
 from fedvault.logs import show_progress
 from fedvault.memory import keep_freed_buffers
@@ -32,6 +33,7 @@ from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.security.identity import load_identity
 from fedvault.server.anchoring import ANCHOR_KEY, LedgerAnchorer, anchor_sources
 from fedvault.server.client_level_dp import ClientLevelDP
+from fedvault.server.clock import ClockedGrid
 from fedvault.server.compression import DecodingGrid
 from fedvault.server.plugins import check_run_plugins, server_plugin_policy
 from fedvault.server.receipts import ReceiptGrid
@@ -63,16 +65,23 @@ def build_server_app(config: RunConfig | None = None, progress: Progress | None 
 
 def make_strategy(cfg: RunConfig) -> Strategy:
     """The configured strategy, with fedvault's run-wide settings where it accepts them."""
+    fraction_train = min(1.0, cfg.fraction_train * (1 + cfg.federation.over_select))  # over-selection samples more
     common = {  # strategies.registry.RUN_SETTINGS names these keys and their sources for `fedvault strategies`
-        "fraction-train": cfg.fraction_train,
+        "fraction-train": fraction_train,
         "fraction-evaluate": cfg.fraction_evaluate,
-        "min-train-nodes": max(1, int(cfg.fraction_train * cfg.num_clients)),
+        "min-train-nodes": max(1, int(fraction_train * cfg.num_clients)),
         "min-evaluate-nodes": max(1, int(cfg.fraction_evaluate * cfg.num_clients)),
         "min-available-nodes": cfg.num_clients,
         "num-clients": cfg.num_clients,
         "client-learning-rate": cfg.learning_rate,
     }
-    return build_strategy(cfg.strategy.name, dict(cfg.strategy_params), common)
+    strategy = build_strategy(cfg.strategy.name, dict(cfg.strategy_params), common)
+    if cfg.federation.over_select and not hasattr(strategy, "fraction_train"):
+        raise ConfigError(
+            f"invalid value for 'federation.over-select': {cfg.federation.over_select} (strategy "
+            f"'{cfg.strategy.name}' takes no fraction-train, so it cannot sample more clients than it keeps)"
+        )
+    return strategy
 
 
 def validation_rules(cfg: RunConfig, strategy: Strategy) -> ValidationRules:
@@ -139,8 +148,18 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False, progress: Pro
     codec = make_codec(cfg.compression)
     if codec is not None:  # outside the sealing: a reply is opened, then decoded, then validated
         grid = DecodingGrid(grid, codec)
+    federation = cfg.federation  # outermost: it times opened, decoded replies
+    grid = ClockedGrid(
+        grid,
+        cfg.round_timeout,
+        federation.deadline,
+        federation.over_select,
+        virtual=not deployed,
+        deadline_quantile=federation.deadline_quantile,
+    )
     release = client_level_round_record if cfg.privacy.client_level else (lambda record: record)
-    recorder = RunRecorder(run_dir, cfg.num_server_rounds, title=run_title(cfg), progress=progress)
+    prices = (federation.price_per_kwh, federation.price_per_gb)
+    recorder = RunRecorder(run_dir, cfg.num_server_rounds, title=run_title(cfg), progress=progress, prices=prices)
     observers = (recorder, tracking)  # each round: the run directory, then the trackers
     loop = RoundLoop(
         strategy=strategy,

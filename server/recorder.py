@@ -18,8 +18,16 @@ class RunRecorder:
 
     The round lines go through ``progress`` (stdout by default; none when it is quiet)."""
 
-    def __init__(self, run_dir: RunDirectory, num_rounds: int, title: str, progress: Progress | None = None) -> None:
-        self.run_dir, self.num_rounds, self.title = run_dir, num_rounds, title
+    def __init__(
+        self,
+        run_dir: RunDirectory,
+        num_rounds: int,
+        title: str,
+        progress: Progress | None = None,
+        prices: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
+        """``prices``: (per kWh of client energy, per GB moved) for the summary's ``cost``; (0, 0) = none."""
+        self.run_dir, self.num_rounds, self.title, self.prices = run_dir, num_rounds, title, prices
         self.progress = progress or Progress()
         self.started = time.perf_counter()
         self.last_arrays: ArrayRecord | None = None
@@ -37,6 +45,11 @@ class RunRecorder:
             for key, label in (("failed_nodes", "failed"), ("dropped", "dropped"), ("late", "late")):
                 if record.get(key):
                     line += f"  {label} {len(record[key])}"
+            for key, label in (("missed_deadline", "missed-deadline"), ("over_selected", "over-selected")):
+                if record.get(key):
+                    line += f"  {label} {len(record[key])}"
+            if record.get("clock") == "virtual":
+                line += f"  clock {record['round_clock_seconds']:.1f}s"
             if record.get("lost"):
                 line += "  lost: model unchanged"
             if record.get("budget_exhausted"):
@@ -62,15 +75,21 @@ class RunRecorder:
             "total_seconds": time.perf_counter() - self.started,
             "bytes_sent": _total(rounds, "bytes_sent"),
             "bytes_received": _total(rounds, "bytes_received"),
+            "round_clock_seconds": _total(rounds, "round_clock_seconds"),
+            "energy_joules": _total(rounds, "energy_joules"),
             **(extra or {}),
         }
+        if any(self.prices):
+            per_kwh, per_gb = self.prices
+            moved = (summary["bytes_sent"] or 0) + (summary["bytes_received"] or 0)
+            summary["cost"] = (summary["energy_joules"] or 0.0) / 3.6e6 * per_kwh + moved / 1e9 * per_gb
         self.run_dir.write_summary(summary)
         self.run_dir.save_model(state_dict)
         plot_run(rounds, self.run_dir.path, self.title)
         return summary
 
 
-def _total(rounds: list[dict[str, Any]], key: str) -> int | None:
+def _total(rounds: list[dict[str, Any]], key: str) -> int | float | None:
     """Sum of ``key`` over the rounds that record it; None when none does (withheld under client-level DP)."""
     values = [r[key] for r in rounds if key in r]
     return sum(values) if values else None

@@ -3,7 +3,8 @@ flwr issue #599).
 
 A checkpoint holds the global arrays, the round loop's ``state_dict()`` (the strategy's state, e.g.
 FedAdam moments or SCAFFOLD's control variate, including a wrapper's own such as client-level DP's
-clip norm; the clients known to be out of budget), the last finished round, Python's RNG state
+clip norm; the clients known to be out of budget; a grid wrapper's state, e.g. the clock's adaptive
+deadline), the last finished round, Python's RNG state
 (Flower's node sampling uses it) and the privacy ledger position. It is written after the round's
 metrics line, so a crash between the two re-runs that round; on resume the metrics file is cut
 back to the checkpoint's round (the ledger is never cut: a spend that happened stays recorded).
@@ -49,7 +50,11 @@ def checkpoint_round(
             strategy_state=state["strategy"],
             rng_state={"python": [rng[0], list(rng[1]), rng[2]]},
             ledger_entries=_ledger_entries(run_dir),
-            extra={"exhausted": state["exhausted"], **({ANCHOR_KEY: ledger_anchor} if ledger_anchor else {})},
+            extra={
+                "exhausted": state["exhausted"],
+                "grid": state["grid"],
+                **({ANCHOR_KEY: ledger_anchor} if ledger_anchor else {}),
+            },
         ),
     )
 
@@ -59,7 +64,9 @@ def restore(run_dir: RunDirectory, loop: RoundLoop, like: ArrayRecord) -> tuple[
     ckpt = load_latest_checkpoint(run_dir.path)
     if ckpt is None:
         raise ConfigError(f"resume: no checkpoint in {run_dir.path} (nothing finished yet; start a new run)")
-    loop.load_state_dict({"strategy": ckpt.strategy_state, "exhausted": ckpt.extra.get("exhausted", [])})
+    loop.load_state_dict(
+        {"strategy": ckpt.strategy_state, "exhausted": ckpt.extra.get("exhausted", []), "grid": ckpt.extra.get("grid")}
+    )
     version, internal, gauss = ckpt.rng_state["python"]
     random.setstate((version, tuple(internal), gauss))
     kept = [r for r in run_dir.rounds() if r["round"] <= ckpt.round]

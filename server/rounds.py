@@ -5,7 +5,8 @@ validate -> record the clients' DP events -> aggregate -> evaluate -> record. Fe
 pieces instead of branching here: client-level DP wraps the strategy
 (:class:`fedvault.server.client_level_dp.ClientLevelDP`), sealing and update compression wrap the
 grid (:class:`fedvault.server.sealing.SealedGrid`, :class:`fedvault.server.compression.DecodingGrid`:
-``take_dropped``, ``take_rejected`` and ``payload_bytes`` are how a grid reports to the loop).
+``take_dropped``, ``take_rejected``, ``payload_bytes`` and ``round_report`` are how a grid reports to
+the loop; :class:`fedvault.server.clock.ClockedGrid` times replies and drops stragglers that way).
 Around the strategy's hooks the loop
 
 1. waits up to the round timeout for the strategy's minimum of connected clients, then lets it
@@ -215,12 +216,21 @@ class RoundLoop:
         return arrays
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs from the loop: strategy state (npz-friendly) and the exhausted clients."""
-        return {"strategy": strategy_state(self.strategy), "exhausted": sorted(self.exhausted)}
+        """What a resumed run needs from the loop: strategy state (npz-friendly), the exhausted clients,
+        and a wrapping grid's own state (JSON-able; e.g. the clock's adaptive deadline)."""
+        grid_state = getattr(self.grid, "state_dict", None)
+        return {
+            "strategy": strategy_state(self.strategy),
+            "exhausted": sorted(self.exhausted),
+            "grid": dict(grid_state()) if callable(grid_state) else {},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_strategy_state(self.strategy, state["strategy"])
         self.exhausted = {int(node) for node in state["exhausted"]}
+        load_grid_state = getattr(self.grid, "load_state_dict", None)
+        if state.get("grid") and callable(load_grid_state):
+            load_grid_state(state["grid"])
 
     # ---- one round -------------------------------------------------------------------------
 
@@ -249,13 +259,14 @@ class RoundLoop:
         kept_ids = {id(r) for r in kept}
         dropped_replies = [r for r in others if id(r) not in kept_ids]  # filter_replies keeps the order
         paid_before = [r for r, s in zip(replies, status) if s == ROUND_ALREADY_SPENT]
+        paying = [r for r in refused if read_dp_event(r) is not None]  # e.g. round-already-spent, failed
         lost = self._lost(server_round, len(kept), len(paid_before))
         kept, unreadable = self._record_spends(
             server_round,
             [(r, "dropped" if lost else "kept", lost) for r in kept]
             + [(r, "dropped", why) for r, (_, why) in zip(dropped_replies, rejected)]
             + [(r, "dropped", why) for r, why in undecoded]
-            + [(r, "dropped", _refusal_reason(r)) for r in self._not_in_ledger(paid_before)]
+            + [(r, "dropped", _refusal_reason(r)) for r in self._not_in_ledger(paying)]
             + late,
             unopened,
         )
@@ -285,6 +296,7 @@ class RoundLoop:
             budget_exhausted=len(exhausted),
             dropped=[{"node": node, "reason": reason} for node, reason in dropped],
             late=[{"node": r.metadata.src_node_id, "reason": why} for r, _, why in late],
+            **self._grid_report(),
         )
         bytes_sent, bytes_received = self._payload_bytes(sent), self._payload_bytes(received)
         if self.client_evaluate:
@@ -338,6 +350,11 @@ class RoundLoop:
         """What ``messages`` carried: a wrapping grid that changes replies' size counts them itself."""
         count = getattr(self.grid, "payload_bytes", None)
         return int(count(messages)) if callable(count) else payload_bytes(messages)
+
+    def _grid_report(self) -> dict[str, Any]:
+        """A wrapping grid's own fields for the round's record (e.g. its clock), if it keeps any."""
+        report = getattr(self.grid, "round_report", None)
+        return dict(report()) if callable(report) else {}
 
     def _pull_late(self, server_round: int) -> list[tuple[Message, str, str | None]]:
         """Replies to earlier rounds' train instructions that came in since, as ``(reply, "late", reason)``."""
@@ -438,13 +455,14 @@ class RoundLoop:
             "the model is unchanged"
         )
 
-    def _not_in_ledger(self, paid_before: list[Message]) -> list[Message]:
-        """The ``round-already-spent`` refusals whose reported spend the run ledger does not hold yet
-        (the server never received that round's reply); one it holds is not recorded twice."""
-        if not paid_before or self.ledger is None:
-            return paid_before
+    def _not_in_ledger(self, paying: list[Message]) -> list[Message]:
+        """The refusals carrying a spend (``round-already-spent``: paid before an interruption; ``failed``:
+        a simulated client that failed after training) whose spend the run ledger does not hold yet; one
+        it holds is not recorded twice."""
+        if not paying or self.ledger is None:
+            return paying
         held = {canonical_json(entry.event.to_dict()) for entry in spends(self.ledger.entries()) if entry.event}
-        return [r for r in paid_before if _reported_spend(r) not in held]
+        return [r for r in paying if _reported_spend(r) not in held]
 
     def _ledger_for(self, what: str) -> Ledger:
         if self.ledger is None:

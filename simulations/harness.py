@@ -34,6 +34,7 @@ from fedvault.errors import ConfigError, FedvaultError
 from fedvault.logs import show_progress
 from fedvault.partition import partition
 from fedvault.plugins import PluginPolicy
+from fedvault.profiles import federation_profiles
 from fedvault.progress import Progress
 from fedvault.rundir import CONFIG_FILE, RunDirectory, claim_run_dir, default_run_dir
 from fedvault.security.identity import IdentityPin, fingerprint, load_identity_public_key
@@ -98,9 +99,10 @@ class SimulationResult:
 
 def preflight(cfg: RunConfig) -> None:
     """Fail fast, before Ray starts: the trackers are installed, a Ray cluster to attach to answers, the
-    task loads and its data splits as configured."""
+    client profiles (and their file) are valid, the task loads and its data splits as configured."""
     check_tracking(cfg)
     check_ray_address(cfg.simulation.ray_address)
+    federation_profiles(cfg.federation.profiles, cfg.federation.profile_file, cfg.num_clients, cfg.seed)
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     flwr_log.setLevel(logging.ERROR)  # the strategy's notices are logged once, by the run (to library.log)
@@ -203,6 +205,11 @@ def simulate(
             cfg = resumed_config(cfg, run_dir.path)
         preflight(cfg)
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.path))
+        if cfg.federation.profile_file:  # the clients (Ray workers) and a resume need not share this cwd
+            federation = dataclasses.replace(
+                cfg.federation, profile_file=str(Path(cfg.federation.profile_file).resolve())
+            )
+            cfg = dataclasses.replace(cfg, federation=federation)
         if cfg.sealing.enabled(deployed=False):
             cfg = with_simulation_identity(cfg, run_dir.path)
         if not cfg.resume:

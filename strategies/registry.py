@@ -182,9 +182,9 @@ def list_strategies() -> list[StrategyInfo]:
 
 #: Constructor arguments fedvault sets from the run config (where a strategy accepts them), and from what.
 RUN_SETTINGS = {
-    "fraction-train": "fraction-train",
+    "fraction-train": "fraction-train x (1 + federation.over-select), at most 1",
     "fraction-evaluate": "fraction-evaluate",
-    "min-train-nodes": "fraction-train x num-clients",
+    "min-train-nodes": "that fraction x num-clients",
     "min-evaluate-nodes": "fraction-evaluate x num-clients",
     "min-available-nodes": "num-clients",
     "num-clients": "num-clients",

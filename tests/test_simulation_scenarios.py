@@ -204,3 +204,34 @@ def test_int8_compressed_updates_cost_a_quarter_of_the_bytes_and_change_nothing_
     assert summary["final_accuracy"] > base_summary["final_accuracy"] - 0.1  # DP noise differs between runs
     epsilons = lambda s: {p["party"]: p["epsilon_pld"] for p in s["privacy"]["parties"]}  # noqa: E731
     assert epsilons(summary) == epsilons(base_summary)  # post-processing: the same spend
+
+
+@scenario(
+    *DIGITS,
+    "num-clients=10",
+    "num-server-rounds=3",
+    "fraction-evaluate=0.0",
+    "federation.profiles=mixed",
+    "federation.deadline=2.0",
+)
+def test_a_mixed_federation_under_a_deadline_drops_stragglers_and_keeps_their_spend(run):
+    """20 % data-center GPUs, 80 % laptops and phones on a 2 s deadline (virtual clock), DP-SGD on:
+    the phones miss it, some edge clients are offline; every client that trained is in the ledger."""
+    ledger = [json.loads(line) for line in (run.out / "privacy_ledger.jsonl").read_text().splitlines()][1:]
+    for r in run.rounds[1:]:
+        missed, offline, failed = r["missed_deadline"], r["offline"], r["failed_after_training"]
+        assert r["clock"] == "virtual" and r["clients_sampled"] == 10
+        assert r["replies_ok"] + len(missed) + len(offline) + len(failed) == 10
+        assert missed and r["round_clock_seconds"] == 2.0 and r["slowest_client"]["seconds"] > 2.0
+        assert r["slowest_client"]["profile"] in ("edge-laptop", "edge-phone") and r["energy_joules"] > 0
+        reasons = {d["node"]: d["reason"] for d in r["dropped"]}
+        assert all(reasons[node].startswith("missed the deadline: ") for node in missed)
+        assert all("offline" in reasons[node] for node in offline)
+        spends = {(e["node"], e["status"]) for e in ledger if e["event"]["round"] == r["round"]}
+        assert {node for node, status in spends if status == "dropped"} == set(missed) | set(failed)
+        assert len([1 for _, status in spends if status == "kept"]) == r["replies_ok"]
+        assert not spends & {(node, status) for node in offline for status in ("kept", "dropped")}
+    assert "missed-deadline" in run.stdout and "clock 2.0s" in run.stdout
+    assert run.summary["round_clock_seconds"] == 6.0 and run.summary["energy_joules"] > 0
+    assert run.summary["final_accuracy"] > run.summary["initial_accuracy"] + 0.2
+    assert (run.out / "accuracy_vs_cost.png").stat().st_size > 10_000
