@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import torch
-from sweep import simulate, write_results
+from sweep import base_settings, simulate, write_results
 
 from fedvault.compression import make_codec
 from fedvault.config import CompressionConfig
@@ -39,12 +39,7 @@ TARGETS = {"int8": (0.26, 0.5), "topk 1% + EF": (0.05, 2.0)}  # (bytes vs fp32, 
 def bytes_and_accuracy(args: argparse.Namespace) -> dict[str, dict]:
     """H2: per codec, mean bytes received per round and final accuracy of one short simulation."""
     base = [
-        f"task={args.task}",
-        "batch-size=32",
-        "learning-rate=0.05",
-        f"num-clients={args.clients}",
-        f"num-server-rounds={args.rounds}",
-        "fraction-evaluate=0.0",
+        *base_settings(args.task, args.clients, args.rounds),
         "privacy.sample-level=false",
         "compression.top-k-fraction=0.01",
     ]

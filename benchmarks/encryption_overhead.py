@@ -50,7 +50,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from sweep import RESULTS, simulate, write_results
+from sweep import RESULTS, base_settings, simulate, write_results
 
 from fedvault.memory import keep_freed_buffers
 from fedvault.security.envelope import announced, content_digest, open_reply, seal_reply, signed_for, verify_instruction
@@ -283,15 +283,7 @@ def measure_round_time(rounds: int, pairs: int) -> dict:
     round timed directly. A mean, not a median: Flower's 0.1 s polls round each round time to a
     step, and averaging many rounds whose work falls anywhere within a step recovers the difference."""
     clients = 10
-    base = [
-        "task=mnist1d",
-        "batch-size=32",
-        "learning-rate=0.05",
-        f"num-clients={clients}",
-        f"num-server-rounds={rounds}",
-        "fraction-evaluate=0.0",
-        "privacy.sample-level=false",
-    ]
+    base = [*base_settings("mnist1d", clients, rounds), "privacy.sample-level=false"]
     runs: dict[str, list[list[float]]] = {"off": [], "on": []}
     for _ in range(pairs):
         for mode in ("off", "on"):

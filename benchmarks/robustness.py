@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from sweep import line_plot, simulate, write_results
+from sweep import base_settings, line_plot, simulate, write_results
 
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 CLIENTS = 20
@@ -35,12 +35,7 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3])
     args = parser.parse_args()
     base = [
-        "task=mnist1d",
-        "batch-size=32",
-        "learning-rate=0.05",
-        f"num-clients={CLIENTS}",
-        f"num-server-rounds={args.rounds}",
-        "fraction-evaluate=0.0",
+        *base_settings("mnist1d", CLIENTS, args.rounds),
         "privacy.sample-level=false",
         "attack.kind=sign-flip",
         "attack.scale=1.0",

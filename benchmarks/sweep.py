@@ -13,9 +13,21 @@ from fedvault.atomic import atomic_write
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def base_settings(task: str, clients: int, rounds: int) -> list[str]:
+    """The benchmarks' common recipe: ``task`` at batch 32 and learning rate 0.05, no client evaluation."""
+    return [
+        f"task={task}",
+        "batch-size=32",
+        "learning-rate=0.05",
+        f"num-clients={clients}",
+        f"num-server-rounds={rounds}",
+        "fraction-evaluate=0.0",
+    ]
+
+
 def simulate(settings: list[str]) -> dict:
     """One simulation in a subprocess; returns summary.json plus the per-round accuracy curve (round 0
-    first), seconds and bytes received (round 1 first)."""
+    first), seconds, bytes received and round-clock seconds (round 1 first)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fedvault.cli", "simulate", "--out", str(out)]
@@ -29,6 +41,7 @@ def simulate(settings: list[str]) -> dict:
         summary["accuracy_curve"] = [r["central"]["accuracy"] for r in rounds]
         summary["round_seconds"] = [r["seconds"] for r in rounds[1:]]
         summary["bytes_received_per_round"] = [r.get("bytes_received", 0) for r in rounds[1:]]
+        summary["round_clock_per_round"] = [r.get("round_clock_seconds") for r in rounds[1:]]
         return summary
 
 
