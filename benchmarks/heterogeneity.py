@@ -11,7 +11,8 @@ seed, DP-SGD at epsilon 8 (the default) and ``fraction-train`` 0.5:
   answers (offline, or failed after training);
 * deadline: ``federation.deadline`` seconds, later replies dropped (their spend recorded);
 * over-selection: sample 1.5x, aggregate the first to finish;
-* deadline + over-selection.
+* deadline + over-selection;
+* FedBuff: 10 clients training at once, the model stepped by the first 5 to finish (staleness-weighted).
 
 Time to accuracy is the cumulative ``round_clock_seconds`` at the first round whose server-side test
 accuracy reaches ``--target``. Target: the best policy at least 2x faster than wait-for-all. Writes
@@ -34,6 +35,7 @@ def policies(deadline: float) -> dict[str, list[str]]:
         f"deadline {deadline:g} s": [f"federation.deadline={deadline}"],
         "over-select 0.5": ["federation.over-select=0.5"],
         f"deadline {deadline:g} s + over-select 0.5": [f"federation.deadline={deadline}", "federation.over-select=0.5"],
+        "FedBuff: 5 of 10": ["federation.fedbuff-buffer=5", "federation.fedbuff-concurrency=10"],
     }
 
 

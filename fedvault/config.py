@@ -232,6 +232,17 @@ class FederationConfig(_Validated):
         "many to finish; the slower ones are dropped, their spend recorded; 0 = off",
         NON_NEGATIVE,
     )
+    fedbuff_buffer: int = option(
+        0,
+        "buffered asynchronous aggregation (FedBuff): step the model as soon as this many updates have finished "
+        "on the round clock, staleness-weighted; 0 = off (synchronous rounds)",
+        NON_NEGATIVE,
+    )
+    fedbuff_concurrency: int = option(
+        0,
+        "FedBuff: clients training at once (each round starts new ones in the free slots); 0 = 2 x the buffer",
+        NON_NEGATIVE,
+    )
     price_per_kwh: float = option(0.0, "energy price for the run's cost figure (currency per kWh)", NON_NEGATIVE)
     price_per_gb: float = option(0.0, "traffic price for the run's cost figure (currency per GB moved)", NON_NEGATIVE)
 
@@ -490,6 +501,22 @@ class RunConfig(_Validated):
                 f"invalid value for 'federation.over-select': {self.federation.over_select} (client-level DP's "
                 "accountant assumes each client is sampled with probability fraction-train and every sampled update "
                 "counted; use federation.deadline, or privacy.client-level = false)"
+            )
+        f = self.federation
+        if f.fedbuff_buffer and (self.privacy.client_level or f.deadline or f.deadline_quantile or f.over_select):
+            raise ConfigError(
+                f"invalid value for 'federation.fedbuff-buffer': {f.fedbuff_buffer} (FedBuff steps asynchronously: "
+                "it takes no deadline or over-selection, and client-level DP's accountant needs synchronous rounds)"
+            )
+        if f.fedbuff_buffer and not f.profiles:
+            raise ConfigError(
+                f"invalid value for 'federation.fedbuff-buffer': {f.fedbuff_buffer} (FedBuff orders updates by when "
+                "they finish on the virtual round clock: set federation.profiles)"
+            )
+        if f.fedbuff_concurrency and f.fedbuff_concurrency < f.fedbuff_buffer:
+            raise ConfigError(
+                f"invalid value for 'federation.fedbuff-concurrency': {f.fedbuff_concurrency} (fewer clients training "
+                f"than federation.fedbuff-buffer = {f.fedbuff_buffer} updates a step waits for)"
             )
         if self.federation.profiles and not self.federation.profile_file:
             from fedvault.profiles import BUILTIN_PROFILES, parse_mix

@@ -35,6 +35,7 @@ from fedvault.server.anchoring import ANCHOR_KEY, LedgerAnchorer, anchor_sources
 from fedvault.server.client_level_dp import ClientLevelDP
 from fedvault.server.clock import ClockedGrid
 from fedvault.server.compression import DecodingGrid
+from fedvault.server.fedbuff import FedBuff
 from fedvault.server.plugins import check_run_plugins, server_plugin_policy
 from fedvault.server.receipts import ReceiptGrid
 from fedvault.server.recorder import RunRecorder
@@ -138,6 +139,14 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False, progress: Pro
     if cfg.privacy.client_level:
         assert ledger is not None  # client-level DP is private
         strategy = ClientLevelDP.from_config(base, cfg, ledger)
+    federation = cfg.federation
+    round_clock = None
+    if federation.fedbuff_buffer:
+        if deployed:
+            raise ConfigError("federation.fedbuff-buffer: FedBuff runs in simulation only (on the virtual round clock)")
+        concurrency = federation.fedbuff_concurrency or 2 * federation.fedbuff_buffer
+        strategy = fedbuff = FedBuff(base, federation.fedbuff_buffer, concurrency, cfg.seed)
+        round_clock = fedbuff.take_advance
     receipts = None
     if cfg.privacy.sample_level:  # each client keeps the server's signed receipts for its spends
         assert ledger is not None and anchorer is not None
@@ -148,14 +157,14 @@ def run_server(grid: Grid, cfg: RunConfig, deployed: bool = False, progress: Pro
     codec = make_codec(cfg.compression)
     if codec is not None:  # outside the sealing: a reply is opened, then decoded, then validated
         grid = DecodingGrid(grid, codec)
-    federation = cfg.federation  # outermost: it times opened, decoded replies
-    grid = ClockedGrid(
+    grid = ClockedGrid(  # outermost: it times opened, decoded replies
         grid,
         cfg.round_timeout,
         federation.deadline,
         federation.over_select,
         virtual=not deployed,
         deadline_quantile=federation.deadline_quantile,
+        round_clock=round_clock,
     )
     release = client_level_round_record if cfg.privacy.client_level else (lambda record: record)
     prices = (federation.price_per_kwh, federation.price_per_gb)

@@ -43,7 +43,7 @@ from fedvault.privacy.events import SERVER_PARTY, DPEvent
 from fedvault.privacy.ledger import Ledger, events_by_party
 from fedvault.privacy.sampling import poisson_sample
 from fedvault.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
-from fedvault.server.rounds import RunStopped
+from fedvault.server.rounds import RunStopped, StrategyWrapper
 from fedvault.strategies.arrays import to_ndarrays, to_record
 from fedvault.strategies.state import load_strategy_state, strategy_state
 
@@ -67,23 +67,15 @@ def check_wrappable(strategy: Strategy) -> None:
         )
 
 
-def _forward(name: str) -> property:
-    """The wrapped strategy's attribute ``name``, read and written through (the round loop caps minimums)."""
-    return property(lambda self: getattr(self.strategy, name), lambda self, value: setattr(self.strategy, name, value))
-
-
-class ClientLevelDP(Strategy):
+class ClientLevelDP(StrategyWrapper):
     """DP-FedAvg around a weighted-mean strategy: Poisson selection, clip + noise, ledger before release."""
-
-    min_available_nodes = _forward("min_available_nodes")
-    min_train_nodes = _forward("min_train_nodes")
-    min_evaluate_nodes = _forward("min_evaluate_nodes")
 
     def __init__(
         self, strategy: Strategy, *, aggregator: DPFedAvgAggregator, sample_rate: float, budget: Budget, ledger: Ledger
     ) -> None:
         check_wrappable(strategy)
-        self.strategy, self.aggregator, self.ledger = strategy, aggregator, ledger
+        super().__init__(strategy)
+        self.aggregator, self.ledger = aggregator, ledger
         self.sample_rate, self.budget = sample_rate, budget
         self._current: ArrayRecord | None = None
 
@@ -178,16 +170,6 @@ class ClientLevelDP(Strategy):
         weight = getattr(self.strategy, "weighted_by_key", NUM_EXAMPLES)
         content = RecordDict({key: mean, METRICS: MetricRecord({weight: 1})})
         return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
-
-    # ---- everything else is the wrapped strategy's ------------------------------------------
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         log.info(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,15 +86,18 @@ class ClockedGrid(GridWrapper):
         over_select: float = 0.0,
         virtual: bool = False,
         deadline_quantile: float = 0.0,
+        round_clock: Callable[[], float] | None = None,
     ) -> None:
         """``virtual``: take a reply's virtual clock (a simulation, whose clients the config's author runs);
-        never in deployment, where a client could claim any time it likes."""
+        never in deployment, where a client could claim any time it likes. ``round_clock``: what the
+        round's time is instead, asked once the round has aggregated (FedBuff's step)."""
         super().__init__(grid)
         self.round_timeout = round_timeout
         self.deadline = deadline
         self.over_select = over_select
         self.virtual = virtual
         self.deadline_quantile = deadline_quantile
+        self.round_clock = round_clock
         self._pushed: dict[str, float] = {}  # this round's train instruction id -> when it was pushed
         self._times: list[ClientTime] = []
         self._report: dict[str, Any] = {}
@@ -153,6 +156,8 @@ class ClockedGrid(GridWrapper):
     def round_report(self) -> dict[str, Any]:
         """The last round's clock fields for its metrics line (and forget them)."""
         report, self._report = self._report, {}
+        if self.round_clock is not None and report:
+            report["round_clock_seconds"] = self.round_clock()
         return report
 
     def _clock_fields(

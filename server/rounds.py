@@ -120,6 +120,34 @@ class GridWrapper(Grid):
         return getattr(self._grid, name)
 
 
+def forwarded(name: str) -> property:
+    """The wrapped strategy's attribute ``name``, read and written through (the round loop caps minimums)."""
+    return property(lambda self: getattr(self.strategy, name), lambda self, value: setattr(self.strategy, name, value))
+
+
+class StrategyWrapper(Strategy):
+    """A Strategy around ``strategy``: evaluation, the sampling minimums and the summary are the wrapped
+    strategy's; a feature's wrapper overrides training (client-level DP, FedBuff)."""
+
+    min_available_nodes = forwarded("min_available_nodes")
+    min_train_nodes = forwarded("min_train_nodes")
+    min_evaluate_nodes = forwarded("min_evaluate_nodes")
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
 class EligibleGrid(GridWrapper):
     """A Grid whose ``get_node_ids`` is this round's eligible nodes (a snapshot), so any strategy
     samples only those, and a node dropping out mid-sampling cannot make it wait forever."""

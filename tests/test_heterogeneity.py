@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from strategy_helpers import InstantGrid
+from strategy_helpers import InstantGrid, StaticGrid
 from test_rounds import loop
 
 from fedvault.client.simulated_device import SimulatedDevice, array_bytes
@@ -214,3 +214,51 @@ def test_an_adaptive_deadline_follows_the_round_before_and_survives_a_checkpoint
     resumed.on_round = lambda record, arrays: records.append(record)
     resumed._round(2, start, ConfigRecord())
     assert records[1]["deadline"] == 5.0 and records[1]["missed_deadline"] == [3, 4]
+
+
+def test_fedbuff_steps_with_the_first_updates_to_finish_weighting_stale_ones_down(tmp_path, flower_task_identity):
+    """Four clients train at once; each step applies the two that finish first on the round clock. Round 2
+    restarts the two that finished (at clock 2): node 1 (finishes at 3, fresh) and node 3 (finishes at 3,
+    started a step earlier: weight 1/sqrt(2)) are applied; nodes 2 and 4 stay in the buffer."""
+    from fedvault.server.fedbuff import FedBuff, staleness_weight
+
+    assert staleness_weight(0) == 1.0 and staleness_weight(3) == 0.5
+    fedbuff = FedBuff(FedAvg(fraction_evaluate=0.0), buffer_size=2, concurrency=4)
+    grid = ClockedGrid(
+        ProfiledGrid({1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}), 600, virtual=True, round_clock=fedbuff.take_advance
+    )
+    records = []
+    round_loop = loop(grid, fedbuff, timeout=1.0, ledger=Ledger(tmp_path / "ledger.jsonl"))
+    round_loop.central_evaluate = lambda server_round, arrays: {}
+    round_loop.on_round = lambda record, arrays: records.append(record)
+    model = round_loop._round(1, to_record({"w": np.zeros(3, dtype=np.float32)}), ConfigRecord())
+    assert np.allclose(to_ndarrays(model)["w"], 1.5)  # nodes 1 and 2: deltas 1 and 2, equal weights
+    assert records[0]["round_clock_seconds"] == 2.0 and records[0]["train"]["fedbuff_held"] == 2
+    model = round_loop._round(2, model, ConfigRecord())
+    assert records[1]["clients_sampled"] == 2  # the two free slots
+    expected = 1.5 + (10 * (1.0 - 1.5) + 10 * 3.0 * staleness_weight(1)) / 20
+    assert np.allclose(to_ndarrays(model)["w"], expected)
+    assert records[1]["round_clock_seconds"] == 1.0 and records[1]["train"]["fedbuff_max_staleness"] == 1
+    restored = FedBuff(FedAvg(fraction_evaluate=0.0), buffer_size=2, concurrency=4)
+    restored.load_state_dict(fedbuff.state_dict())
+    assert (restored.step, restored.clock) == (2, 3.0)
+    assert [(u.finish, u.node, u.step) for u in restored.held] == [(4.0, 2, 1), (4.0, 4, 0)]
+    assert all(np.array_equal(a.delta["w"], b.delta["w"]) for a, b in zip(restored.held, fedbuff.held))
+
+
+def test_fedbuff_sends_to_the_grids_own_64_bit_node_ids(flower_task_identity):
+    """Flower's node ids use all 64 bits; sampling must not round them through a float."""
+    from fedvault.server.fedbuff import FedBuff
+
+    ids = [2**64 - 1, 2**63 + 1, 14256342947120070656, 3]
+    fedbuff = FedBuff(FedAvg(fraction_evaluate=0.0), buffer_size=2, concurrency=3, seed=7)
+    messages = list(fedbuff.configure_train(1, to_record({"w": np.zeros(3)}), ConfigRecord(), StaticGrid(ids)))
+    sent = [m.metadata.dst_node_id for m in messages]
+    assert len(sent) == 3 and set(sent) <= set(ids) and len(set(sent)) == 3
+
+
+def test_fedbuff_needs_the_virtual_clock_and_takes_no_synchronous_policy():
+    with pytest.raises(ConfigError, match="set federation.profiles"):
+        RunConfig.create(federation_fedbuff_buffer=2)
+    with pytest.raises(ConfigError, match="no deadline or over-selection"):
+        RunConfig.create(federation_profiles="mixed", federation_fedbuff_buffer=2, federation_deadline=3.0)

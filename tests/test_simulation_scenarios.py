@@ -235,3 +235,30 @@ def test_a_mixed_federation_under_a_deadline_drops_stragglers_and_keeps_their_sp
     assert run.summary["round_clock_seconds"] == 6.0 and run.summary["energy_joules"] > 0
     assert run.summary["final_accuracy"] > run.summary["initial_accuracy"] + 0.2
     assert (run.out / "accuracy_vs_cost.png").stat().st_size > 10_000
+
+
+@scenario(
+    *DIGITS,
+    "num-clients=10",
+    "num-server-rounds=4",
+    "fraction-evaluate=0.0",
+    "federation.profiles=mixed",
+    "federation.fedbuff-buffer=3",
+)
+def test_fedbuff_steps_on_the_first_updates_to_finish_and_every_update_is_paid_for(run):
+    """Six clients train at once (2 x the buffer of 3); each step applies the first three to finish on the
+    virtual clock, staleness-weighted, and the rest wait in the buffer; DP-SGD's spends are all recorded."""
+    ledger = [json.loads(line) for line in (run.out / "privacy_ledger.jsonl").read_text().splitlines()][1:]
+    clock, held = 0.0, 0
+    for r in run.rounds[1:]:
+        train = r["train"]
+        clock += r["round_clock_seconds"]
+        assert train["fedbuff_applied"] == min(3, held + r["replies_ok"])
+        assert train["fedbuff_held"] == held + r["replies_ok"] - train["fedbuff_applied"]
+        assert train["fedbuff_clock"] == pytest.approx(clock)
+        assert r["clients_sampled"] == 6 - held  # the free slots (10 clients: always enough not training)
+        held = train["fedbuff_held"]
+        spends = [e for e in ledger if e["event"]["round"] == r["round"]]
+        assert len(spends) == r["replies_ok"] + len(r["failed_after_training"])
+    assert run.rounds[-1]["train"]["fedbuff_max_staleness"] >= 1  # some update was applied a step late
+    assert run.summary["final_accuracy"] > run.summary["initial_accuracy"] + 0.2
